@@ -1,0 +1,182 @@
+// Group-advantage math shared by the CPU and CUDA kernels.
+//
+// Statistics are accumulated in fp64 in two passes over each group's members, in sample order:
+//   pass 1: count, sum, weighted sum, min, max       pass 2: m2 = sum (x - mean)^2
+// The two-pass variance is exact for constant groups (m2 == 0, so a zero-variance group gets a
+// zero advantage, not rounding noise / eps) and the fixed member order makes every result
+// bitwise reproducible whatever the thread count or grid shape.
+#pragma once
+
+#include "fastrl/common.h"
+
+namespace fastrl {
+namespace advantages {
+
+enum class Baseline : int32_t {
+  kMean = 0,          // b = mean_g(x)                                  (GRPO)
+  kLeaveOneOut = 1,   // b = mean of the other members: A = n/(n-1) (x - mean)   (RLOO)
+  kWeightedMean = 2,  // b = sum_g(w x) / sum_g(w), w = e.g. response length     (OPO)
+  kNone = 3,          // b = 0
+};
+
+enum class Scale : int32_t {
+  kGroupStd = 0,  // divide by the group's std
+  kBatchStd = 1,  // divide by the std of all (valid) samples of the batch
+  kNone = 2,      // no division
+};
+
+struct Params {
+  Baseline baseline;
+  Scale scale;
+  bool unbiased;        // std with Bessel's correction (n - 1) or the biased one (n)
+  bool eps_on_var;      // (x - b) / sqrt(var + eps) instead of (x - b) / (std + eps)
+  bool singleton_zero;  // a group with one valid member gets A = 0; otherwise b = 0, std = 1
+  bool ignore_nan;      // NaN scores are not members of any statistic and get A = 0
+  double eps;
+};
+
+// Per-group accumulator. `count` is the number of valid members (NaNs excluded when ignore_nan).
+struct GroupAccum {
+  double count;
+  double sum;
+  double weight_sum;
+  double weighted_sum;
+  double min;
+  double max;
+  double m2;
+};
+
+FASTRL_HOST_DEVICE GroupAccum accum_empty() {
+  GroupAccum a;
+  a.count = 0.0;
+  a.sum = 0.0;
+  a.weight_sum = 0.0;
+  a.weighted_sum = 0.0;
+  a.min = INFINITY;
+  a.max = -INFINITY;
+  a.m2 = 0.0;
+  return a;
+}
+
+FASTRL_HOST_DEVICE bool is_member(double x, const Params& p) { return !(p.ignore_nan && x != x); }
+
+FASTRL_HOST_DEVICE void accum_first_pass(GroupAccum& a, double x, double w) {
+  a.count += 1.0;
+  a.sum += x;
+  a.weight_sum += w;
+  a.weighted_sum += w * x;
+  a.min = nan_min(a.min, x);
+  a.max = nan_max(a.max, x);
+}
+
+FASTRL_HOST_DEVICE double group_mean(const GroupAccum& a) { return a.sum / a.count; }
+
+FASTRL_HOST_DEVICE void accum_second_pass(GroupAccum& a, double x, double mean) {
+  const double d = x - mean;
+  a.m2 += d * d;
+}
+
+// Variance of a group of `count` members with sum of squared deviations `m2`; NaN where the
+// estimator is undefined (no member, or one member with the unbiased estimator).
+FASTRL_HOST_DEVICE double variance(double m2, double count, bool unbiased) {
+  const double dof = unbiased ? count - 1.0 : count;
+  return dof > 0.0 ? m2 / dof : NAN;
+}
+
+// Chan's merge of (count, mean, m2) summaries: used for batch statistics, merged in group order
+// so the result is deterministic.
+struct Moments {
+  double count;
+  double mean;
+  double m2;
+};
+
+FASTRL_HOST_DEVICE Moments moments_empty() {
+  Moments m;
+  m.count = 0.0;
+  m.mean = 0.0;
+  m.m2 = 0.0;
+  return m;
+}
+
+FASTRL_HOST_DEVICE Moments moments_merge(Moments a, const GroupAccum& g) {
+  if (g.count == 0.0) return a;
+  const double gmean = group_mean(g);
+  const double n = a.count + g.count;
+  const double delta = gmean - a.mean;
+  Moments r;
+  r.count = n;
+  r.mean = a.mean + delta * (g.count / n);
+  r.m2 = a.m2 + g.m2 + delta * delta * (a.count * g.count / n);
+  return r;
+}
+
+// Variance of all valid samples of the batch, merging the groups in index order.
+FASTRL_HOST_DEVICE double batch_variance(const GroupAccum* acc, int64_t num_groups, bool unbiased) {
+  Moments m = moments_empty();
+  for (int64_t g = 0; g < num_groups; ++g) m = moments_merge(m, acc[g]);
+  return variance(m.m2, m.count, unbiased);
+}
+
+// The per-group statistics returned to the user (fp32, count as int64). A group with no valid
+// member reports NaN mean/std/min/max; a singleton reports std NaN when unbiased.
+struct StatsOut {
+  int64_t* count;
+  float* mean;
+  float* std;
+  float* min;
+  float* max;
+};
+
+FASTRL_HOST_DEVICE void write_stats(const StatsOut& out, int64_t g, const GroupAccum& a,
+                                    bool unbiased) {
+  const bool empty = a.count == 0.0;
+  out.count[g] = static_cast<int64_t>(a.count);
+  out.mean[g] = empty ? NAN : static_cast<float>(group_mean(a));
+  out.std[g] = static_cast<float>(sqrt(variance(a.m2, a.count, unbiased)));
+  out.min[g] = empty ? NAN : static_cast<float>(a.min);
+  out.max[g] = empty ? NAN : static_cast<float>(a.max);
+}
+
+// The per-sample advantage A = (x - b) / s for a sample x of group accumulator g.
+// `batch_var` is only read when p.scale == Scale::kBatchStd.
+FASTRL_HOST_DEVICE float advantage(double x, const GroupAccum& g, double batch_var,
+                                   const Params& p) {
+  if (!is_member(x, p)) return 0.0f;
+  const double n = g.count;
+  const bool singleton = n == 1.0;
+  if (singleton && p.singleton_zero) return 0.0f;
+
+  double centered;
+  switch (p.baseline) {
+    case Baseline::kMean:
+      centered = singleton ? x : x - group_mean(g);
+      break;
+    case Baseline::kLeaveOneOut:
+      centered = singleton ? x : (x - group_mean(g)) * (n / (n - 1.0));
+      break;
+    case Baseline::kWeightedMean:
+      centered = singleton ? x : x - g.weighted_sum / g.weight_sum;
+      break;
+    default:
+      centered = x;
+      break;
+  }
+
+  double var;
+  switch (p.scale) {
+    case Scale::kGroupStd:
+      var = singleton ? 1.0 : variance(g.m2, n, p.unbiased);
+      break;
+    case Scale::kBatchStd:
+      var = batch_var;
+      break;
+    default:
+      return static_cast<float>(centered);
+  }
+  const double denom = p.eps_on_var ? sqrt(var + p.eps) : sqrt(var) + p.eps;
+  return static_cast<float>(centered / denom);
+}
+
+}  // namespace advantages
+}  // namespace fastrl

@@ -1,0 +1,56 @@
+"""Which implementation of each op can run here, and why the others can't."""
+from __future__ import annotations
+
+import torch
+
+from fastrl import _extension
+
+# op name -> the implementations fastrl has for it (Triton entries are added by the families that have them).
+OPS: dict[str, tuple[str, ...]] = {
+    "group_advantages": ("cpu", "cuda", "reference"),
+    "dense_ids": ("cpu", "reference"),
+}
+
+
+def _why_not(impl: str) -> str | None:
+    """None if `impl` can run here, else the reason it can't."""
+    if impl == "reference":
+        return None
+    if _extension._C is None:
+        return f"fastrl._C is not built ({_extension.LOAD_ERROR}); {_extension.BUILD_HINT}"
+    if impl == "cpu":
+        return None
+    if impl == "cuda":
+        if not _extension.cuda_built():
+            return ("fastrl._C was built without CUDA kernels (CPU-only torch, no nvcc, or FASTRL_CUDA=0); "
+                    "rebuild with a CUDA torch and nvcc on PATH")
+        if not torch.cuda.is_available():
+            return "no CUDA device visible (torch.cuda.is_available() is False)"
+        return None
+    if impl == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed (pip install triton)"
+        if not torch.cuda.is_available():
+            return "no GPU: Triton kernels run here only under TRITON_INTERPRET=1 (tests)"
+        return None
+    return f"unknown implementation {impl!r}"
+
+
+def backends() -> dict[str, dict[str, str]]:
+    """``{op: {implementation: "available" | "unavailable: <why>"}}`` for every fastrl op.
+
+    The active default is the first available of cuda/triton for CUDA tensors and cpu for CPU
+    tensors; ``FASTRL_BACKEND=reference`` forces the pure-PyTorch references.
+
+    >>> fastrl.backends()["group_advantages"]["cpu"]
+    'available'
+    """
+    report = {}
+    for op, impls in OPS.items():
+        report[op] = {}
+        for impl in impls:
+            why = _why_not(impl)
+            report[op][impl] = "available" if why is None else f"unavailable: {why}"
+    return report
