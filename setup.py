@@ -39,7 +39,8 @@ def rel(pattern):
 def extension():
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     sources = rel("csrc/cpu/*.cpp") + rel("csrc/torch/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    # -ffp-contract=off: no FMA contraction, so the CPU rounds exactly as the CUDA kernels (common.h).
+    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", "-ffp-contract=off"]
     if want_cuda():
         nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
         return CUDAExtension(

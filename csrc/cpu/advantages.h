@@ -15,11 +15,15 @@ int64_t group_advantages(const scalar_t* scores, const int64_t* group_ids, const
                          int64_t num_samples, int64_t num_groups, const advantages::Params& params,
                          float* adv, const advantages::StatsOut& stats);
 
-// Dense ids in order of first appearance for `num_rows` keys of `row_bytes` bytes each
-// (fixed-width strings or the bytes of integers). Writes ids[num_rows] and first_row[G];
-// returns G, the number of distinct keys.
-int64_t dense_ids(const uint8_t* rows, int64_t num_rows, int64_t row_bytes, int64_t* ids,
-                  int64_t* first_row);
+// A key of dense_ids: `size` bytes at `data` (a fixed-width row, an integer, a UTF-8 string).
+struct KeyView {
+  const uint8_t* data;
+  int64_t size;
+};
+
+// Dense ids in order of first appearance of `num_keys` byte-string keys, by hashing (no sort).
+// Writes ids[num_keys] and first_index[G]; returns G, the number of distinct keys.
+int64_t dense_ids(const KeyView* keys, int64_t num_keys, int64_t* ids, int64_t* first_index);
 
 }  // namespace cpu
 }  // namespace fastrl

@@ -4,13 +4,14 @@
 
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "cpu/advantages.h"
 #include "torch/checks.h"
 #ifdef FASTRL_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <ATen/cuda/CUDAContext.h>
 #include "cuda/advantages.cuh"
 #endif
 
@@ -118,10 +119,52 @@ AdvOutputs group_advantages_cpu(const at::Tensor& scores, const at::Tensor& grou
 }
 
 #ifdef FASTRL_WITH_CUDA
+// The CUDA scalar type of a torch scalar type (same bits: c10::Half is __half, c10::BFloat16 is
+// __nv_bfloat16).
+template <typename scalar_t>
+struct CudaScalar {
+  using type = scalar_t;
+};
+template <>
+struct CudaScalar<at::Half> {
+  using type = __half;
+};
+template <>
+struct CudaScalar<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// Same outputs as the CPU op, bitwise, except that a group id outside [0, num_groups) is not
+// raised (that would need a host sync): its sample joins no group and gets a NaN advantage.
 AdvOutputs group_advantages_cuda(const at::Tensor& scores, const at::Tensor& group_ids,
                                  const c10::optional<at::Tensor>& weights, int64_t num_groups,
                                  c10::string_view baseline, c10::string_view scale, bool unbiased,
-                                 double eps, bool eps_on_var, bool singleton_zero, bool ignore_nan);
+                                 double eps, bool eps_on_var, bool singleton_zero, bool ignore_nan) {
+  Prepared p = prepare(scores, group_ids, weights, num_groups, std::string(baseline),
+                       std::string(scale), unbiased, eps, eps_on_var, singleton_zero, ignore_nan);
+  const c10::cuda::CUDAGuard guard(p.scores.device());  // cub's size query reads the current device
+  TORCH_CHECK(num_groups <= cuda::kMaxGroups, "fastrl: `num_groups` must be <= ",
+              cuda::kMaxGroups, " on CUDA, got ", num_groups);
+  AdvOutputs out = allocate(p.scores, num_groups);
+  const int64_t num_samples = p.scores.size(0);
+  const size_t workspace_bytes = cuda::group_advantages_workspace_bytes(num_samples, num_groups);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes)},
+                                   p.scores.options().dtype(at::kByte));
+  const double* w = p.weights.defined() ? p.weights.data_ptr<double>() : nullptr;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(p.scores.device().index()).stream();
+  cudaError_t err = cudaSuccess;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scores.scalar_type(),
+                                  "fastrl::group_advantages", [&] {
+    using cuda_t = typename CudaScalar<scalar_t>::type;
+    err = cuda::launch_group_advantages<cuda_t>(
+        reinterpret_cast<const cuda_t*>(p.scores.data_ptr<scalar_t>()),
+        p.group_ids.data_ptr<int64_t>(), w, num_samples, num_groups, p.params,
+        std::get<0>(out).data_ptr<float>(), stats_out(out), workspace.data_ptr(), workspace_bytes,
+        stream);
+  });
+  C10_CUDA_CHECK(err);
+  return out;
+}
 #endif
 
 std::tuple<at::Tensor, at::Tensor> dense_ids_cpu(const at::Tensor& keys) {
@@ -137,11 +180,14 @@ std::tuple<at::Tensor, at::Tensor> dense_ids_cpu(const at::Tensor& keys) {
     check_dtype(keys, "keys", at::kByte);
     rows = keys.contiguous();
   }
-  const int64_t n = rows.size(0);
+  const int64_t n = rows.size(0), width = rows.size(1);
+  std::vector<cpu::KeyView> views(static_cast<size_t>(n));
+  const uint8_t* base = rows.data_ptr<uint8_t>();
+  for (int64_t r = 0; r < n; ++r) views[r] = {base + r * width, width};
   at::Tensor ids = at::empty({n}, rows.options().dtype(at::kLong));
   at::Tensor first = at::empty({n}, rows.options().dtype(at::kLong));
-  const int64_t num_keys = cpu::dense_ids(rows.data_ptr<uint8_t>(), n, rows.size(1),
-                                          ids.data_ptr<int64_t>(), first.data_ptr<int64_t>());
+  const int64_t num_keys =
+      cpu::dense_ids(views.data(), n, ids.data_ptr<int64_t>(), first.data_ptr<int64_t>());
   return {ids, first.narrow(0, 0, num_keys).clone()};
 }
 

@@ -1,6 +1,8 @@
 """Loads the compiled extension fastrl._C, which registers every op under torch.ops.fastrl."""
 import os
 
+import torch  # noqa: F401  (loads libc10/libtorch, which fastrl._C links against)
+
 BACKEND = os.environ.get("FASTRL_BACKEND", "").strip().lower()
 """`FASTRL_BACKEND=reference` routes every op to its pure-PyTorch reference, on purpose."""
 

@@ -64,7 +64,7 @@ FASTRL_HOST_DEVICE void accum_first_pass(GroupAccum& a, double x, double w) {
   a.count += 1.0;
   a.sum += x;
   a.weight_sum += w;
-  a.weighted_sum += w * x;
+  a.weighted_sum += mul_rn(w, x);
   a.min = nan_min(a.min, x);
   a.max = nan_max(a.max, x);
 }
@@ -73,7 +73,7 @@ FASTRL_HOST_DEVICE double group_mean(const GroupAccum& a) { return a.sum / a.cou
 
 FASTRL_HOST_DEVICE void accum_second_pass(GroupAccum& a, double x, double mean) {
   const double d = x - mean;
-  a.m2 += d * d;
+  a.m2 += mul_rn(d, d);
 }
 
 // Variance of a group of `count` members with sum of squared deviations `m2`; NaN where the
@@ -106,8 +106,8 @@ FASTRL_HOST_DEVICE Moments moments_merge(Moments a, const GroupAccum& g) {
   const double delta = gmean - a.mean;
   Moments r;
   r.count = n;
-  r.mean = a.mean + delta * (g.count / n);
-  r.m2 = a.m2 + g.m2 + delta * delta * (a.count * g.count / n);
+  r.mean = a.mean + mul_rn(delta, g.count / n);
+  r.m2 = a.m2 + g.m2 + mul_rn(mul_rn(delta, delta), a.count * g.count / n);
   return r;
 }
 

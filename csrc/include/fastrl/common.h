@@ -15,7 +15,28 @@ namespace fastrl {
 
 // NaN-propagating min/max: std::fmin/fmax drop NaNs, but a NaN score must be visible in the
 // group statistics unless the caller asked to ignore NaNs.
-FASTRL_HOST_DEVICE double nan_min(double a, double b) { return (a != a || a < b) ? a : b; }
-FASTRL_HOST_DEVICE double nan_max(double a, double b) { return (a != a || a > b) ? a : b; }
+// Written as selects, not branches: min/max of random data would mispredict every other sample.
+FASTRL_HOST_DEVICE double nan_min(double a, double b) {
+  const double m = b < a ? b : a;
+  return b != b ? b : m;  // a NaN a is kept by the select above (a NaN compares false)
+}
+FASTRL_HOST_DEVICE double nan_max(double a, double b) {
+  const double m = b > a ? b : a;
+  return b != b ? b : m;
+}
+
+// a * b, never fused with a neighbouring add into an FMA. An FMA rounds once instead of twice, and
+// nvcc contracts a * b + c into one by default (--fmad=true): every product that feeds a sum in the
+// shared math goes through mul_rn so the CPU and CUDA kernels round identically (bitwise-equal
+// results). On the device __dmul_rn is never contracted; on the host the C++ build must not
+// contract either (-ffp-contract=off: GCC's C++ default is "fast", which fuses on targets with FMA
+// such as aarch64 or -march=haswell; plain x86-64 has no FMA instruction).
+FASTRL_HOST_DEVICE double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
 
 }  // namespace fastrl

@@ -1,0 +1,429 @@
+"""verl drop-ins: outcome-advantage estimators of verl 0.9.1 on fastrl's fused group op.
+
+Same names, signatures and outputs as ``verl.trainer.ppo.core_algos`` (verl 0.9.1), registered by
+:func:`install` under verl's registry names:
+
+* ``compute_grpo_outcome_advantage`` -- ``"grpo"``
+* ``compute_grpo_vectorized_outcome_advantage`` -- ``"grpo_vectorized"``
+* ``compute_grpo_passk_outcome_advantage`` -- ``"grpo_passk"``
+* ``compute_rloo_outcome_advantage`` -- ``"rloo"``
+* ``compute_rloo_vectorized_outcome_advantage`` -- ``"rloo_vectorized"``
+* ``compute_opo_outcome_advantage`` -- ``"opo"``
+* ``compute_gpg_outcome_advantage`` -- ``"gpg"``
+* ``compute_reinforce_plus_plus_baseline_outcome_advantage`` -- ``"reinforce_plus_plus_baseline"``
+* ``compute_remax_outcome_advantage`` -- ``"remax"``
+
+Each returns ``(advantages, returns)``, both ``[bs, response_length]``, with verl's conventions:
+the score of a response is ``token_level_rewards.sum(-1)``; the scalar advantage is broadcast over
+the tokens as ``advantage.unsqueeze(-1) * response_mask`` (so masked positions are 0 and the dtype
+is verl's: the advantage is held in the scores' dtype, then type-promoted with the mask's);
+singleton groups follow verl (GRPO: mean 0, std 1; RLOO, OPO, GPG, REINFORCE++-baseline: baseline 0;
+``rloo_vectorized``: advantage 0; pass@k: ``ValueError``). Where verl loops over samples in Python
+and keeps a dict per uid, here one compiled call computes every group's statistics and every
+advantage; ``index`` (verl's ``uid`` array) is factorized by :func:`fastrl.group_index`'s hashing on
+the host, and the group count is passed on, so there is no host sync on CUDA (except pass@k's
+singleton check and REINFORCE++-baseline's whitening checks, which verl also makes).
+
+Using it in a verl run
+----------------------
+:func:`install` puts these functions into verl's ``ADV_ESTIMATOR_REGISTRY`` under verl's names
+(replacing verl's entries) and also rebinds ``core_algos.compute_grpo_outcome_advantage``, which
+verl's ``compute_advantage`` calls directly for ``adv_estimator=grpo``. It must run in the process
+that builds the trainer, before it is built. With verl's own entry point
+(``python -m verl.trainer.main_ppo``) the trainer lives in a Ray actor (``TaskRunnerV1``), not in the
+launching process, so install it in every Ray worker process with Ray's setup hook::
+
+    python -m verl.trainer.main_ppo ... \\
+        +ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=fastrl.integrations.verl.install
+
+In your own driver, where the trainer is built in-process, call it first::
+
+    import fastrl.integrations.verl as fastrl_verl
+    fastrl_verl.install()        # -> ['grpo', 'grpo_vectorized', 'grpo_passk', 'rloo', ...]
+    trainer = RayPPOTrainer(...) # or a TaskRunner whose run() calls install() first
+
+:func:`uninstall` restores verl's functions. The other verl estimators (GAE, REINFORCE++, GDPO,
+optimal-token-baseline) are left as they are.
+
+Numerical differences (honest list)
+-----------------------------------
+* **Group statistics are more exact than verl's.** fastrl sums in fp64 (two passes), so a constant
+  group has mean equal to its value and std exactly 0, and its advantages are exactly 0. verl's
+  float32 ``torch.mean`` of a constant group whose value is not a short binary fraction (e.g. seven
+  responses all scored 0.1) can be 1 ulp off the value; verl then returns about
+  ``ulp / (0 + epsilon)`` of pure rounding noise (0.007 for 0.1, 0.06 for 0.7, 0.19 for 3.3, e.g.
+  in groups of 7, 8 or 16 with torch 2.13 on the CPU), where we return 0. In general verl's result differs from the
+  exact one by up to ``~2 ulp(|mean_g|) / (std_g + epsilon)`` (its fp32 mean error, amplified by its
+  denominator); the parity tests allow exactly that on top of ``atol = rtol = 1e-6``, and require
+  exact zeros on both sides for exactly representable constant groups (binary 0/1 rewards, the
+  common case, are unaffected).
+* REINFORCE++-baseline whitens in fp64 here (verl: in the rewards' dtype), same kind of bound with
+  the batch mean and std. ``grpo_vectorized``: verl casts the scores to float32 for its statistics
+  (fp64 rewards included), so its error there is float32-sized.
+* fp64 rewards: the statistics are fp64 but the fused op returns fp32 advantages, widened back to
+  fp64 (about 1e-7 relative, verl keeps fp64 throughout). bf16/fp16 rewards: verl does all the
+  arithmetic in bf16 (mean, std, difference, quotient, each rounded); we compute once in fp64 and
+  round once, so the two differ by a few bf16 ulps of the advantage (and of ``mean_g / std_g``).
+* Integer ``token_level_rewards`` are summed as float32 (verl writes float advantages back into
+  an integer tensor, truncating them).
+* ``remax`` is a reverse cumulative sum, done with the same torch ops (bit-identical); a compiled
+  token-level version comes with the credit-assignment family.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from fastrl import advantages as _adv
+from fastrl.advantages import _dense_ids, group_advantages
+
+__all__ = [
+    "compute_grpo_outcome_advantage",
+    "compute_grpo_vectorized_outcome_advantage",
+    "compute_grpo_passk_outcome_advantage",
+    "compute_rloo_outcome_advantage",
+    "compute_rloo_vectorized_outcome_advantage",
+    "compute_opo_outcome_advantage",
+    "compute_gpg_outcome_advantage",
+    "compute_reinforce_plus_plus_baseline_outcome_advantage",
+    "compute_remax_outcome_advantage",
+    "install",
+    "uninstall",
+    "ESTIMATORS",
+]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _scores(token_level_rewards: torch.Tensor) -> torch.Tensor:
+    """verl's outcome score: the sum of the token rewards (in their dtype)."""
+    scores = token_level_rewards.sum(dim=-1)
+    if not scores.is_floating_point():
+        scores = scores.to(torch.float32)
+    return scores
+
+
+def _groups(index, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Dense group ids of verl's ``index`` (uid array) on ``device``, and the group count."""
+    ids, num_groups = _dense_ids(index)
+    return ids.to(device, non_blocking=True), num_groups
+
+
+def _per_token(adv: torch.Tensor, dtype: torch.dtype, response_mask: torch.Tensor) -> torch.Tensor:
+    """Hold the scalar advantage in ``dtype`` (verl writes it into its scores tensor), broadcast it
+    over the tokens and mask: ``adv.unsqueeze(-1) * response_mask`` with verl's type promotion."""
+    return adv.to(dtype).unsqueeze(-1) * response_mask
+
+
+@functools.lru_cache(maxsize=None)
+def _bincount_dtype(dtype: torch.dtype) -> torch.dtype:
+    # verl's rloo_vectorized sums the scores with torch.bincount(weights=scores), whose result dtype
+    # is float32 for float32 weights and float64 otherwise (bf16/fp16 included); its output has it.
+    return torch.bincount(torch.zeros(1, dtype=torch.int64), weights=torch.zeros(1, dtype=dtype)).dtype
+
+
+def _outcome_advantage(token_level_rewards, response_mask, index, estimate, out_dtype=None):
+    """The body every group estimator shares: verl's scores, dense groups, one fused
+    ``estimate(scores, ids, num_groups)`` call, and verl's broadcast over the tokens (held in
+    ``out_dtype(scores.dtype)``, default the scores' dtype)."""
+    with torch.no_grad():
+        scores = _scores(token_level_rewards)
+        ids, num_groups = _groups(index, scores.device)
+        adv = estimate(scores, ids, num_groups)
+        dtype = out_dtype(scores.dtype) if out_dtype is not None else scores.dtype
+        return _per_token(adv, dtype, response_mask)
+
+
+def _cfg_get(config, key: str, default):
+    if config is None:
+        return default
+    if hasattr(config, "get"):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def _masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """verl's ``masked_whiten`` semantics, accumulated in fp64: mean over the masked tokens (mask
+    values as weights), unbiased variance ``sum_w (v - mean)^2 / (sum_w - 1)``,
+    ``(v - mean) * rsqrt(var + 1e-8)`` over every position, in ``values``' dtype.
+
+    verl's ``masked_mean`` adds 1e-8 to the token count, a no-op in its fp32 arithmetic for any count
+    >= 1 (and a count < 2 raises), so the plain count is used. Raises like verl for a mask summing
+    to 0 or 1 (one host sync; verl makes two). A compiled version comes with the credit-assignment
+    family.
+    """
+    keep = mask.bool()
+    w = mask.to(torch.float64)
+    total = w.sum()
+    n = float(total)  # host sync, as verl's checks
+    if n == 0:
+        raise ValueError("At least one element in the mask has to be 1.")
+    if n == 1:
+        raise ValueError("The sum of the mask is one, which can cause a division by zero.")
+    v = values.to(torch.float64)
+    zero = torch.zeros((), dtype=torch.float64, device=v.device)
+    mean = (torch.where(keep, v, zero) * w).sum() / total
+    centered = v - mean
+    var = (torch.where(keep, centered * centered, zero) * w).sum() / (total - 1)
+    return (centered * torch.rsqrt(var + 1e-8)).to(values.dtype)
+
+
+# ----------------------------------------------------------------------------------------- GRPO
+
+
+def compute_grpo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool = True,
+    config: Optional[Any] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO outcome advantage, verl's ``compute_grpo_outcome_advantage``.
+
+    ``A_i = (x_i - mean_g) / (std_g + epsilon)`` (unbiased std), or ``x_i - mean_g`` with
+    ``norm_adv_by_std_in_grpo=False`` (Dr. GRPO); singleton groups: mean 0, std 1.
+    ``x = token_level_rewards.sum(-1)``; ``index``: verl's uid array. Returns
+    ``(advantages, advantages)``, ``[bs, response_length]``, masked by ``response_mask``.
+    """
+    scale = "group_std" if norm_adv_by_std_in_grpo else "none"
+    out = _outcome_advantage(token_level_rewards, response_mask, index,
+                             lambda s, g, n: group_advantages(s, g, scale=scale, eps=epsilon, num_groups=n))
+    return out, out
+
+
+def compute_grpo_vectorized_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool = True,
+    config: Optional[Any] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``compute_grpo_vectorized_outcome_advantage``: the same math as
+    :func:`compute_grpo_outcome_advantage`; verl computes its statistics in float32, so the result
+    is at least float32 (bf16 rewards give a float32 advantage here, as there)."""
+    scale = "group_std" if norm_adv_by_std_in_grpo else "none"
+    out = _outcome_advantage(token_level_rewards, response_mask, index,
+                             lambda s, g, n: group_advantages(s, g, scale=scale, eps=epsilon, num_groups=n),
+                             out_dtype=lambda d: torch.promote_types(d, torch.float32))
+    return out, out
+
+
+def compute_grpo_passk_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool = True,
+    config: Optional[Any] = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass@k advantage (arXiv:2503.19595), verl's ``compute_grpo_passk_outcome_advantage``: each
+    group's best response gets ``r_max - r_second_max`` (divided by ``std_g + epsilon`` unless
+    ``config.norm_adv_by_std_in_grpo`` is False -- read from ``config`` as verl does, the argument
+    is ignored), every other response 0. Needs ``config``; a group with one response raises
+    ``ValueError``. See :func:`fastrl.advantages.passk`."""
+    if config is None:
+        raise ValueError("compute_grpo_passk_outcome_advantage needs `config` (it reads norm_adv_by_std_in_grpo)")
+    norm = bool(_cfg_get(config, "norm_adv_by_std_in_grpo", True))
+    out = _outcome_advantage(token_level_rewards, response_mask, index,
+                             lambda s, g, n: _adv.passk(s, g, eps=epsilon, norm_by_std=norm, num_groups=n))
+    return out, out
+
+
+# ----------------------------------------------------------------------------------- RLOO and OPO
+
+
+def compute_rloo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    epsilon: float = 1e-6,
+    config: Optional[Any] = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RLOO (arXiv:2402.14740), verl's ``compute_rloo_outcome_advantage``:
+    ``A_i = x_i - mean of the other members = n/(n-1) (x_i - mean_g)``; singleton: ``A = x``."""
+    out = _outcome_advantage(token_level_rewards, response_mask, index,
+                             lambda s, g, n: _adv.rloo(s, g, num_groups=n))
+    return out, out
+
+
+def compute_rloo_vectorized_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    epsilon: float = 1e-6,
+    config: Optional[Any] = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``compute_rloo_vectorized_outcome_advantage``: RLOO, but a singleton group gets
+    ``A = 0`` (not ``x`` as in :func:`compute_rloo_outcome_advantage`: the two verl functions
+    disagree there, and each drop-in follows its own). Output dtype as verl's (float64 for
+    bf16/fp16 rewards: verl's ``torch.bincount`` sum is float64 for them)."""
+    out = _outcome_advantage(token_level_rewards, response_mask, index,
+                             lambda s, g, n: group_advantages(s, g, baseline="leave_one_out", scale="none",
+                                                              singleton="zero", num_groups=n),
+                             out_dtype=_bincount_dtype)
+    return out, out
+
+
+def compute_opo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    epsilon: float = 1e-6,
+    config: Optional[Any] = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """OPO (arXiv:2505.23585), verl's ``compute_opo_outcome_advantage``: length-weighted baseline
+    ``A_i = x_i - sum_g(len x) / sum_g(len)`` with ``len = response_mask.sum(-1)``; singleton:
+    ``A = x``. A group whose lengths sum to 0 gets NaN (0/0), as in verl."""
+    with torch.no_grad():
+        scores = _scores(token_level_rewards)
+        ids, num_groups = _groups(index, scores.device)
+        lengths = response_mask.sum(dim=-1)
+        adv = group_advantages(scores, ids, baseline="weighted_mean", scale="none", weights=lengths,
+                               num_groups=num_groups)
+        out = _per_token(adv, scores.dtype, response_mask)
+    return out, out
+
+
+# ------------------------------------------------------------------------------------------- GPG
+
+
+def compute_gpg_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    epsilon: float = 1e-6,
+    f_norm: float = 1.0,
+    alpha: float = 1.0,
+    config=None,
+    **kwargs,
+):
+    """GPG (arXiv:2504.02546), verl's ``compute_gpg_outcome_advantage``:
+    ``A_i = alpha (x_i - mean_g) / f_norm`` with ``alpha = bs / max(1, #{x != 0})`` (computed, the
+    ``alpha`` argument is ignored as in verl); singleton: baseline 0."""
+    out = _outcome_advantage(token_level_rewards, response_mask, index,
+                             lambda s, g, n: _adv.gpg(s, g, f_norm=f_norm, num_groups=n))
+    return out, out
+
+
+# --------------------------------------------------------------------------- REINFORCE++-baseline
+
+
+def compute_reinforce_plus_plus_baseline_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: torch.Tensor,
+    epsilon: float = 1e-6,
+    config: Optional[Any] = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++-baseline (arXiv:2501.03262), verl's
+    ``compute_reinforce_plus_plus_baseline_outcome_advantage``: ``x_i - mean_g`` (singleton:
+    ``x_i``) broadcast over the response tokens, then whitened over every masked token of the batch
+    (mean, unbiased std, ``rsqrt(var + 1e-8)``) and masked. Raises ``ValueError`` when the mask
+    holds fewer than 2 tokens (verl's ``masked_var``)."""
+    with torch.no_grad():
+        scores = _scores(token_level_rewards)
+        ids, num_groups = _groups(index, scores.device)
+        adv = _adv.reinforce_pp_baseline(scores, ids, num_groups=num_groups)
+        tokens = _per_token(adv, scores.dtype, response_mask)
+        out = _masked_whiten(tokens, response_mask) * response_mask
+    return out, out
+
+
+# ----------------------------------------------------------------------------------------- ReMax
+
+
+def compute_remax_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    reward_baselines: torch.Tensor,
+    response_mask: torch.Tensor,
+    config: Optional[Any] = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReMax (arXiv:2310.10505), verl's ``compute_remax_outcome_advantage``: returns-to-go of the
+    masked token rewards, ``G_t = sum_{s >= t} r_s m_s``, and ``A_t = G_t - b m_t`` with the greedy
+    response's reward ``b = reward_baselines`` ``[bs]``. Returns ``(advantages, returns)``."""
+    with torch.no_grad():
+        masked = token_level_rewards * response_mask
+        returns = torch.cumsum(masked.flip(-1), dim=-1).flip(-1)  # reverse cumulative sum
+        advantages = returns - reward_baselines.unsqueeze(-1) * response_mask
+    return advantages, returns
+
+
+# -------------------------------------------------------------------------------- verl registry
+
+ESTIMATORS: dict[str, Any] = {
+    "grpo": compute_grpo_outcome_advantage,
+    "grpo_vectorized": compute_grpo_vectorized_outcome_advantage,
+    "grpo_passk": compute_grpo_passk_outcome_advantage,
+    "rloo": compute_rloo_outcome_advantage,
+    "rloo_vectorized": compute_rloo_vectorized_outcome_advantage,
+    "opo": compute_opo_outcome_advantage,
+    "gpg": compute_gpg_outcome_advantage,
+    "reinforce_plus_plus_baseline": compute_reinforce_plus_plus_baseline_outcome_advantage,
+    "remax": compute_remax_outcome_advantage,
+}
+"""verl registry name -> fastrl drop-in, what :func:`install` registers."""
+
+# verl's compute_advantage() calls this module attribute directly for adv_estimator == "grpo".
+_DIRECT_ATTRS = {"compute_grpo_outcome_advantage": compute_grpo_outcome_advantage}
+
+_MISSING = object()
+_saved_registry: dict[str, Any] = {}
+_saved_attrs: dict[str, Any] = {}
+
+
+def install() -> list[str]:
+    """Register the fastrl estimators in verl's ``ADV_ESTIMATOR_REGISTRY`` under verl's names,
+    replacing verl's entries (set directly: verl's ``register_adv_est`` refuses a replacement), and
+    rebind ``core_algos.compute_grpo_outcome_advantage`` (verl's GRPO path calls it directly).
+    Idempotent. Returns the registry names now served by fastrl. :func:`uninstall` undoes it.
+
+    Run it in the process that builds the trainer, before building it (see the module docstring
+    for verl's Ray entry point).
+    """
+    from verl.trainer.ppo import core_algos
+
+    registry = core_algos.ADV_ESTIMATOR_REGISTRY
+    for name, fn in ESTIMATORS.items():
+        if name not in _saved_registry:
+            _saved_registry[name] = registry.get(name, _MISSING)
+        registry[name] = fn
+    for attr, fn in _DIRECT_ATTRS.items():
+        if attr not in _saved_attrs:
+            _saved_attrs[attr] = getattr(core_algos, attr, _MISSING)
+        setattr(core_algos, attr, fn)
+    return list(ESTIMATORS)
+
+
+def uninstall() -> list[str]:
+    """Restore the verl entries :func:`install` replaced. Returns the names restored."""
+    from verl.trainer.ppo import core_algos
+
+    registry = core_algos.ADV_ESTIMATOR_REGISTRY
+    restored = []
+    for name, original in _saved_registry.items():
+        if original is _MISSING:
+            registry.pop(name, None)
+        else:
+            registry[name] = original
+        restored.append(name)
+    for attr, original in _saved_attrs.items():
+        if original is _MISSING:
+            if hasattr(core_algos, attr):
+                delattr(core_algos, attr)
+        else:
+            setattr(core_algos, attr, original)
+    _saved_registry.clear()
+    _saved_attrs.clear()
+    return restored
