@@ -322,3 +322,12 @@ def test_backends_report():
     assert report["group_advantages"]["reference"] == "available"
     cuda = report["group_advantages"]["cuda"]
     assert cuda == "available" if torch.cuda.is_available() and fastrl._extension.cuda_built() else cuda.startswith("unavailable: ")
+
+
+def test_inf_scores_propagate_to_their_group_only():
+    scores = torch.tensor([1.0, float("inf"), 3.0, 5.0, 6.0])
+    ids = torch.tensor([0, 0, 0, 1, 1])
+    adv, stats = fastrl.group_advantages(scores, ids, return_stats=True)
+    assert torch.isnan(adv[:3]).all()  # mean inf, inf - inf = NaN, std NaN
+    assert stats.max[0] == float("inf") and stats.min[0] == 1.0
+    torch.testing.assert_close(adv[3:], torch.tensor([-0.5, 0.5]) / (0.5**0.5 + 1e-6))

@@ -1,10 +1,11 @@
 // CPU kernels of the group-advantage family.
 //
-// group_advantages mirrors the CUDA pipeline: a stable counting sort of the samples by group (CSR,
-// members in increasing sample index), then every group on its own — pass 1 and pass 2 of
-// fastrl/advantages.h over its members in order, its statistics, its members' advantages. The
-// groups run in parallel, but each group's sums are added in member order by one thread, so the
-// results are bitwise the same whatever the thread count (and equal to the CUDA kernel's).
+// group_advantages: pass 1 and pass 2 of fastrl/advantages.h walk the samples in index order and
+// accumulate into their group's accumulator, so every group's sums are added in sample order —
+// the order the CUDA kernel uses too — and the results are bitwise the same whatever the thread
+// count. These two passes are sequential (the per-group state, G x 64 bytes, stays in cache); the
+// per-group coefficients and the per-sample advantages, the part that writes B outputs, run in
+// parallel.
 #include "cpu/advantages.h"
 
 #include <ATen/Parallel.h>
@@ -17,61 +18,42 @@
 namespace fastrl {
 namespace cpu {
 
+using advantages::Coefficients;
 using advantages::GroupAccum;
 
 template <typename scalar_t>
 int64_t group_advantages(const scalar_t* scores, const int64_t* group_ids, const double* weights,
                          int64_t num_samples, int64_t num_groups, const advantages::Params& params,
                          float* adv, const advantages::StatsOut& stats) {
-  // Counting sort: offsets[g] .. offsets[g + 1] are group g's members in the sorted arrays.
-  std::vector<int64_t> offsets(static_cast<size_t>(num_groups) + 1, 0);
+  const advantages::Params p = params;  // a local copy: stores to acc[] cannot alias it
+  std::vector<GroupAccum> acc(static_cast<size_t>(num_groups), advantages::accum_empty());
   for (int64_t i = 0; i < num_samples; ++i) {
     const int64_t g = group_ids[i];
     if (g < 0 || g >= num_groups) return i;
-    ++offsets[g + 1];
+    const double x = static_cast<double>(scores[i]);
+    if (advantages::is_member(x, p)) advantages::accum_first_pass(acc[g], x, weights ? weights[i] : 1.0);
   }
-  for (int64_t g = 0; g < num_groups; ++g) offsets[g + 1] += offsets[g];
-  std::vector<int64_t> member(static_cast<size_t>(num_samples));
-  std::vector<double> value(static_cast<size_t>(num_samples));
-  std::vector<double> weight(weights ? static_cast<size_t>(num_samples) : 0);
-  {
-    std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
-    for (int64_t i = 0; i < num_samples; ++i) {
-      const int64_t k = cursor[group_ids[i]]++;
-      member[k] = i;
-      value[k] = static_cast<double>(scores[i]);
-      if (weights) weight[k] = weights[i];
-    }
+  std::vector<double> mean(static_cast<size_t>(num_groups));
+  for (int64_t g = 0; g < num_groups; ++g) mean[g] = advantages::group_mean(acc[g]);
+  for (int64_t i = 0; i < num_samples; ++i) {
+    const double x = static_cast<double>(scores[i]);
+    const int64_t g = group_ids[i];
+    if (advantages::is_member(x, p)) advantages::accum_second_pass(acc[g], x, mean[g]);
   }
 
-  const bool batch_std = params.scale == advantages::Scale::kBatchStd;
-  std::vector<GroupAccum> acc(batch_std ? static_cast<size_t>(num_groups) : 0);
-  at::parallel_for(0, num_groups, 256, [&](int64_t g_begin, int64_t g_end) {
-    for (int64_t g = g_begin; g < g_end; ++g) {
-      const int64_t begin = offsets[g], end = offsets[g + 1];
-      GroupAccum a = advantages::accum_empty();
-      for (int64_t k = begin; k < end; ++k) {
-        if (advantages::is_member(value[k], params))
-          advantages::accum_first_pass(a, value[k], weights ? weight[k] : 1.0);
-      }
-      const double mean = advantages::group_mean(a);
-      for (int64_t k = begin; k < end; ++k) {
-        if (advantages::is_member(value[k], params)) advantages::accum_second_pass(a, value[k], mean);
-      }
-      advantages::write_stats(stats, g, a, params.unbiased);
-      if (batch_std) {
-        acc[g] = a;
-        continue;
-      }
-      for (int64_t k = begin; k < end; ++k) adv[member[k]] = advantages::advantage(value[k], a, 0.0, params);
+  const double batch_var = p.scale == advantages::Scale::kBatchStd
+                               ? advantages::batch_variance(acc.data(), num_groups, p.unbiased)
+                               : 0.0;
+  std::vector<Coefficients> coef(static_cast<size_t>(num_groups));
+  at::parallel_for(0, num_groups, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      advantages::write_stats(stats, g, acc[g], p.unbiased);
+      coef[g] = advantages::coefficients(acc[g], batch_var, p);
     }
   });
-  if (!batch_std) return -1;
-
-  const double batch_var = advantages::batch_variance(acc.data(), num_groups, params.unbiased);
-  at::parallel_for(0, num_samples, 4096, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_samples, 8192, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      adv[i] = advantages::advantage(static_cast<double>(scores[i]), acc[group_ids[i]], batch_var, params);
+      adv[i] = advantages::advantage(static_cast<double>(scores[i]), coef[group_ids[i]], p);
     }
   });
   return -1;

@@ -143,9 +143,10 @@ __global__ void __launch_bounds__(kBlock)
       if (acc_out != nullptr) acc_out[g] = a;
     }
     if (acc_out == nullptr) {
+      const advantages::Coefficients c = advantages::coefficients(a, 0.0, p);
       for (int64_t k = begin + lane; k < end; k += kWarp) {
         const int64_t i = index[k];
-        adv[i] = advantages::advantage(to_double(scores[i]), a, 0.0, p);
+        adv[i] = advantages::advantage(to_double(scores[i]), c, p);
       }
     }
   }
@@ -178,7 +179,9 @@ __global__ void __launch_bounds__(kBlock)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < num_samples;
        i += stride) {
     const int64_t g = group_ids[i];
-    if (g >= 0 && g < num_groups) adv[i] = advantages::advantage(to_double(scores[i]), acc[g], bv, p);
+    if (g >= 0 && g < num_groups) {
+      adv[i] = advantages::advantage(to_double(scores[i]), advantages::coefficients(acc[g], bv, p), p);
+    }
   }
 }
 

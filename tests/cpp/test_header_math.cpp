@@ -13,6 +13,11 @@ using namespace fastrl::advantages;
 
 namespace {
 
+// The per-sample advantage of x in a group with accumulator a, as the kernels compute it.
+float adv_of(double x, const GroupAccum& a, double batch_var, const Params& p) {
+  return advantage(x, coefficients(a, batch_var, p), p);
+}
+
 int g_failures = 0;
 int g_checks = 0;
 
@@ -164,14 +169,14 @@ void test_constant_groups() {
         const Params p = make_params(Baseline::kMean, Scale::kGroupStd, true, 1e-6, eps_on_var);
         const GroupAccum a = accumulate(x, nullptr, p);
         CHECK(a.m2 == 0.0);
-        CHECK(advantage(v, a, 0.0, p) == 0.0f);
+        CHECK(adv_of(v, a, 0.0, p) == 0.0f);
       }
     }
   }
   const std::vector<double> x(7, 0.1);
   const Params p = make_params(Baseline::kMean, Scale::kGroupStd, true, 1e-6);
   const GroupAccum a = accumulate(x, nullptr, p);
-  CHECK(std::fabs(advantage(0.1, a, 0.0, p)) < 1e-9f);
+  CHECK(std::fabs(adv_of(0.1, a, 0.0, p)) < 1e-9f);
 }
 
 // Chan merges of per-group summaries in group order against the statistics of the whole batch.
@@ -233,54 +238,54 @@ void test_advantage_baselines_and_scales() {
     const Params p = make_params(Baseline::kMean, Scale::kGroupStd, true, eps);
     const GroupAccum a = accumulate(x, &w, p);
     CHECK(a.m2 == 14.0);
-    for (double v : x) CHECK_NEAR(advantage(v, a, 0.0, p), (v - 3.0) / (std::sqrt(var_u) + eps), 1e-6);
+    for (double v : x) CHECK_NEAR(adv_of(v, a, 0.0, p), (v - 3.0) / (std::sqrt(var_u) + eps), 1e-6);
     const Params b = make_params(Baseline::kMean, Scale::kGroupStd, false, eps);
-    for (double v : x) CHECK_NEAR(advantage(v, a, 0.0, b), (v - 3.0) / (std::sqrt(var_b) + eps), 1e-6);
+    for (double v : x) CHECK_NEAR(adv_of(v, a, 0.0, b), (v - 3.0) / (std::sqrt(var_b) + eps), 1e-6);
   }
   // eps on the variance: (x - mean) / sqrt(var + eps).
   {
     const Params p = make_params(Baseline::kMean, Scale::kGroupStd, true, 1e-2, true);
     const GroupAccum a = accumulate(x, &w, p);
-    for (double v : x) CHECK_NEAR(advantage(v, a, 0.0, p), (v - 3.0) / std::sqrt(var_u + 1e-2), 1e-6);
+    for (double v : x) CHECK_NEAR(adv_of(v, a, 0.0, p), (v - 3.0) / std::sqrt(var_u + 1e-2), 1e-6);
     const Params q = make_params(Baseline::kMean, Scale::kGroupStd, true, 1e-2, false);
-    CHECK(advantage(6.0, a, 0.0, p) != advantage(6.0, a, 0.0, q));
+    CHECK(adv_of(6.0, a, 0.0, p) != adv_of(6.0, a, 0.0, q));
   }
   // Dr.GRPO: mean baseline, no scale.
   {
     const Params p = make_params(Baseline::kMean, Scale::kNone);
     const GroupAccum a = accumulate(x, &w, p);
-    for (double v : x) CHECK(advantage(v, a, 0.0, p) == static_cast<float>(v - 3.0));
+    for (double v : x) CHECK(adv_of(v, a, 0.0, p) == static_cast<float>(v - 3.0));
   }
   // RLOO: x - mean of the others == n / (n - 1) * (x - mean).
   {
     const Params p = make_params(Baseline::kLeaveOneOut, Scale::kNone);
     const GroupAccum a = accumulate(x, &w, p);
-    for (double v : x) CHECK_NEAR(advantage(v, a, 0.0, p), v - (12.0 - v) / 3.0, 1e-6);
+    for (double v : x) CHECK_NEAR(adv_of(v, a, 0.0, p), v - (12.0 - v) / 3.0, 1e-6);
     const Params s = make_params(Baseline::kLeaveOneOut, Scale::kGroupStd, true, eps);
     for (double v : x)
-      CHECK_NEAR(advantage(v, a, 0.0, s), (v - (12.0 - v) / 3.0) / (std::sqrt(var_u) + eps), 1e-6);
+      CHECK_NEAR(adv_of(v, a, 0.0, s), (v - (12.0 - v) / 3.0) / (std::sqrt(var_u) + eps), 1e-6);
   }
   // OPO: weighted-mean baseline.
   {
     const Params p = make_params(Baseline::kWeightedMean, Scale::kNone);
     const GroupAccum a = accumulate(x, &w, p);
-    for (double v : x) CHECK_NEAR(advantage(v, a, 0.0, p), v - 33.0 / 8.0, 1e-6);
+    for (double v : x) CHECK_NEAR(adv_of(v, a, 0.0, p), v - 33.0 / 8.0, 1e-6);
   }
   // No baseline.
   {
     const Params p = make_params(Baseline::kNone, Scale::kNone);
     const GroupAccum a = accumulate(x, &w, p);
-    for (double v : x) CHECK(advantage(v, a, 0.0, p) == static_cast<float>(v));
+    for (double v : x) CHECK(adv_of(v, a, 0.0, p) == static_cast<float>(v));
     const Params s = make_params(Baseline::kNone, Scale::kGroupStd, true, eps);
-    for (double v : x) CHECK_NEAR(advantage(v, a, 0.0, s), v / (std::sqrt(var_u) + eps), 1e-6);
+    for (double v : x) CHECK_NEAR(adv_of(v, a, 0.0, s), v / (std::sqrt(var_u) + eps), 1e-6);
   }
   // REINFORCE++-baseline style: group mean, batch std (the group's own variance is not read).
   {
     const Params p = make_params(Baseline::kMean, Scale::kBatchStd, true, eps);
     const GroupAccum a = accumulate(x, &w, p);
-    for (double v : x) CHECK_NEAR(advantage(v, a, bv, p), (v - 3.0) / (std::sqrt(bv) + eps), 1e-6);
+    for (double v : x) CHECK_NEAR(adv_of(v, a, bv, p), (v - 3.0) / (std::sqrt(bv) + eps), 1e-6);
     const Params q = make_params(Baseline::kMean, Scale::kBatchStd, true, eps, true);
-    for (double v : x) CHECK_NEAR(advantage(v, a, bv, q), (v - 3.0) / std::sqrt(bv + eps), 1e-6);
+    for (double v : x) CHECK_NEAR(adv_of(v, a, bv, q), (v - 3.0) / std::sqrt(bv + eps), 1e-6);
   }
 }
 
@@ -292,13 +297,13 @@ void test_singletons() {
     for (Scale s : {Scale::kGroupStd, Scale::kBatchStd, Scale::kNone}) {
       const Params zero = make_params(b, s, true, eps, false, true);
       const GroupAccum a = accumulate(x, nullptr, zero);
-      CHECK(advantage(2.5, a, bv, zero) == 0.0f);
+      CHECK(adv_of(2.5, a, bv, zero) == 0.0f);
       // singleton_zero off: baseline 0, group std 1.
       const Params keep = make_params(b, s, true, eps, false, false);
       const double expect = s == Scale::kGroupStd   ? 2.5 / (1.0 + eps)
                             : s == Scale::kBatchStd ? 2.5 / (std::sqrt(bv) + eps)
                                                     : 2.5;
-      CHECK_NEAR(advantage(2.5, a, bv, keep), expect, 1e-6);
+      CHECK_NEAR(adv_of(2.5, a, bv, keep), expect, 1e-6);
     }
   }
   // Reported statistics of a singleton: std NaN when unbiased, 0 when biased.
@@ -323,22 +328,22 @@ void test_nan_scores() {
     const Params p = make_params(Baseline::kMean, Scale::kGroupStd, true, 1e-6, false, false, true);
     const GroupAccum a = accumulate(x, nullptr, p);
     CHECK(a.count == 2.0 && group_mean(a) == 2.0 && a.m2 == 2.0);
-    CHECK(advantage(NAN, a, 0.0, p) == 0.0f);
-    CHECK_NEAR(advantage(3.0, a, 0.0, p), 1.0 / (std::sqrt(2.0) + 1e-6), 1e-6);
+    CHECK(adv_of(NAN, a, 0.0, p) == 0.0f);
+    CHECK_NEAR(adv_of(3.0, a, 0.0, p), 1.0 / (std::sqrt(2.0) + 1e-6), 1e-6);
     write_stats(out, 0, a, true);
     CHECK(count[0] == 2 && mean[0] == 2.0f && mn[0] == 1.0f && mx[0] == 3.0f);
     // A NaN member left alone in its group is a singleton of the rest, or an empty group.
     const GroupAccum lone = accumulate({NAN, 4.0}, nullptr, p);
     CHECK(lone.count == 1.0);
     const GroupAccum none = accumulate({NAN, NAN}, nullptr, p);
-    CHECK(none.count == 0.0 && advantage(NAN, none, 0.0, p) == 0.0f);
+    CHECK(none.count == 0.0 && adv_of(NAN, none, 0.0, p) == 0.0f);
   }
   // Otherwise the NaN propagates into the whole group's statistics and advantages.
   {
     const Params p = make_params(Baseline::kMean, Scale::kGroupStd);
     const GroupAccum a = accumulate(x, nullptr, p);
     CHECK(a.count == 3.0 && std::isnan(group_mean(a)));
-    CHECK(std::isnan(advantage(1.0, a, 0.0, p)) && std::isnan(advantage(NAN, a, 0.0, p)));
+    CHECK(std::isnan(adv_of(1.0, a, 0.0, p)) && std::isnan(adv_of(NAN, a, 0.0, p)));
     write_stats(out, 0, a, true);
     CHECK(count[0] == 3 && std::isnan(mean[0]) && std::isnan(stdv[0]) && std::isnan(mn[0]) &&
           std::isnan(mx[0]));

@@ -138,31 +138,42 @@ FASTRL_HOST_DEVICE void write_stats(const StatsOut& out, int64_t g, const GroupA
   out.max[g] = empty ? NAN : static_cast<float>(a.max);
 }
 
-// The per-sample advantage A = (x - b) / s for a sample x of group accumulator g.
+// A group's advantage rule, computed once per group: A = (x - shift) * factor / denom, or 0 for
+// every member when `zero` (a singleton under singleton_zero). factor is 1 except for the
+// leave-one-out baseline, shift 0 and denom 1 where there is no baseline / no scaling: those are
+// exact operations, so A rounds exactly as the textbook formula (x - b) / s written per case.
+struct Coefficients {
+  double shift;
+  double factor;
+  double denom;
+  bool zero;
+};
+
 // `batch_var` is only read when p.scale == Scale::kBatchStd.
-FASTRL_HOST_DEVICE float advantage(double x, const GroupAccum& g, double batch_var,
-                                   const Params& p) {
-  if (!is_member(x, p)) return 0.0f;
+FASTRL_HOST_DEVICE Coefficients coefficients(const GroupAccum& g, double batch_var,
+                                             const Params& p) {
+  Coefficients c;
   const double n = g.count;
-  const bool singleton = n == 1.0;
-  if (singleton && p.singleton_zero) return 0.0f;
-
-  double centered;
-  switch (p.baseline) {
-    case Baseline::kMean:
-      centered = singleton ? x : x - group_mean(g);
-      break;
-    case Baseline::kLeaveOneOut:
-      centered = singleton ? x : (x - group_mean(g)) * (n / (n - 1.0));
-      break;
-    case Baseline::kWeightedMean:
-      centered = singleton ? x : x - g.weighted_sum / g.weight_sum;
-      break;
-    default:
-      centered = x;
-      break;
+  const bool singleton = n == 1.0;  // passthrough rule: baseline 0 and group std 1
+  c.zero = singleton && p.singleton_zero;
+  c.shift = 0.0;
+  c.factor = 1.0;
+  if (!singleton) {
+    switch (p.baseline) {
+      case Baseline::kMean:
+        c.shift = group_mean(g);
+        break;
+      case Baseline::kLeaveOneOut:  // x - (sum - x) / (n - 1) = (x - mean) n / (n - 1)
+        c.shift = group_mean(g);
+        c.factor = n / (n - 1.0);
+        break;
+      case Baseline::kWeightedMean:
+        c.shift = g.weighted_sum / g.weight_sum;
+        break;
+      default:
+        break;
+    }
   }
-
   double var;
   switch (p.scale) {
     case Scale::kGroupStd:
@@ -172,10 +183,17 @@ FASTRL_HOST_DEVICE float advantage(double x, const GroupAccum& g, double batch_v
       var = batch_var;
       break;
     default:
-      return static_cast<float>(centered);
+      c.denom = 1.0;
+      return c;
   }
-  const double denom = p.eps_on_var ? sqrt(var + p.eps) : sqrt(var) + p.eps;
-  return static_cast<float>(centered / denom);
+  c.denom = p.eps_on_var ? sqrt(var + p.eps) : sqrt(var) + p.eps;
+  return c;
+}
+
+// The advantage of a sample x of a group with coefficients c (0 for a NaN under ignore_nan).
+FASTRL_HOST_DEVICE float advantage(double x, const Coefficients& c, const Params& p) {
+  if (!is_member(x, p) || c.zero) return 0.0f;
+  return static_cast<float>((x - c.shift) * c.factor / c.denom);
 }
 
 }  // namespace advantages
