@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 import fastrl
 from fastrl.reference import advantages as ref
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else [])
 OPTION_SETS = [
     dict(),
     dict(scale="none"),
@@ -331,3 +331,20 @@ def test_inf_scores_propagate_to_their_group_only():
     assert torch.isnan(adv[:3]).all()  # mean inf, inf - inf = NaN, std NaN
     assert stats.max[0] == float("inf") and stats.min[0] == 1.0
     torch.testing.assert_close(adv[3:], torch.tensor([-0.5, 0.5]) / (0.5**0.5 + 1e-6))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and fastrl._extension.cuda_built()), reason="needs a CUDA GPU and the CUDA build")
+@pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "grpo")
+def test_cuda_is_bitwise_equal_to_cpu(opts):
+    gen = torch.Generator().manual_seed(11)
+    scores, ids = ragged_batch(gen, 3000, 16)
+    if opts.get("nan") == "ignore":
+        scores[torch.rand(scores.numel(), generator=gen) < 0.1] = float("nan")
+    weights = torch.rand(scores.numel(), generator=gen) * 100 if opts.get("baseline") == "weighted_mean" else None
+    cpu = fastrl.group_advantages(scores, ids, num_groups=3000, weights=weights, return_stats=True, **opts)
+    gpu = fastrl.group_advantages(scores.cuda(), ids.cuda(), num_groups=3000,
+                                  weights=None if weights is None else weights.cuda(), return_stats=True, **opts)
+    assert torch.equal(cpu[0], gpu[0].cpu())
+    for a, b in zip(cpu[1], gpu[1]):
+        assert torch.equal(a.nan_to_num(), b.cpu().nan_to_num())

@@ -9,9 +9,7 @@
 #include "cpu/advantages.h"
 #include "torch/checks.h"
 #ifdef FASTRL_WITH_CUDA
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include "torch/cuda_dispatch.h"
 #include "cuda/advantages.cuh"
 #endif
 
@@ -119,21 +117,6 @@ AdvOutputs group_advantages_cpu(const at::Tensor& scores, const at::Tensor& grou
 }
 
 #ifdef FASTRL_WITH_CUDA
-// The CUDA scalar type of a torch scalar type (same bits: c10::Half is __half, c10::BFloat16 is
-// __nv_bfloat16).
-template <typename scalar_t>
-struct CudaScalar {
-  using type = scalar_t;
-};
-template <>
-struct CudaScalar<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaScalar<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
 // Same outputs as the CPU op, bitwise, except that a group id outside [0, num_groups) is not
 // raised (that would need a host sync): its sample joins no group and gets a NaN advantage.
 AdvOutputs group_advantages_cuda(const at::Tensor& scores, const at::Tensor& group_ids,
@@ -151,7 +134,7 @@ AdvOutputs group_advantages_cuda(const at::Tensor& scores, const at::Tensor& gro
   at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes)},
                                    p.scores.options().dtype(at::kByte));
   const double* w = p.weights.defined() ? p.weights.data_ptr<double>() : nullptr;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(p.scores.device().index()).stream();
+  const cudaStream_t stream = stream_of(p.scores);
   cudaError_t err = cudaSuccess;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scores.scalar_type(),
                                   "fastrl::group_advantages", [&] {

@@ -9,6 +9,11 @@ from fastrl import _extension
 OPS: dict[str, tuple[str, ...]] = {
     "group_advantages": ("cpu", "cuda", "reference"),
     "dense_ids": ("cpu", "reference"),
+    "broadcast_to_tokens": ("cpu", "torch-cuda", "reference"),  # the multiply is torch's own kernel
+    "gae": ("cpu", "cuda", "reference"),
+    "discounted_returns": ("cpu", "cuda", "reference"),
+    "masked_moments": ("cpu", "torch-cuda", "reference"),  # CUDA: torch's fp64 reductions
+    "masked_whiten": ("cpu", "torch-cuda", "reference"),
 }
 
 
@@ -27,6 +32,8 @@ def _why_not(impl: str) -> str | None:
         if not torch.cuda.is_available():
             return "no CUDA device visible (torch.cuda.is_available() is False)"
         return None
+    if impl == "torch-cuda":
+        return None if torch.cuda.is_available() else "no CUDA device visible (torch.cuda.is_available() is False)"
     if impl == "triton":
         try:
             import triton  # noqa: F401

@@ -12,6 +12,8 @@ Same names, signatures and outputs as ``verl.trainer.ppo.core_algos`` (verl 0.9.
 * ``compute_gpg_outcome_advantage`` -- ``"gpg"``
 * ``compute_reinforce_plus_plus_baseline_outcome_advantage`` -- ``"reinforce_plus_plus_baseline"``
 * ``compute_remax_outcome_advantage`` -- ``"remax"``
+* ``compute_gae_advantage_return`` -- ``"gae"`` (token-level: :func:`fastrl.credit.gae` + whitening)
+* ``compute_reinforce_plus_plus_outcome_advantage`` -- ``"reinforce_plus_plus"`` (token-level)
 
 Each returns ``(advantages, returns)``, both ``[bs, response_length]``, with verl's conventions:
 the score of a response is ``token_level_rewards.sum(-1)``; the scalar advantage is broadcast over
@@ -42,8 +44,8 @@ In your own driver, where the trainer is built in-process, call it first::
     fastrl_verl.install()        # -> ['grpo', 'grpo_vectorized', 'grpo_passk', 'rloo', ...]
     trainer = RayPPOTrainer(...) # or a TaskRunner whose run() calls install() first
 
-:func:`uninstall` restores verl's functions. The other verl estimators (GAE, REINFORCE++, GDPO,
-optimal-token-baseline) are left as they are.
+:func:`uninstall` restores verl's functions. The other verl estimators (GDPO, optimal-token-baseline)
+are left as they are.
 
 Numerical differences (honest list)
 -----------------------------------
@@ -79,6 +81,8 @@ import torch
 
 from fastrl import advantages as _adv
 from fastrl.advantages import _dense_ids, group_advantages
+from fastrl import credit as _credit
+from fastrl.credit import broadcast_to_tokens
 
 __all__ = [
     "compute_grpo_outcome_advantage",
@@ -90,6 +94,8 @@ __all__ = [
     "compute_gpg_outcome_advantage",
     "compute_reinforce_plus_plus_baseline_outcome_advantage",
     "compute_remax_outcome_advantage",
+    "compute_gae_advantage_return",
+    "compute_reinforce_plus_plus_outcome_advantage",
     "install",
     "uninstall",
     "ESTIMATORS",
@@ -116,7 +122,7 @@ def _groups(index, device: torch.device) -> tuple[torch.Tensor, int]:
 def _per_token(adv: torch.Tensor, dtype: torch.dtype, response_mask: torch.Tensor) -> torch.Tensor:
     """Hold the scalar advantage in ``dtype`` (verl writes it into its scores tensor), broadcast it
     over the tokens and mask: ``adv.unsqueeze(-1) * response_mask`` with verl's type promotion."""
-    return adv.to(dtype).unsqueeze(-1) * response_mask
+    return broadcast_to_tokens(adv.to(dtype), response_mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,29 +153,11 @@ def _cfg_get(config, key: str, default):
 
 
 def _masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """verl's ``masked_whiten`` semantics, accumulated in fp64: mean over the masked tokens (mask
-    values as weights), unbiased variance ``sum_w (v - mean)^2 / (sum_w - 1)``,
-    ``(v - mean) * rsqrt(var + 1e-8)`` over every position, in ``values``' dtype.
-
-    verl's ``masked_mean`` adds 1e-8 to the token count, a no-op in its fp32 arithmetic for any count
-    >= 1 (and a count < 2 raises), so the plain count is used. Raises like verl for a mask summing
-    to 0 or 1 (one host sync; verl makes two). A compiled version comes with the credit-assignment
-    family.
-    """
-    keep = mask.bool()
-    w = mask.to(torch.float64)
-    total = w.sum()
-    n = float(total)  # host sync, as verl's checks
-    if n == 0:
-        raise ValueError("At least one element in the mask has to be 1.")
-    if n == 1:
-        raise ValueError("The sum of the mask is one, which can cause a division by zero.")
-    v = values.to(torch.float64)
-    zero = torch.zeros((), dtype=torch.float64, device=v.device)
-    mean = (torch.where(keep, v, zero) * w).sum() / total
-    centered = v - mean
-    var = (torch.where(keep, centered * centered, zero) * w).sum() / (total - 1)
-    return (centered * torch.rsqrt(var + 1e-8)).to(values.dtype)
+    """verl's ``masked_whiten(values, mask)`` (shift_mean=True, unbiased, ``rsqrt(var + 1e-8)``) on
+    fastrl's compiled op: fp64 statistics of the masked tokens, output at every position in
+    ``values``' dtype. Raises ``ValueError`` when the mask holds fewer than 2 tokens, as verl's
+    ``masked_var`` does."""
+    return _credit.masked_whiten(values, mask)
 
 
 # ----------------------------------------------------------------------------------------- GRPO
@@ -360,6 +348,66 @@ def compute_remax_outcome_advantage(
     return advantages, returns
 
 
+# ------------------------------------------------------------------------ GAE and REINFORCE++
+
+
+def _token_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """verl's output dtype: its loops compute in the inputs' promoted dtype."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def compute_gae_advantage_return(
+    token_level_rewards: torch.Tensor,
+    values: torch.Tensor,
+    response_mask: torch.Tensor,
+    gamma: torch.Tensor,
+    lam: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE, verl's ``compute_gae_advantage_return`` (registry name ``"gae"``): the backward scan of
+    :func:`fastrl.credit.gae` (masked tokens transparent: value and lambda-carry skip them), then
+    verl's ``masked_whiten`` of the advantages over the response tokens (fp64 statistics).
+    Returns ``(advantages, returns)``, ``[bs, response_length]``, at every position as verl: the
+    whitened advantage everywhere (masked positions carry the next valid token's raw advantage
+    before whitening; trailing padding whitens 0), ``returns = raw advantages + values`` (``values``
+    at trailing padding). ``gamma``, ``lam``: floats (or 0-dim tensors) in [0, 1].
+
+    On the CPU the returns are bitwise verl's for float32 rewards/values with an integer, bool or
+    float32 mask (with a float64 mask verl's carries turn float64 mid-loop: equal to ~1e-7); the
+    whitened advantages differ by verl's float32 statistics error (ours are fp64). The output dtype
+    is verl's: rewards, values and mask promoted."""
+    with torch.no_grad():
+        adv, returns = _credit.gae(token_level_rewards, values, response_mask, float(gamma), float(lam))
+        dtype = _token_dtype(token_level_rewards, values, response_mask)  # verl's carries mix in the mask
+        adv = _credit.masked_whiten(adv.to(dtype), response_mask)
+    return adv, returns.to(dtype)
+
+
+def compute_reinforce_plus_plus_outcome_advantage(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, config: Optional[Any] = None, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ (arXiv:2501.03262), verl's ``compute_reinforce_plus_plus_outcome_advantage``
+    (registry name ``"reinforce_plus_plus"``): discounted returns with verl 0.9.1's multi-turn
+    semantics (:func:`fastrl.credit.discounted_returns` ``mode="skip"``: valid tokens
+    ``G_t = r_t + gamma G_{t+1}``, masked tokens 0 and transparent), whitened over the response
+    tokens and masked. ``config.gamma`` is the discount (``config`` is required, as in verl).
+    Returns ``(advantages, returns)``, ``[bs, response_length]``."""
+    if config is None:
+        raise ValueError("compute_reinforce_plus_plus_outcome_advantage needs `config` (it reads config.gamma)")
+    gamma = _cfg_get(config, "gamma", None)
+    with torch.no_grad():
+        returns = _credit.discounted_returns(token_level_rewards, response_mask, float(gamma), mode="skip")
+        returns = returns.to(token_level_rewards.dtype)  # verl holds them in zeros_like(rewards)
+        white = _credit.masked_whiten(returns, response_mask)
+        if _token_dtype(white, response_mask) == white.dtype:
+            advantages = white.mul_(response_mask)  # in place: our own fresh output
+        else:
+            advantages = white * response_mask
+    return advantages, returns
+
+
 # -------------------------------------------------------------------------------- verl registry
 
 ESTIMATORS: dict[str, Any] = {
@@ -372,6 +420,8 @@ ESTIMATORS: dict[str, Any] = {
     "gpg": compute_gpg_outcome_advantage,
     "reinforce_plus_plus_baseline": compute_reinforce_plus_plus_baseline_outcome_advantage,
     "remax": compute_remax_outcome_advantage,
+    "gae": compute_gae_advantage_return,
+    "reinforce_plus_plus": compute_reinforce_plus_plus_outcome_advantage,
 }
 """verl registry name -> fastrl drop-in, what :func:`install` registers."""
 

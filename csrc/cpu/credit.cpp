@@ -1,0 +1,181 @@
+// CPU kernels of the token-level credit-assignment family (see cpu/credit.h).
+//
+// gae / discounted_returns: rows in parallel (at::parallel_for), each row walked once backwards
+// applying the affine steps of fastrl/credit.h in verl's order: one streaming pass over the inputs
+// and outputs. masked_moments: fixed chunks summarized in parallel and merged in chunk order, so
+// the result is bitwise the same whatever the thread count.
+#include "cpu/credit.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+namespace fastrl {
+namespace cpu {
+namespace {
+
+using credit::Affine;
+
+// 1 / 0 for a 0/1 mask value, -1 for anything else (NaN included).
+template <typename mask_t>
+inline int mask_bit(mask_t m) {
+  const double x = static_cast<double>(m);
+  return x == 1.0 ? 1 : (x == 0.0 ? 0 : -1);
+}
+template <>
+inline int mask_bit<bool>(bool m) {
+  return m ? 1 : 0;
+}
+
+inline void record_min(std::atomic<int64_t>& bad, int64_t i) {
+  int64_t cur = bad.load();
+  while ((cur < 0 || i < cur) && !bad.compare_exchange_weak(cur, i)) {
+  }
+}
+
+inline int64_t row_begin(const Rows& rows, int64_t b) {
+  return rows.cu_seqlens ? rows.cu_seqlens[b] : b * rows.row_len;
+}
+inline int64_t row_end(const Rows& rows, int64_t b) {
+  return rows.cu_seqlens ? rows.cu_seqlens[b + 1] : (b + 1) * rows.row_len;
+}
+
+// Grain of the row loop: about 64k tokens per task.
+inline int64_t row_grain(const Rows& rows) {
+  const int64_t n = rows.cu_seqlens ? rows.cu_seqlens[rows.num_rows] : rows.num_rows * rows.row_len;
+  const int64_t avg = rows.num_rows > 0 ? std::max<int64_t>(1, n / rows.num_rows) : 1;
+  return std::max<int64_t>(1, (int64_t{1} << 16) / avg);
+}
+
+constexpr int64_t kChunk = int64_t{1} << 16;  // masked_moments chunk (fixed: determinism)
+
+}  // namespace
+
+template <typename scalar_t, typename mask_t, typename acc_t>
+int64_t gae(const scalar_t* rewards, const scalar_t* values, const mask_t* mask, Rows rows,
+            double gamma, double lam, acc_t* adv, acc_t* ret) {
+  const acc_t g = static_cast<acc_t>(gamma);
+  const acc_t gl = static_cast<acc_t>(gamma * lam);
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, rows.num_rows, row_grain(rows), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t begin = row_begin(rows, b);
+      acc_t carry = 0, nv = 0;
+      for (int64_t i = row_end(rows, b) - 1; i >= begin; --i) {
+        int bit = mask_bit(mask[i]);
+        if (bit < 0) {  // reported (the op raises); keep scanning for the smallest bad index
+          record_min(bad, i);
+          bit = 0;
+        }
+        const acc_t v = static_cast<acc_t>(values[i]);
+        const Affine<acc_t> f =
+            credit::gae_step(static_cast<acc_t>(rewards[i]), v, nv, bit == 1, g, gl);
+        carry = credit::apply(f, carry);
+        nv = credit::next_value(bit == 1, v, nv);
+        adv[i] = carry;
+        ret[i] = carry + v;
+      }
+    }
+  });
+  return bad.load();
+}
+
+template <typename scalar_t, typename mask_t, typename acc_t>
+int64_t discounted_returns(const scalar_t* rewards, const mask_t* mask, Rows rows, double gamma,
+                           credit::ReturnsMode mode, acc_t* out) {
+  const acc_t g = static_cast<acc_t>(gamma);
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, rows.num_rows, row_grain(rows), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t begin = row_begin(rows, b);
+      acc_t carry = 0;
+      for (int64_t i = row_end(rows, b) - 1; i >= begin; --i) {
+        int bit = mask_bit(mask[i]);
+        if (bit < 0) {  // reported (the op raises); keep scanning for the smallest bad index
+          record_min(bad, i);
+          bit = 0;
+        }
+        carry = credit::apply(credit::returns_step(static_cast<acc_t>(rewards[i]), bit == 1, g, mode),
+                              carry);
+        out[i] = credit::returns_output(carry, bit == 1, mode);
+      }
+    }
+  });
+  return bad.load();
+}
+
+template <typename scalar_t, typename mask_t>
+int64_t masked_moments(const scalar_t* x, const mask_t* mask, int64_t n, credit::Moments* out) {
+  const int64_t num_chunks = (n + kChunk - 1) / kChunk;
+  std::vector<credit::Moments> chunk(static_cast<size_t>(num_chunks), credit::moments_empty());
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
+      double count = 0.0, sum = 0.0;
+      for (int64_t i = begin; i < end; ++i) {
+        const int bit = mask_bit(mask[i]);
+        if (bit < 0) {
+          record_min(bad, i);
+          return;
+        }
+        if (bit) {  // a NaN outside the mask does not reach the sums (verl's masked_sum)
+          count += 1.0;
+          sum += static_cast<double>(x[i]);
+        }
+      }
+      if (count == 0.0) continue;
+      const double mean = sum / count;
+      double m2 = 0.0;
+      for (int64_t i = begin; i < end; ++i) {
+        if (mask_bit(mask[i])) {
+          const double d = static_cast<double>(x[i]) - mean;
+          m2 += d * d;
+        }
+      }
+      chunk[c] = credit::Moments{count, mean, m2};
+    }
+  });
+  if (bad.load() >= 0) return bad.load();
+  credit::Moments m = credit::moments_empty();
+  for (int64_t c = 0; c < num_chunks; ++c) m = credit::moments_merge(m, chunk[c]);
+  *out = m;
+  return -1;
+}
+
+template <typename scalar_t>
+void affine_transform(const scalar_t* x, int64_t n, double shift, double scale, double add,
+                      scalar_t* out) {
+  at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      out[i] = static_cast<scalar_t>((static_cast<double>(x[i]) - shift) * scale + add);
+    }
+  });
+}
+
+#define FASTRL_INSTANTIATE_MASKED(T, M, A)                                                          \
+  template int64_t gae<T, M, A>(const T*, const T*, const M*, Rows, double, double, A*, A*);        \
+  template int64_t discounted_returns<T, M, A>(const T*, const M*, Rows, double,                    \
+                                               credit::ReturnsMode, A*);                            \
+  template int64_t masked_moments<T, M>(const T*, const M*, int64_t, credit::Moments*);
+#define FASTRL_INSTANTIATE(T, A)                  \
+  FASTRL_INSTANTIATE_MASKED(T, bool, A)           \
+  FASTRL_INSTANTIATE_MASKED(T, uint8_t, A)        \
+  FASTRL_INSTANTIATE_MASKED(T, int32_t, A)        \
+  FASTRL_INSTANTIATE_MASKED(T, int64_t, A)        \
+  FASTRL_INSTANTIATE_MASKED(T, float, A)          \
+  FASTRL_INSTANTIATE_MASKED(T, double, A)         \
+  template void affine_transform<T>(const T*, int64_t, double, double, double, T*);
+FASTRL_INSTANTIATE(float, float)
+FASTRL_INSTANTIATE(double, double)
+FASTRL_INSTANTIATE(c10::Half, float)
+FASTRL_INSTANTIATE(c10::BFloat16, float)
+#undef FASTRL_INSTANTIATE
+#undef FASTRL_INSTANTIATE_MASKED
+
+}  // namespace cpu
+}  // namespace fastrl

@@ -1,0 +1,45 @@
+// CPU kernels of the token-level credit-assignment family. Raw pointers only; csrc/torch/ checks
+// and dispatches. Bad mask values are reported by returning an index, never by throwing.
+#pragma once
+
+#include <cstdint>
+
+#include "fastrl/credit.h"
+
+namespace fastrl {
+namespace cpu {
+
+// The rows of a token layout: padded (cu_seqlens == nullptr: row b is [b * row_len, (b+1) * row_len))
+// or packed (row b is [cu_seqlens[b], cu_seqlens[b+1]), cu_seqlens already validated).
+struct Rows {
+  const int64_t* cu_seqlens;
+  int64_t num_rows;
+  int64_t row_len;
+};
+
+// acc_t is the inputs' type for float/double and float for half/bfloat16; outputs are acc_t.
+// mask_t: bool, uint8, int32, int64, float, double. A mask value must be 0 or 1.
+// Each returns -1, or the smallest flat index whose mask value is neither 0 nor 1 (the outputs
+// are then unspecified).
+
+// verl GAE (fastrl/credit.h) per row: adv[i], ret[i] at every position i.
+template <typename scalar_t, typename mask_t, typename acc_t>
+int64_t gae(const scalar_t* rewards, const scalar_t* values, const mask_t* mask, Rows rows,
+            double gamma, double lam, acc_t* adv, acc_t* ret);
+
+// Discounted returns-to-go per row in one of the credit::ReturnsMode semantics.
+template <typename scalar_t, typename mask_t, typename acc_t>
+int64_t discounted_returns(const scalar_t* rewards, const mask_t* mask, Rows rows, double gamma,
+                           credit::ReturnsMode mode, acc_t* out);
+
+// (count, mean, m2) of the x[i] whose mask[i] is 1, over n elements (credit::Moments).
+template <typename scalar_t, typename mask_t>
+int64_t masked_moments(const scalar_t* x, const mask_t* mask, int64_t n, credit::Moments* out);
+
+// out[i] = (x[i] - shift) * scale + add, computed in fp64, rounded once to scalar_t.
+template <typename scalar_t>
+void affine_transform(const scalar_t* x, int64_t n, double shift, double scale, double add,
+                      scalar_t* out);
+
+}  // namespace cpu
+}  // namespace fastrl

@@ -1,0 +1,230 @@
+// CUDA kernels of the token-level credit-assignment family (see cuda/credit.cuh for the contract).
+//
+// One block per row (grid-stride over rows). A row is processed in tiles of kScanTile tokens from
+// its end to its start; each tile is staged through shared memory in reverse order (coalesced
+// global loads and stores), each thread takes kItems consecutive positions of the reversed tile,
+// and cub::BlockScan runs:
+//   GAE only: an exclusive scan with "the latest valid value wins" -> nv_t, the value of the next
+//             valid position after t (carried across tiles by a prefix callback);
+//   then:     an inclusive scan of the affine pairs (c_t, d_t) of fastrl/credit.h composed
+//             first-then-second, carried across tiles; the carry at t is the composite applied to
+//             0, i.e. its d.
+#include <cuda_runtime.h>
+
+#include <cub/block/block_scan.cuh>
+
+#include "cuda/credit.cuh"
+
+namespace fastrl {
+namespace cuda {
+namespace {
+
+using credit::Affine;
+using credit::ReturnsMode;
+
+constexpr int kBlock = 256;
+constexpr int kItems = kScanTile / kBlock;
+constexpr int64_t kMaxBlocks = 1 << 16;  // grid-stride loops beyond that
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename M>
+__device__ __forceinline__ bool is_valid(M m) {
+  return m != M(0);
+}
+template <>
+__device__ __forceinline__ bool is_valid<bool>(bool m) {
+  return m;
+}
+
+// The value of the latest valid position seen in scan order (= the nearest one to the right).
+template <typename A>
+struct NextValue {
+  bool has;
+  A value;
+};
+
+struct LatestValid {
+  template <typename A>
+  __device__ __forceinline__ NextValue<A> operator()(const NextValue<A>& a,
+                                                     const NextValue<A>& b) const {
+    return b.has ? b : a;
+  }
+};
+
+struct Compose {
+  template <typename A>
+  __device__ __forceinline__ Affine<A> operator()(const Affine<A>& a, const Affine<A>& b) const {
+    return credit::then(a, b);
+  }
+};
+
+// Carries a scan across the tiles of a row (cub's BlockPrefixCallbackOp protocol: called by the
+// first warp with the tile's aggregate, returns the prefix of the tile).
+template <typename V, typename Op>
+struct RunningPrefix {
+  V running;
+  __device__ __forceinline__ V operator()(const V& tile_aggregate) {
+    const V prefix = running;
+    running = Op()(running, tile_aggregate);
+    return prefix;
+  }
+};
+
+template <bool kGae, typename T, typename M>
+__global__ void __launch_bounds__(kBlock)
+    scan_kernel(const T* __restrict__ rewards, const T* __restrict__ values,
+                const M* __restrict__ mask, const int64_t* __restrict__ cu_seqlens,
+                int64_t num_rows, int64_t row_len, int64_t num_tokens,
+                typename CreditAcc<T>::type gamma, typename CreditAcc<T>::type gamma_lam,
+                ReturnsMode mode, typename CreditAcc<T>::type* __restrict__ out0,
+                typename CreditAcc<T>::type* __restrict__ out1) {
+  using A = typename CreditAcc<T>::type;
+  using AffineScan = cub::BlockScan<Affine<A>, kBlock>;
+  using NextScan = cub::BlockScan<NextValue<A>, kBlock>;
+  __shared__ union {
+    typename AffineScan::TempStorage affine;
+    typename NextScan::TempStorage next;
+  } temp;
+  __shared__ A s_r[kScanTile];
+  __shared__ A s_v[kScanTile];
+  __shared__ unsigned char s_m[kScanTile];
+  const int tid = static_cast<int>(threadIdx.x);
+
+  for (int64_t b = blockIdx.x; b < num_rows; b += gridDim.x) {  // block-uniform
+    int64_t begin = b * row_len, end = (b + 1) * row_len;
+    if (cu_seqlens != nullptr) {
+      begin = min(max(cu_seqlens[b], int64_t{0}), num_tokens);
+      end = max(min(cu_seqlens[b + 1], num_tokens), begin);
+    }
+    RunningPrefix<Affine<A>, Compose> affine_prefix{credit::identity<A>()};
+    RunningPrefix<NextValue<A>, LatestValid> next_prefix{NextValue<A>{false, A(0)}};
+    for (int64_t tile_end = end; tile_end > begin; tile_end -= kScanTile) {
+      const int len = static_cast<int>(min(static_cast<int64_t>(kScanTile), tile_end - begin));
+      for (int k = tid; k < len; k += kBlock) {  // reversed, coalesced
+        const int64_t pos = tile_end - 1 - k;
+        s_r[k] = to_acc(rewards[pos]);
+        if (kGae) s_v[k] = to_acc(values[pos]);
+        s_m[k] = is_valid(mask[pos]) ? 1 : 0;
+      }
+      __syncthreads();
+
+      bool in[kItems], valid[kItems];
+      A r[kItems], v[kItems];
+      Affine<A> f[kItems];
+#pragma unroll
+      for (int j = 0; j < kItems; ++j) {
+        const int k = tid * kItems + j;
+        in[j] = k < len;
+        valid[j] = in[j] && s_m[k] != 0;
+        r[j] = in[j] ? s_r[k] : A(0);
+        v[j] = (kGae && in[j]) ? s_v[k] : A(0);
+      }
+      if (kGae) {
+        NextValue<A> nv[kItems];
+#pragma unroll
+        for (int j = 0; j < kItems; ++j) nv[j] = NextValue<A>{valid[j], v[j]};
+        NextScan(temp.next).ExclusiveScan(nv, nv, LatestValid(), next_prefix);
+        __syncthreads();  // temp is reused by the affine scan
+#pragma unroll
+        for (int j = 0; j < kItems; ++j) {
+          f[j] = in[j] ? credit::gae_step(r[j], v[j], nv[j].value, valid[j], gamma, gamma_lam)
+                       : credit::identity<A>();
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < kItems; ++j) {
+          f[j] = in[j] ? credit::returns_step(r[j], valid[j], gamma, mode) : credit::identity<A>();
+        }
+      }
+      AffineScan(temp.affine).InclusiveScan(f, f, Compose(), affine_prefix);
+      __syncthreads();  // every thread has read its staged inputs
+
+#pragma unroll
+      for (int j = 0; j < kItems; ++j) {
+        const int k = tid * kItems + j;
+        if (!in[j]) continue;
+        if (kGae) {
+          s_r[k] = f[j].d;
+          s_v[k] = f[j].d + v[j];
+        } else {
+          s_r[k] = credit::returns_output(f[j].d, valid[j], mode);
+        }
+      }
+      __syncthreads();
+      for (int k = tid; k < len; k += kBlock) {
+        const int64_t pos = tile_end - 1 - k;
+        out0[pos] = s_r[k];
+        if (kGae) out1[pos] = s_v[k];
+      }
+      __syncthreads();  // the staging buffers and temp are reused by the next tile
+    }
+  }
+}
+
+bool bad_sizes(int64_t num_rows, int64_t row_len, int64_t num_tokens, const int64_t* cu_seqlens) {
+  if (num_rows < 0 || row_len < 0 || num_tokens < 0) return true;
+  return cu_seqlens == nullptr && num_rows * row_len != num_tokens;
+}
+
+int grid_for(int64_t num_rows) {
+  return static_cast<int>(num_rows < kMaxBlocks ? num_rows : kMaxBlocks);
+}
+
+}  // namespace
+
+template <typename T, typename M>
+cudaError_t launch_gae(const T* rewards, const T* values, const M* mask, const int64_t* cu_seqlens,
+                       int64_t num_rows, int64_t row_len, int64_t num_tokens, double gamma,
+                       double lam, typename CreditAcc<T>::type* adv,
+                       typename CreditAcc<T>::type* ret, cudaStream_t stream) {
+  using A = typename CreditAcc<T>::type;
+  if (bad_sizes(num_rows, row_len, num_tokens, cu_seqlens)) return cudaErrorInvalidValue;
+  if (num_rows == 0) return cudaSuccess;
+  scan_kernel<true, T, M><<<grid_for(num_rows), kBlock, 0, stream>>>(
+      rewards, values, mask, cu_seqlens, num_rows, row_len, num_tokens, static_cast<A>(gamma),
+      static_cast<A>(gamma * lam), ReturnsMode::kSkip, adv, ret);
+  return cudaGetLastError();
+}
+
+template <typename T, typename M>
+cudaError_t launch_discounted_returns(const T* rewards, const M* mask, const int64_t* cu_seqlens,
+                                      int64_t num_rows, int64_t row_len, int64_t num_tokens,
+                                      double gamma, ReturnsMode mode,
+                                      typename CreditAcc<T>::type* out, cudaStream_t stream) {
+  using A = typename CreditAcc<T>::type;
+  if (bad_sizes(num_rows, row_len, num_tokens, cu_seqlens)) return cudaErrorInvalidValue;
+  if (num_rows == 0) return cudaSuccess;
+  scan_kernel<false, T, M><<<grid_for(num_rows), kBlock, 0, stream>>>(
+      rewards, nullptr, mask, cu_seqlens, num_rows, row_len, num_tokens, static_cast<A>(gamma),
+      A(0), mode, out, nullptr);
+  return cudaGetLastError();
+}
+
+#define FASTRL_INSTANTIATE(T, M)                                                                \
+  template cudaError_t launch_gae<T, M>(const T*, const T*, const M*, const int64_t*, int64_t,  \
+                                        int64_t, int64_t, double, double, CreditAcc<T>::type*,  \
+                                        CreditAcc<T>::type*, cudaStream_t);                     \
+  template cudaError_t launch_discounted_returns<T, M>(const T*, const M*, const int64_t*,      \
+                                                       int64_t, int64_t, int64_t, double,       \
+                                                       ReturnsMode, CreditAcc<T>::type*,        \
+                                                       cudaStream_t);
+#define FASTRL_INSTANTIATE_MASKS(T) \
+  FASTRL_INSTANTIATE(T, bool)       \
+  FASTRL_INSTANTIATE(T, uint8_t)    \
+  FASTRL_INSTANTIATE(T, int32_t)    \
+  FASTRL_INSTANTIATE(T, int64_t)    \
+  FASTRL_INSTANTIATE(T, float)      \
+  FASTRL_INSTANTIATE(T, double)
+FASTRL_INSTANTIATE_MASKS(float)
+FASTRL_INSTANTIATE_MASKS(double)
+FASTRL_INSTANTIATE_MASKS(__half)
+FASTRL_INSTANTIATE_MASKS(__nv_bfloat16)
+#undef FASTRL_INSTANTIATE_MASKS
+#undef FASTRL_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace fastrl

@@ -1,0 +1,79 @@
+// CUDA kernels of the token-level credit-assignment family: torch-free launch functions (raw
+// device pointers, sizes, a stream). csrc/torch/credit.cpp checks and dispatches.
+//
+// Each row is one block-wide associative scan over the affine pairs of fastrl/credit.h (cub
+// BlockScan, tiles of kScanTile tokens walked from the row's end, the running composite carried
+// between tiles), so a 32k-token row is spread over 256 threads instead of walked by one. The scan
+// re-associates the products: results equal the CPU kernels' up to rounding (relative error a few
+// fp32 ulps times the row length's log, see tests), and are bitwise reproducible run to run (fixed
+// block shape, no atomics, no host sync).
+//
+// Because a device-side check cannot raise without a host sync, the CUDA kernels do not validate
+// values: a nonzero mask value counts as valid, and a packed row [cu_seqlens[b], cu_seqlens[b+1])
+// is clamped to [0, num_tokens] (a decreasing pair is an empty row). The CPU op raises instead.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "fastrl/credit.h"
+
+namespace fastrl {
+namespace cuda {
+
+// The accumulation (and output) type of an input type: float for float/__half/__nv_bfloat16.
+template <typename T>
+struct CreditAcc {
+  using type = float;
+};
+template <>
+struct CreditAcc<double> {
+  using type = double;
+};
+
+constexpr int kScanTile = 1024;  // tokens per block-wide scan step
+
+// rewards, values, mask: [num_tokens] (padded [num_rows, row_len] contiguous when cu_seqlens is
+// nullptr, else packed rows given by cu_seqlens[num_rows + 1], int64, on the device).
+// Writes adv and ret (credit.h GAE) at every position. Returns cudaErrorInvalidValue for bad
+// sizes, else the launch error. No workspace.
+template <typename T, typename M>
+cudaError_t launch_gae(const T* rewards, const T* values, const M* mask, const int64_t* cu_seqlens,
+                       int64_t num_rows, int64_t row_len, int64_t num_tokens, double gamma,
+                       double lam, typename CreditAcc<T>::type* adv,
+                       typename CreditAcc<T>::type* ret, cudaStream_t stream);
+
+// Discounted returns in credit::ReturnsMode `mode`, same layout and contract as launch_gae.
+template <typename T, typename M>
+cudaError_t launch_discounted_returns(const T* rewards, const M* mask, const int64_t* cu_seqlens,
+                                      int64_t num_rows, int64_t row_len, int64_t num_tokens,
+                                      double gamma, credit::ReturnsMode mode,
+                                      typename CreditAcc<T>::type* out, cudaStream_t stream);
+
+#define FASTRL_DECLARE_CREDIT(T, M)                                                            \
+  extern template cudaError_t launch_gae<T, M>(const T*, const T*, const M*, const int64_t*,  \
+                                               int64_t, int64_t, int64_t, double, double,     \
+                                               CreditAcc<T>::type*, CreditAcc<T>::type*,      \
+                                               cudaStream_t);                                  \
+  extern template cudaError_t launch_discounted_returns<T, M>(                                \
+      const T*, const M*, const int64_t*, int64_t, int64_t, int64_t, double,                   \
+      credit::ReturnsMode, CreditAcc<T>::type*, cudaStream_t);
+#define FASTRL_DECLARE_CREDIT_MASKS(T)  \
+  FASTRL_DECLARE_CREDIT(T, bool)        \
+  FASTRL_DECLARE_CREDIT(T, uint8_t)     \
+  FASTRL_DECLARE_CREDIT(T, int32_t)     \
+  FASTRL_DECLARE_CREDIT(T, int64_t)     \
+  FASTRL_DECLARE_CREDIT(T, float)       \
+  FASTRL_DECLARE_CREDIT(T, double)
+FASTRL_DECLARE_CREDIT_MASKS(float)
+FASTRL_DECLARE_CREDIT_MASKS(double)
+FASTRL_DECLARE_CREDIT_MASKS(__half)
+FASTRL_DECLARE_CREDIT_MASKS(__nv_bfloat16)
+#undef FASTRL_DECLARE_CREDIT_MASKS
+#undef FASTRL_DECLARE_CREDIT
+
+}  // namespace cuda
+}  // namespace fastrl

@@ -1,0 +1,372 @@
+// torch bindings of the token-level credit-assignment family: schemas, checks, dispatch.
+//   broadcast_to_tokens       per-sample -> per-token (outcome rewards)
+//   gae, discounted_returns   backward affine scans (fastrl/credit.h), padded [B, T] or packed [N]
+//   masked_moments            (count, mean, m2) of the masked elements, fp64
+//   masked_whiten             verl's masked_whiten, statistics in fp64
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+#include <tuple>
+
+#include "cpu/credit.h"
+#include "torch/checks.h"
+#include "torch/memory.h"
+#ifdef FASTRL_WITH_CUDA
+#include "torch/cuda_dispatch.h"
+#include "cuda/credit.cuh"
+#endif
+
+namespace fastrl {
+namespace {
+
+using credit::ReturnsMode;
+
+// out[b, t] = values[b] * mask[b, t] with torch's type promotion (what every trainer writes as
+// `values.unsqueeze(-1) * mask`), computed by torch's own vectorized multiply into an output
+// allocated for streaming (see memory.h): the same bits, fewer page faults.
+at::Tensor broadcast_to_tokens(const at::Tensor& values, const at::Tensor& mask) {
+  check_dim(values, "values", 1);
+  check_dim(mask, "mask", 2);
+  TORCH_CHECK(mask.size(0) == values.size(0), "fastrl: `mask` has ", mask.size(0),
+              " rows but `values` has ", values.size(0), " entries");
+  check_same_device(mask, "mask", values, "values");
+  const auto dtype = at::promote_types(values.scalar_type(), mask.scalar_type());
+  at::Tensor out = empty_streaming_output(mask.sizes(), mask.options().dtype(dtype));
+  at::mul_out(out, values.unsqueeze(1), mask);
+  return out;
+}
+
+// ------------------------------------------------------------------------------------ helpers
+
+void check_same_shape(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                      const char* ref_name) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), "fastrl: `", name, "` has shape ", t.sizes(), " but `",
+              ref_name, "` has shape ", ref.sizes());
+}
+
+void check_mask_dtype(const at::Tensor& mask) {
+  const auto s = mask.scalar_type();
+  TORCH_CHECK(s == at::kBool || s == at::kByte || s == at::kInt || s == at::kLong ||
+                  s == at::kFloat || s == at::kDouble,
+              "fastrl: `mask` must be bool, uint8, int32, int64, float32 or float64, got ", s);
+}
+
+void check_unit_interval(double x, const char* name) {
+  TORCH_CHECK(x >= 0.0 && x <= 1.0, "fastrl: `", name, "` must lie in [0, 1], got ", x);
+}
+
+ReturnsMode parse_mode(const std::string& s) {
+  if (s == "skip") return ReturnsMode::kSkip;
+  if (s == "reset") return ReturnsMode::kReset;
+  if (s == "cumsum") return ReturnsMode::kCumsum;
+  TORCH_CHECK(false, "fastrl: `mode` must be one of 'skip', 'reset', 'cumsum'; got '", s, "'");
+}
+
+// The accumulation/output dtype of a token op: float64 for float64 inputs, float32 otherwise.
+at::ScalarType acc_dtype(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Validated token layout. Padded: tokens [B, T] (mask the same shape), rows = B. Packed: tokens
+// [N], cu_seqlens int64 [B+1] from 0, non-decreasing, ending at N (checked on the CPU; on CUDA
+// trusted, see cuda/credit.cuh).
+cpu::Rows token_rows(const at::Tensor& tokens, const char* name,
+                     const c10::optional<at::Tensor>& cu_seqlens) {
+  if (!cu_seqlens.has_value()) {
+    check_dim(tokens, name, 2);
+    return cpu::Rows{nullptr, tokens.size(0), tokens.size(1)};
+  }
+  const at::Tensor& cu = *cu_seqlens;
+  check_dim(tokens, name, 1);
+  check_dim(cu, "cu_seqlens", 1);
+  check_dtype(cu, "cu_seqlens", at::kLong);
+  check_same_device(cu, "cu_seqlens", tokens, name);
+  TORCH_CHECK(cu.size(0) >= 1, "fastrl: `cu_seqlens` must hold B + 1 >= 1 offsets, got 0");
+  TORCH_CHECK(cu.is_contiguous(), "fastrl: `cu_seqlens` must be contiguous");
+  const int64_t num_rows = cu.size(0) - 1, n = tokens.size(0);
+  if (cu.device().is_cpu()) {
+    const int64_t* c = cu.data_ptr<int64_t>();
+    TORCH_CHECK(c[0] == 0, "fastrl: `cu_seqlens` must start at 0, got cu_seqlens[0] = ", c[0]);
+    for (int64_t b = 0; b < num_rows; ++b) {
+      TORCH_CHECK(c[b + 1] >= c[b], "fastrl: `cu_seqlens` must be non-decreasing, got cu_seqlens[",
+                  b, "] = ", c[b], " > cu_seqlens[", b + 1, "] = ", c[b + 1]);
+    }
+    TORCH_CHECK(c[num_rows] == n, "fastrl: `cu_seqlens` must end at the number of tokens N = ", n,
+                " (`", name, "` has ", n, "), got cu_seqlens[-1] = ", c[num_rows]);
+  }
+  return cpu::Rows{cu.data_ptr<int64_t>(), num_rows, 0};
+}
+
+void raise_bad_mask(int64_t bad, const at::Tensor& mask) {
+  TORCH_CHECK(bad < 0, "fastrl: `mask` must hold only 0 and 1, got ",
+              bad < 0 ? 0.0 : mask.reshape({-1})[bad].item<double>(), " at flat index ", bad);
+}
+
+#define FASTRL_DISPATCH_MASK(mask_type, ...)                                          \
+  [&] {                                                                               \
+    switch (mask_type) {                                                              \
+      case at::kBool: { using mask_t = bool; return __VA_ARGS__(); }                  \
+      case at::kByte: { using mask_t = uint8_t; return __VA_ARGS__(); }               \
+      case at::kInt: { using mask_t = int32_t; return __VA_ARGS__(); }                \
+      case at::kLong: { using mask_t = int64_t; return __VA_ARGS__(); }               \
+      case at::kFloat: { using mask_t = float; return __VA_ARGS__(); }                \
+      default: { using mask_t = double; return __VA_ARGS__(); }                       \
+    }                                                                                 \
+  }()
+
+struct TokenInputs {
+  at::Tensor rewards, values, mask;  // contiguous; values undefined for returns
+  cpu::Rows rows;
+};
+
+TokenInputs prepare_tokens(const at::Tensor& rewards, const c10::optional<at::Tensor>& values,
+                           const at::Tensor& mask, const c10::optional<at::Tensor>& cu_seqlens) {
+  check_floating(rewards, "rewards");
+  TokenInputs in;
+  in.rows = token_rows(rewards, "rewards", cu_seqlens);
+  check_same_shape(mask, "mask", rewards, "rewards");
+  check_same_device(mask, "mask", rewards, "rewards");
+  check_mask_dtype(mask);
+  at::ScalarType dtype = rewards.scalar_type();
+  if (values.has_value()) {
+    check_floating(*values, "values");
+    check_same_shape(*values, "values", rewards, "rewards");
+    check_same_device(*values, "values", rewards, "rewards");
+    dtype = at::promote_types(dtype, values->scalar_type());
+    in.values = values->to(dtype).contiguous();
+  }
+  in.rewards = rewards.to(dtype).contiguous();
+  in.mask = mask.contiguous();
+  return in;
+}
+
+// ---------------------------------------------------------------------------------------- CPU
+
+std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
+                                           const at::Tensor& mask,
+                                           const c10::optional<at::Tensor>& cu_seqlens,
+                                           double gamma, double lam) {
+  check_unit_interval(gamma, "gamma");
+  check_unit_interval(lam, "lam");
+  TokenInputs in = prepare_tokens(rewards, values, mask, cu_seqlens);
+  const auto opts = in.rewards.options().dtype(acc_dtype(in.rewards.scalar_type()));
+  at::Tensor adv = empty_streaming_output(in.rewards.sizes(), opts);
+  at::Tensor ret = empty_streaming_output(in.rewards.sizes(), opts);
+  int64_t bad = -1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.rewards.scalar_type(), "fastrl::gae", [&] {
+    using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    FASTRL_DISPATCH_MASK(in.mask.scalar_type(), [&] {
+      bad = cpu::gae<scalar_t, mask_t, acc_t>(
+          in.rewards.data_ptr<scalar_t>(), in.values.data_ptr<scalar_t>(),
+          in.mask.data_ptr<mask_t>(), in.rows, gamma, lam, adv.data_ptr<acc_t>(),
+          ret.data_ptr<acc_t>());
+    });
+  });
+  raise_bad_mask(bad, in.mask);
+  return {adv, ret};
+}
+
+at::Tensor discounted_returns_cpu(const at::Tensor& rewards, const at::Tensor& mask,
+                                  const c10::optional<at::Tensor>& cu_seqlens, double gamma,
+                                  c10::string_view mode) {
+  check_unit_interval(gamma, "gamma");
+  const ReturnsMode m = parse_mode(std::string(mode));
+  TokenInputs in = prepare_tokens(rewards, c10::nullopt, mask, cu_seqlens);
+  const auto opts = in.rewards.options().dtype(acc_dtype(in.rewards.scalar_type()));
+  at::Tensor out = empty_streaming_output(in.rewards.sizes(), opts);
+  int64_t bad = -1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.rewards.scalar_type(),
+                                  "fastrl::discounted_returns", [&] {
+    using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    FASTRL_DISPATCH_MASK(in.mask.scalar_type(), [&] {
+      bad = cpu::discounted_returns<scalar_t, mask_t, acc_t>(
+          in.rewards.data_ptr<scalar_t>(), in.mask.data_ptr<mask_t>(), in.rows, gamma, m,
+          out.data_ptr<acc_t>());
+    });
+  });
+  raise_bad_mask(bad, in.mask);
+  return out;
+}
+
+void check_masked_inputs(const at::Tensor& x, const at::Tensor& mask) {
+  check_floating(x, "x");
+  check_same_shape(mask, "mask", x, "x");
+  check_same_device(mask, "mask", x, "x");
+  check_mask_dtype(mask);
+}
+
+credit::Moments moments_cpu(const at::Tensor& x, const at::Tensor& mask) {
+  const at::Tensor xc = x.contiguous(), mc = mask.contiguous();
+  credit::Moments m = credit::moments_empty();
+  int64_t bad = -1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "fastrl::masked_moments", [&] {
+    FASTRL_DISPATCH_MASK(mc.scalar_type(), [&] {
+      bad = cpu::masked_moments<scalar_t, mask_t>(xc.data_ptr<scalar_t>(), mc.data_ptr<mask_t>(),
+                                                  xc.numel(), &m);
+    });
+  });
+  raise_bad_mask(bad, mc);
+  return m;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moments_tensors(const credit::Moments& m,
+                                                               const at::TensorOptions& opts) {
+  const auto f64 = opts.dtype(at::kDouble);
+  return {at::scalar_tensor(m.count, f64), at::scalar_tensor(m.mean, f64),
+          at::scalar_tensor(m.m2, f64)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_moments_cpu(const at::Tensor& x,
+                                                                  const at::Tensor& mask) {
+  check_masked_inputs(x, mask);
+  return moments_tensors(moments_cpu(x, mask), x.options());
+}
+
+// verl raises ValueError for an unbiased variance of fewer than 2 masked elements (its
+// masked_var): so do we (TORCH_CHECK_VALUE is a Python ValueError).
+void check_whiten_count(double count, bool unbiased) {
+  TORCH_CHECK_VALUE(!(unbiased && count == 0.0),
+              "fastrl: masked_whiten with unbiased=True needs at least 2 elements where `mask` "
+              "is 1, got 0 (verl: \"At least one element in the mask has to be 1.\")");
+  TORCH_CHECK_VALUE(!(unbiased && count == 1.0),
+              "fastrl: masked_whiten with unbiased=True needs at least 2 elements where `mask` "
+              "is 1, got 1 (verl: \"The sum of the mask is one, which can cause a division by zero.\")");
+}
+
+// (shift, scale, add) of out = (x - shift) * scale + add.
+std::tuple<double, double, double> whiten_coefficients(const credit::Moments& m, bool shift_mean,
+                                                       bool unbiased, double eps) {
+  check_whiten_count(m.count, unbiased);
+  const double mean = credit::masked_mean(m);
+  const double scale = 1.0 / std::sqrt(credit::masked_var(m, unbiased) + eps);
+  return {mean, scale, shift_mean ? 0.0 : mean};
+}
+
+at::Tensor masked_whiten_cpu(const at::Tensor& x, const at::Tensor& mask, bool shift_mean,
+                             bool unbiased, double eps) {
+  check_masked_inputs(x, mask);
+  TORCH_CHECK(eps >= 0.0, "fastrl: `eps` must be >= 0, got ", eps);
+  const auto coef = whiten_coefficients(moments_cpu(x, mask), shift_mean, unbiased, eps);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = empty_streaming_output(xc.sizes(), xc.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "fastrl::masked_whiten", [&] {
+    cpu::affine_transform<scalar_t>(xc.data_ptr<scalar_t>(), xc.numel(), std::get<0>(coef),
+                                    std::get<1>(coef), std::get<2>(coef), out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// --------------------------------------------------------------------------------------- CUDA
+
+#ifdef FASTRL_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,
+                                            const at::Tensor& mask,
+                                            const c10::optional<at::Tensor>& cu_seqlens,
+                                            double gamma, double lam) {
+  check_unit_interval(gamma, "gamma");
+  check_unit_interval(lam, "lam");
+  TokenInputs in = prepare_tokens(rewards, values, mask, cu_seqlens);
+  const c10::cuda::CUDAGuard guard(in.rewards.device());
+  const auto opts = in.rewards.options().dtype(acc_dtype(in.rewards.scalar_type()));
+  at::Tensor adv = at::empty(in.rewards.sizes(), opts), ret = at::empty(in.rewards.sizes(), opts);
+  cudaError_t err = cudaSuccess;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.rewards.scalar_type(), "fastrl::gae", [&] {
+    using cuda_t = typename CudaScalar<scalar_t>::type;
+    using acc_t = typename cuda::CreditAcc<cuda_t>::type;
+    FASTRL_DISPATCH_MASK(in.mask.scalar_type(), [&] {
+      err = cuda::launch_gae<cuda_t, mask_t>(
+          reinterpret_cast<const cuda_t*>(in.rewards.data_ptr<scalar_t>()),
+          reinterpret_cast<const cuda_t*>(in.values.data_ptr<scalar_t>()),
+          in.mask.data_ptr<mask_t>(), in.rows.cu_seqlens, in.rows.num_rows, in.rows.row_len,
+          in.rewards.numel(), gamma, lam, adv.data_ptr<acc_t>(), ret.data_ptr<acc_t>(),
+          stream_of(in.rewards));
+    });
+  });
+  C10_CUDA_CHECK(err);
+  return {adv, ret};
+}
+
+at::Tensor discounted_returns_cuda(const at::Tensor& rewards, const at::Tensor& mask,
+                                   const c10::optional<at::Tensor>& cu_seqlens, double gamma,
+                                   c10::string_view mode) {
+  check_unit_interval(gamma, "gamma");
+  const ReturnsMode m = parse_mode(std::string(mode));
+  TokenInputs in = prepare_tokens(rewards, c10::nullopt, mask, cu_seqlens);
+  const c10::cuda::CUDAGuard guard(in.rewards.device());
+  at::Tensor out = at::empty(in.rewards.sizes(),
+                             in.rewards.options().dtype(acc_dtype(in.rewards.scalar_type())));
+  cudaError_t err = cudaSuccess;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.rewards.scalar_type(),
+                                  "fastrl::discounted_returns", [&] {
+    using cuda_t = typename CudaScalar<scalar_t>::type;
+    using acc_t = typename cuda::CreditAcc<cuda_t>::type;
+    FASTRL_DISPATCH_MASK(in.mask.scalar_type(), [&] {
+      err = cuda::launch_discounted_returns<cuda_t, mask_t>(
+          reinterpret_cast<const cuda_t*>(in.rewards.data_ptr<scalar_t>()),
+          in.mask.data_ptr<mask_t>(), in.rows.cu_seqlens, in.rows.num_rows, in.rows.row_len,
+          in.rewards.numel(), gamma, m, out.data_ptr<acc_t>(), stream_of(in.rewards));
+    });
+  });
+  C10_CUDA_CHECK(err);
+  return out;
+}
+
+// Masked statistics on CUDA with torch's own (deterministic) fp64 reductions; the mask's 0/1
+// values are not checked (no host sync: a nonzero value counts as 1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_moments_cuda(const at::Tensor& x,
+                                                                   const at::Tensor& mask) {
+  check_masked_inputs(x, mask);
+  const at::Tensor keep = mask.ne(0);
+  const at::Tensor x64 = at::where(keep, x.to(at::kDouble), 0.0);
+  const at::Tensor count = keep.sum(at::kDouble);
+  const at::Tensor mean = at::where(count > 0, x64.sum() / count, 0.0);
+  const at::Tensor d = at::where(keep, x64 - mean, 0.0);
+  return {count, mean, (d * d).sum()};
+}
+
+// One host sync (the count, for verl's unbiased check), as verl makes.
+at::Tensor masked_whiten_cuda(const at::Tensor& x, const at::Tensor& mask, bool shift_mean,
+                              bool unbiased, double eps) {
+  TORCH_CHECK(eps >= 0.0, "fastrl: `eps` must be >= 0, got ", eps);
+  auto [count, mean, m2] = masked_moments_cuda(x, mask);
+  check_whiten_count(count.item<double>(), unbiased);
+  const at::Tensor var = unbiased ? m2 / (count - 1) : at::where(count > 0, m2 / count, 0.0);
+  at::Tensor out = (x.to(at::kDouble) - mean) * at::rsqrt(var + eps);
+  if (!shift_mean) out = out + mean;
+  return out.to(x.scalar_type());
+}
+#endif
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastrl, m) {
+  m.def("broadcast_to_tokens(Tensor values, Tensor mask) -> Tensor");
+  m.def(
+      "gae(Tensor rewards, Tensor values, Tensor mask, Tensor? cu_seqlens, float gamma, float lam)"
+      " -> (Tensor advantages, Tensor returns)");
+  m.def(
+      "discounted_returns(Tensor rewards, Tensor mask, Tensor? cu_seqlens, float gamma, str mode)"
+      " -> Tensor");
+  m.def("masked_moments(Tensor x, Tensor mask) -> (Tensor count, Tensor mean, Tensor m2)");
+  m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastrl, CPU, m) {
+  m.impl("broadcast_to_tokens", &broadcast_to_tokens);
+  m.impl("gae", &gae_cpu);
+  m.impl("discounted_returns", &discounted_returns_cpu);
+  m.impl("masked_moments", &masked_moments_cpu);
+  m.impl("masked_whiten", &masked_whiten_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fastrl, CUDA, m) {
+  m.impl("broadcast_to_tokens", &broadcast_to_tokens);
+#ifdef FASTRL_WITH_CUDA
+  m.impl("gae", &gae_cuda);
+  m.impl("discounted_returns", &discounted_returns_cuda);
+  m.impl("masked_moments", &masked_moments_cuda);
+  m.impl("masked_whiten", &masked_whiten_cuda);
+#endif
+}
+
+}  // namespace fastrl

@@ -1,0 +1,232 @@
+"""Token-level credit assignment: per-token advantages and returns from token rewards.
+
+Both token layouts are first-class: padded ``[B, T]`` with a ``mask`` (verl, TRL), and packed
+``[N]`` with ``cu_seqlens: int64[B+1]`` (row ``b`` is ``[cu_seqlens[b], cu_seqlens[b+1])``; verl's
+remove-padding, OpenRLHF packing), where ``mask`` is ``[N]`` too. A mask is bool, uint8, int32,
+int64, float32 or float64 holding only 0 and 1.
+
+* :func:`gae` -- generalized advantage estimation, verl's multi-turn semantics (masked tokens are
+  transparent), one compiled backward scan per row.
+* :func:`discounted_returns` -- reward-to-go: verl REINFORCE++'s skip, a reset, or ReMax's cumsum.
+* :func:`masked_mean`, :func:`masked_var`, :func:`masked_whiten` -- verl's token-weighted batch
+  statistics, fp64 accumulation, deterministic.
+* :func:`broadcast_to_tokens` -- a per-sample value on every token.
+
+None of the scans/statistics is differentiable (every trainer computes them under no_grad); the
+ops have no autograd formula, so a tensor that requires grad is used as a constant.
+
+On the CPU, ``gae`` and ``discounted_returns`` on float32 inputs are bitwise verl 0.9.1's loops (same
+operations in the same order). On CUDA they are a block-wide scan over affine pairs: equal to the
+CPU results up to float rounding (re-associated products; tested to ``rtol = atol = 1e-5`` on
+unit-scale rewards), and bitwise reproducible run to run. CUDA does not check mask values or
+``cu_seqlens`` (that would need a host sync); the CPU raises for bad ones.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastrl import _extension
+from fastrl.reference import credit as _ref
+
+__all__ = ["broadcast_to_tokens", "gae", "discounted_returns", "masked_mean", "masked_var", "masked_whiten"]
+
+RETURNS_MODES = _ref.RETURNS_MODES
+
+
+def broadcast_to_tokens(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``out[b, t] = values[b] * mask[b, t]``: a per-sample value (an advantage) on every token.
+
+    Args:
+        values: ``[B]`` per-sample values.
+        mask: ``[B, T]`` response mask (float, bool or int; masked tokens get 0).
+
+    Returns:
+        ``[B, T]`` in ``torch.promote_types(values.dtype, mask.dtype)`` — bitwise what
+        ``values.unsqueeze(-1) * mask`` gives (verl, TRL, OpenRLHF write it so), computed by torch's
+        own multiply into an output allocated for streaming: on Linux CPUs, a large output is backed
+        by transparent huge pages (one page fault per 2 MiB instead of per 4 KiB), which makes the
+        step 2-3x faster at [8192, 2048]. Differentiable in ``values``.
+
+    >>> fastrl.credit.broadcast_to_tokens(torch.tensor([1.0, -2.0]), torch.tensor([[1, 1, 0], [1, 0, 0]]))
+    tensor([[ 1.,  1.,  0.],
+            [-2., -0., -0.]])
+    """
+    if _extension.use_reference():
+        return values.unsqueeze(-1) * mask
+    return torch.ops.fastrl.broadcast_to_tokens(values, mask)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float, *,
+        cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation with verl 0.9.1's masked-token semantics.
+
+    Per row, for t from the row's end down to its start (``nv_t``: the value at the next position
+    after t whose mask is 1, or 0 if there is none)::
+
+        delta_t = r_t + gamma * nv_t - v_t
+        A_t     = delta_t + gamma * lam * A_{t+1}    if mask_t == 1
+                = A_{t+1}                            if mask_t == 0   (value and lambda-carry skip it)
+        R_t     = A_t + v_t                          (every position)
+
+    so masked tokens inside a row (multi-turn observations) are transparent, a masked token carries
+    the advantage of the next valid one, and trailing padding gets ``A = 0``, ``R = v``: every
+    position equals verl's ``compute_gae_advantage_return`` before its whitening (apply
+    :func:`masked_whiten` for that, as :mod:`fastrl.integrations.verl` does).
+
+    Args:
+        rewards, values: ``[B, T]`` (padded) or ``[N]`` (packed), floating; promoted to a common dtype.
+        mask: same shape, 0/1.
+        gamma, lam: discount and GAE lambda, in [0, 1].
+        cu_seqlens: ``int64[B+1]`` row offsets for the packed layout (0, non-decreasing, ending at N).
+
+    Returns:
+        ``(advantages, returns)``, the inputs' shape, float64 for float64 inputs else float32
+        (accumulated in that type). Not differentiable (no_grad math in every trainer).
+        Extra memory: none beyond the outputs.
+
+    >>> r = torch.tensor([[0.0, 0.0, 1.0, 0.0]]); v = torch.tensor([[0.5, 0.5, 0.5, 0.0]])
+    >>> m = torch.tensor([[1, 0, 1, 0]])
+    >>> fastrl.credit.gae(r, v, m, gamma=1.0, lam=1.0)
+    (tensor([[0.5000, 0.5000, 0.5000, 0.0000]]), tensor([[1., 1., 1., 0.]]))
+    """
+    if _extension.use_reference():
+        return _ref.gae(rewards, values, mask, gamma, lam, cu_seqlens=cu_seqlens)
+    return torch.ops.fastrl.gae(rewards, values, mask, cu_seqlens, float(gamma), float(lam))
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, *, mode: str = "skip",
+                       cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Discounted reward-to-go per row, backwards from the row's end (``G`` after the end is 0).
+
+    ``mode`` says what a masked position (``mask_t == 0``) does:
+
+    * ``"skip"`` (verl 0.9.1 REINFORCE++): ``G_t = r_t + gamma * G_{t+1}`` on valid tokens; a masked
+      token outputs 0 and passes the running return through unchanged (observation spans are
+      transparent, rewards after them still reach earlier turns).
+    * ``"reset"``: as ``"skip"``, but the running return restarts from 0 below a masked token (a
+      masked span ends the episode; older single-turn REINFORCE++ code, where masked = padding).
+    * ``"cumsum"``: ``G_t = mask_t * r_t + gamma * G_{t+1}`` at every position (ReMax's returns with
+      ``gamma = 1``; masked positions hold the running return).
+
+    Args:
+        rewards: ``[B, T]`` or packed ``[N]``, floating. mask: same shape, 0/1. gamma: in [0, 1].
+        cu_seqlens: ``int64[B+1]`` for the packed layout.
+
+    Returns:
+        The inputs' shape, float64 for float64 rewards else float32. Not differentiable.
+
+    >>> fastrl.credit.discounted_returns(torch.tensor([[1.0, 5.0, 1.0]]), torch.tensor([[1, 0, 1]]), 0.5)
+    tensor([[1.5000, 0.0000, 1.0000]])
+    """
+    if _extension.use_reference():
+        return _ref.discounted_returns(rewards, mask, gamma, mode=mode, cu_seqlens=cu_seqlens)
+    return torch.ops.fastrl.discounted_returns(rewards, mask, cu_seqlens, float(gamma), mode)
+
+
+def _moments(x: torch.Tensor, mask: torch.Tensor):
+    if _extension.use_reference():
+        return _ref.masked_moments(x, mask)
+    return torch.ops.fastrl.masked_moments(x, mask)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``sum(x * mask) / sum(mask)`` over all elements (verl's ``masked_mean``; 0 for an empty mask).
+
+    Elements outside the mask never reach the sum (a NaN there is ignored). Accumulated in fp64
+    with a fixed chunking (deterministic whatever the thread count); returned as a 0-dim tensor in
+    ``x.dtype``. ``x``, ``mask``: any shape, the same; mask 0/1. Not differentiable.
+
+    >>> fastrl.credit.masked_mean(torch.tensor([1.0, 2.0, 9.0]), torch.tensor([1, 1, 0]))
+    tensor(1.5000)
+    """
+    return _moments(x, mask)[1].to(x.dtype)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the masked elements, ``sum(mask * (x - mean)^2) / (n - 1)`` (``/ n`` when
+    ``unbiased=False``; 0 for an empty mask), ``n = sum(mask)``: verl's ``masked_var``.
+
+    With ``unbiased=True`` fewer than 2 masked elements raise ``ValueError``, as verl (one host
+    sync on CUDA, as verl). fp64 accumulation, 0-dim result in ``x.dtype``.
+
+    >>> fastrl.credit.masked_var(torch.tensor([1.0, 3.0, 9.0]), torch.tensor([1, 1, 0]))
+    tensor(2.)
+    """
+    count, _, m2 = _moments(x, mask)
+    if unbiased:
+        n = int(count)
+        if n < 2:
+            raise ValueError(f"fastrl: masked_var with unbiased=True needs at least 2 elements where "
+                               f"`mask` is 1, got {n}")
+        return (m2 / (count - 1)).to(x.dtype)
+    return torch.where(count > 0, m2 / count.clamp(min=1), 0.0).to(x.dtype)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, unbiased: bool = True,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """``(x - mean) * rsqrt(var + eps)`` at every position, ``+ mean`` when ``shift_mean=False``,
+    with ``mean``/``var`` of the masked elements (:func:`masked_mean`, :func:`masked_var`): verl's
+    ``masked_whiten``.
+
+    One fused pass computes the fp64 statistics (fixed chunks merged in order: deterministic), a
+    second writes the output in ``x.dtype``. ``unbiased=True`` with fewer than 2 masked elements
+    raises ``ValueError`` as verl does (e.g. an all-masked batch; on CUDA this check is one host
+    sync, as in verl). No process group yet:
+    the statistics are those of this tensor. Not differentiable.
+
+    >>> fastrl.credit.masked_whiten(torch.tensor([1.0, 3.0, 9.0]), torch.tensor([1, 1, 0]))
+    tensor([-0.7071,  0.7071,  4.9497])
+    """
+    if _extension.use_reference():
+        return _ref.masked_whiten(x, mask, shift_mean=shift_mean, unbiased=unbiased, eps=eps)
+    return torch.ops.fastrl.masked_whiten(x, mask, shift_mean, unbiased, float(eps))
+
+
+# ----------------------------------------------------------------------------------- fake kernels
+
+
+def _broadcast_fake(values, mask):
+    return mask.new_empty(mask.shape, dtype=torch.promote_types(values.dtype, mask.dtype))
+
+
+def _broadcast_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.values_dtype = inputs[0].dtype
+
+
+def _broadcast_backward(ctx, grad):
+    (mask,) = ctx.saved_tensors
+    return (grad * mask).sum(dim=-1).to(ctx.values_dtype), None
+
+
+def _token_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    common = dtypes[0]
+    for d in dtypes[1:]:
+        common = torch.promote_types(common, d)
+    return torch.float64 if common == torch.float64 else torch.float32
+
+
+def _gae_fake(rewards, values, mask, cu_seqlens, gamma, lam):
+    dtype = _token_dtype(rewards.dtype, values.dtype)
+    return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape, dtype=dtype)
+
+
+def _returns_fake(rewards, mask, cu_seqlens, gamma, mode):
+    return rewards.new_empty(rewards.shape, dtype=_token_dtype(rewards.dtype))
+
+
+def _moments_fake(x, mask):
+    return tuple(x.new_empty((), dtype=torch.float64) for _ in range(3))
+
+
+def _whiten_fake(x, mask, shift_mean, unbiased, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+if _extension._C is not None:
+    torch.library.register_fake("fastrl::broadcast_to_tokens")(_broadcast_fake)
+    torch.library.register_autograd("fastrl::broadcast_to_tokens", _broadcast_backward, setup_context=_broadcast_setup)
+    torch.library.register_fake("fastrl::gae")(_gae_fake)
+    torch.library.register_fake("fastrl::discounted_returns")(_returns_fake)
+    torch.library.register_fake("fastrl::masked_moments")(_moments_fake)
+    torch.library.register_fake("fastrl::masked_whiten")(_whiten_fake)
