@@ -54,6 +54,7 @@ def test_bad_input(values, mask, match):
 
 # ------------------------------------------------------------------ GAE, returns, masked statistics
 
+import math  # noqa: E402
 import types  # noqa: E402
 
 import hypothesis.strategies as st  # noqa: E402
@@ -373,3 +374,371 @@ def test_cuda_matches_cpu_and_is_deterministic():
                                    fastrl.credit.discounted_returns(r, m, 0.99, mode=mode), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fastrl.credit.masked_whiten(r.cuda(), m.cuda()).cpu(),
                                fastrl.credit.masked_whiten(r, m), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ KL penalty, token rewards
+
+VERL_KINDS = ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"]
+VERL_KINDS_ALL = VERL_KINDS + [k + "+" for k in VERL_KINDS]
+OPENRLHF_KINDS = ["k1", "k2", "k3"]
+
+
+def logprob_pair(shape, seed, *, dtype=torch.float32, spread=3.0):
+    """Random log-probs of a policy and a reference; `spread` scales their difference (large
+    spreads reach verl's k3 clamps: |ref - logp| > 20 and k3 > 10)."""
+    gen = torch.Generator().manual_seed(seed)
+    ref_logp = -torch.rand(shape, generator=gen, dtype=torch.float64) * 5
+    logp = ref_logp + torch.randn(shape, generator=gen, dtype=torch.float64) * spread
+    return logp.to(dtype), ref_logp.to(dtype)
+
+
+def openrlhf_compute_approx_kl(log_probs, log_probs_base, kl_estimator):
+    """OpenRLHF's compute_approx_kl, formula for formula from openrlhf/models/utils.py (2025)."""
+    log_ratio = log_probs.float() - log_probs_base.float()
+    if kl_estimator == "k2":
+        log_ratio = log_ratio**2 / 2.0
+    if kl_estimator == "k3":
+        log_ratio = -log_ratio
+        log_ratio = log_ratio.exp() - 1 - log_ratio
+    return log_ratio.clamp(min=-10, max=10)
+
+
+def openrlhf_compute_reward(r, kl_coef, kl, action_mask, reward_clip_range=None):
+    """OpenRLHF's compute_reward (padded path), formula for formula from openrlhf/models/utils.py."""
+    if kl_coef <= 0.0:
+        kl_coef = 0.0
+    if reward_clip_range:
+        r = r.clamp(min=reward_clip_range[0], max=reward_clip_range[1])
+    kl_reward = -kl_coef * kl
+    eos_indices = action_mask.size(1) - 1 - action_mask.long().fliplr().argmax(dim=1, keepdim=True)
+    last_reward = torch.zeros_like(kl).scatter_(dim=1, index=eos_indices, src=r.unsqueeze(1).to(kl.dtype))
+    return last_reward + kl_reward
+
+
+def assert_kl_close(got, want, kind):
+    """(value, grad_logp, grad_ref) triples. k1/abs/k2 are the same float operations: bitwise. k3
+    calls exp (libm here, torch's vectorized exp there: 1 ulp apart) and autograd sums its gradient
+    as g*e - g where we compute g*(1 - e): equal to a few ulps of |g| and of 1."""
+    if kind.rstrip("+") not in ("k3", "low_var_kl"):
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and torch.equal(g, w)
+        return
+    arith_eps = torch.finfo(got[0].dtype if got[0].dtype == torch.float64 else torch.float32).eps
+    for g, w in zip(got, want):
+        if g.dtype in (torch.bfloat16, torch.float16):  # one rounding of two fp32 values a few ulps apart
+            torch.testing.assert_close(g, w, rtol=2e-2, atol=0)
+        else:  # gradients reach |w| * e^2.5 before verl's clamp: a few ulps of ~10
+            torch.testing.assert_close(g, w, rtol=4 * arith_eps, atol=64 * arith_eps)
+
+
+def value_and_grads(fn, logp, ref_logp, seed=0):
+    """fn(logp, ref_logp) and the gradients of <fn(...), w> for a fixed random w."""
+    logp = logp.detach().clone().requires_grad_(True)
+    ref_logp = ref_logp.detach().clone().requires_grad_(True)
+    out = fn(logp, ref_logp)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+    out.backward(w)
+    return out.detach(), logp.grad, ref_logp.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", VERL_KINDS_ALL)
+def test_kl_penalty_matches_verl(kind, dtype):
+    logp, ref_logp = logprob_pair((37, 211), seed=41, dtype=dtype, spread=8.0)  # reaches every clamp
+    got = value_and_grads(lambda a, b: fastrl.credit.kl_penalty(a, b, kind), logp, ref_logp)
+    want = value_and_grads(lambda a, b: verl_core.kl_penalty(a, b, kind), logp, ref_logp)
+    dropin = value_and_grads(lambda a, b: fverl.kl_penalty(a, b, kind), logp, ref_logp)
+    assert got[0].dtype == want[0].dtype == dtype
+    assert_kl_close(got, want, kind)
+    assert all(torch.equal(a, b) for a, b in zip(dropin, got))
+
+
+def test_kl_penalty_hits_verls_clamps():
+    # d = logp - ref = -30: verl clamps ref - logp to 20, then k3 = e^20 - 21 to 10 (zero gradient);
+    # d = +30: ref - logp clamped to -20, k3 = e^-20 + 19 -> 10; d = 1: no clamp active
+    logp = torch.tensor([-31.0, 29.0, 0.0], dtype=torch.float64)
+    ref_logp = torch.tensor([-1.0, -1.0, -1.0], dtype=torch.float64)
+    out, g_logp, g_ref = value_and_grads(lambda a, b: fastrl.credit.kl_penalty(a, b, "k3"), logp, ref_logp, seed=3)
+    assert out[:2].tolist() == [10.0, 10.0]
+    torch.testing.assert_close(out[2], torch.tensor(math.exp(-1.0) + 1.0 - 1.0, dtype=torch.float64))
+    w = torch.randn(3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert g_logp[:2].tolist() == [0.0, 0.0] and g_ref[:2].tolist() == [0.0, 0.0]
+    torch.testing.assert_close(g_logp[2], w[2] * (1 - math.exp(-1.0)))
+    torch.testing.assert_close(g_ref[2], -g_logp[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("kind", OPENRLHF_KINDS)
+def test_kl_penalty_openrlhf_convention(kind, dtype):
+    logp, ref_logp = logprob_pair((29, 97), seed=43, dtype=dtype, spread=6.0)  # reaches the +-10 clamp
+    got = value_and_grads(lambda a, b: fastrl.credit.kl_penalty(a, b, kind, convention="openrlhf"), logp, ref_logp)
+    want = value_and_grads(lambda a, b: openrlhf_compute_approx_kl(a, b, kind), logp, ref_logp)
+    reference = value_and_grads(lambda a, b: ref.kl_penalty(a, b, kind, convention="openrlhf"), logp, ref_logp)
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == dtype
+    assert (got[0].abs() == 10).any() and (got[0].abs() < 10).any()
+    assert_kl_close(got, want, kind)
+    assert_kl_close(got, reference, kind)
+
+
+@pytest.mark.parametrize("kind", VERL_KINDS_ALL)
+def test_kl_penalty_half_precision_rounds_once(kind):
+    logp, ref_logp = logprob_pair((8, 300), seed=47, dtype=torch.bfloat16)
+    got = fastrl.credit.kl_penalty(logp, ref_logp, kind)
+    assert got.dtype == torch.bfloat16
+    # fp32 arithmetic on the bf16 inputs, rounded once: the fp32 result rounded to bf16
+    want = fastrl.credit.kl_penalty(logp.float(), ref_logp.float(), kind).to(torch.bfloat16)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got, verl_core.kl_penalty(logp, ref_logp, kind), rtol=0.05, atol=0.15)
+    mixed = fastrl.credit.kl_penalty(logp, ref_logp.float(), kind)  # promoted as torch promotes
+    assert mixed.dtype == torch.float32
+    assert_kl_close((mixed,), (verl_core.kl_penalty(logp, ref_logp.float(), kind),), kind)
+
+
+@pytest.mark.parametrize("kind, convention", [(k, "verl") for k in VERL_KINDS] + [(k, "openrlhf") for k in OPENRLHF_KINDS])
+def test_kl_penalty_gradcheck(kind, convention):
+    logp, ref_logp = logprob_pair((4, 9), seed=53, dtype=torch.float64, spread=1.0)
+    # plus points where a clamp is active (zero gradient), away from its boundary
+    logp = torch.cat([logp.flatten(), torch.tensor([-40.0, 25.0, -13.0, 12.0], dtype=torch.float64)])
+    ref_logp = torch.cat([ref_logp.flatten(), torch.zeros(4, dtype=torch.float64)])
+    logp.requires_grad_(True)
+    ref_logp.requires_grad_(True)
+    # OpenRLHF computes in fp32 whatever the inputs: finite differences at fp32 resolution
+    tol = dict(eps=1e-3, atol=5e-3, rtol=5e-3) if convention == "openrlhf" else {}
+    torch.autograd.gradcheck(lambda a, b: fastrl.credit.kl_penalty(a, b, kind, convention=convention),
+                             (logp, ref_logp), **tol)
+
+
+@pytest.mark.parametrize("kind", VERL_KINDS)
+def test_kl_penalty_straight_through_has_k2_gradient(kind):
+    logp, ref_logp = logprob_pair((6, 20), seed=57, dtype=torch.float64, spread=8.0)
+    value, g_logp, g_ref = value_and_grads(lambda a, b: fastrl.credit.kl_penalty(a, b, kind + "+"), logp, ref_logp)
+    k2 = value_and_grads(lambda a, b: fastrl.credit.kl_penalty(a, b, "k2"), logp, ref_logp)
+    assert torch.equal(value, fastrl.credit.kl_penalty(logp, ref_logp, kind))
+    assert torch.equal(g_logp, k2[1]) and torch.equal(g_ref, k2[2])
+    torch.testing.assert_close(g_logp, (logp - ref_logp) * torch.randn(
+        6, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+
+
+def test_kl_penalty_reference_backend_matches():
+    logp, ref_logp = logprob_pair((5, 40), seed=59, spread=8.0)
+    for kind in VERL_KINDS_ALL:
+        got = value_and_grads(lambda a, b: fastrl.credit.kl_penalty(a, b, kind), logp, ref_logp)
+        want = value_and_grads(lambda a, b: ref.kl_penalty(a, b, kind), logp, ref_logp)
+        assert_kl_close(got, want, kind)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, exc, match",
+    [
+        (("k4",), {}, ValueError,
+         r"`kind` must be one of 'k1', 'kl', 'abs', 'k2', 'mse', 'k3', 'low_var_kl'.*got 'k4'"),
+        (("full",), {}, ValueError, r"'full' needs the full-vocabulary distributions"),
+        (("abs",), dict(convention="openrlhf"), ValueError,
+         r"`kind` must be one of 'k1', 'k2', 'k3' with convention='openrlhf', got 'abs'"),
+        (("k3+",), dict(convention="openrlhf"), ValueError, r"got 'k3\+'"),
+        (("k1",), dict(convention="trl"), ValueError, r"`convention` must be 'verl' or 'openrlhf', got 'trl'"),
+    ],
+)
+def test_kl_penalty_bad_kind(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fastrl.credit.kl_penalty(torch.zeros(2, 3), torch.zeros(2, 3), *args, **kwargs)
+
+
+def test_kl_penalty_bad_tensors():
+    with pytest.raises(RuntimeError, match=r"`ref_logp` has shape \[2, 4\] but `logp` has shape \[2, 3\]"):
+        fastrl.credit.kl_penalty(torch.zeros(2, 3), torch.zeros(2, 4), "k1")
+    with pytest.raises(RuntimeError, match=r"`logp` must be a floating tensor"):
+        fastrl.credit.kl_penalty(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3), "k1")
+    for kind in ("full", "unknown", "k3++"):  # the drop-in raises what verl raises
+        with pytest.raises(NotImplementedError):
+            verl_core.kl_penalty(torch.zeros(2), torch.zeros(2), kind)
+        with pytest.raises(NotImplementedError, match="valid: k1, kl, abs"):
+            fverl.kl_penalty(torch.zeros(2), torch.zeros(2), kind)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_compute_rewards_dropin_matches_verl(dtype):
+    logp, ref_logp = logprob_pair((6, 50), seed=61, dtype=dtype)
+    scores = torch.randn(6, 50, generator=torch.Generator().manual_seed(62)).to(dtype)
+    got = fverl.compute_rewards(scores, logp, ref_logp, 0.05)
+    want = verl_core.compute_rewards(scores, logp, ref_logp, 0.05)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def reward_batch(B, T, seed, *, mask_dtype=torch.int64, dtype=torch.float32):
+    r, v, m = multiturn_batch(B, T, seed, mask_dtype=mask_dtype, all_masked_rows=(1,) if B > 1 else ())
+    scores = r[:, 0] * 3
+    return scores, m, v.abs() * 0.1
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.int64, torch.bool, torch.float32])
+@pytest.mark.parametrize("clip", [None, 1.5])
+def test_token_rewards_match_openrlhf(mask_dtype, clip):
+    scores, m, kl = reward_batch(16, 70, seed=67, mask_dtype=mask_dtype)
+    got = fastrl.credit.token_rewards(scores, m, kl=kl, kl_coef=0.02, clip=clip)
+    want = openrlhf_compute_reward(scores, 0.02, kl, m, None if clip is None else (-clip, clip))
+    valid = m.bool()
+    has_token = valid.any(1)
+    assert got.dtype == torch.float32 and got.shape == m.shape
+    assert torch.equal(got[valid], want[valid])  # the same fp32 operations
+    assert torch.equal(got[~valid], torch.zeros_like(got[~valid]))
+    assert not has_token.all() and (got[~has_token] == 0).all()  # an all-masked row: score dropped
+    torch.testing.assert_close(got, ref.token_rewards(scores, m, kl=kl, kl_coef=0.02, clip=clip), rtol=0, atol=0)
+    if clip is not None:  # clipping reached some score
+        assert (scores.abs() > clip).any()
+
+
+def test_token_rewards_by_hand():
+    m = torch.tensor([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]])
+    got = fastrl.credit.token_rewards(torch.tensor([2.0, 7.0, -5.0]), m, kl=torch.ones(3, 5), kl_coef=0.5, clip=3.0)
+    assert got.tolist() == [[-0.5, -0.5, 0.0, 1.5, 0.0], [0.0] * 5, [-3.5, 0.0, 0.0, 0.0, 0.0]]
+    assert fastrl.credit.token_rewards(torch.tensor([2.0, 7.0, -5.0]), m).tolist() == \
+        [[0.0, 0.0, 0.0, 2.0, 0.0], [0.0] * 5, [-5.0, 0.0, 0.0, 0.0, 0.0]]
+
+
+def test_token_rewards_packed_equals_padded():
+    scores, m, kl = reward_batch(12, 41, seed=71)
+    _, cu, keep = pack(kl, m)
+    padded = fastrl.credit.token_rewards(scores, m, kl=kl, kl_coef=0.1, clip=2.0)
+    packed = fastrl.credit.token_rewards(scores, m[keep], kl=kl[keep], kl_coef=0.1, clip=2.0, cu_seqlens=cu)
+    assert torch.equal(packed, padded[keep])
+    torch.testing.assert_close(packed, ref.token_rewards(scores, m[keep], kl=kl[keep], kl_coef=0.1, clip=2.0,
+                                                         cu_seqlens=cu), rtol=0, atol=0)
+
+
+def test_token_rewards_dtypes():
+    scores, m, kl = reward_batch(4, 9, seed=73)
+    assert fastrl.credit.token_rewards(scores.double(), m, kl=kl).dtype == torch.float64
+    assert fastrl.credit.token_rewards(scores.bfloat16(), m).dtype == torch.float32
+    got = fastrl.credit.token_rewards(scores.bfloat16(), m, kl=kl.bfloat16(), kl_coef=0.3)
+    want = ref.token_rewards(scores.bfloat16(), m, kl=kl.bfloat16(), kl_coef=0.3)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _token_rewards(**kw):
+    args = dict(scores=torch.zeros(2), mask=torch.ones(2, 3), kl=torch.zeros(2, 3), kl_coef=0.1)
+    args.update(kw)
+    return fastrl.credit.token_rewards(**args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(kl_coef=-0.1), ValueError, r"`kl_coef` must be >= 0, got -0.1"),
+        (dict(clip=0.0), ValueError, r"`clip` must be > 0 .*got 0"),
+        (dict(clip=-1.0), ValueError, r"`clip` must be > 0 .*got -1"),
+        (dict(scores=torch.zeros(3)), RuntimeError, r"`scores` has 3 entries but `mask` has 2 rows"),
+        (dict(scores=torch.zeros(2, 1)), RuntimeError, r"`scores` must be 1-D"),
+        (dict(kl=torch.zeros(2, 4)), RuntimeError, r"`kl` has shape \[2, 4\] but `mask` has shape \[2, 3\]"),
+        (dict(mask=torch.tensor([[1, 0, 3], [1, 1, 1]]), kl=None), RuntimeError, r"`mask` must hold only 0 and 1, got 3"),
+        (dict(scores=torch.zeros(2, dtype=torch.int64)), RuntimeError, r"`scores` must be a floating tensor"),
+        (dict(mask=torch.ones(6), kl=None, cu_seqlens=torch.tensor([0, 2, 5])), RuntimeError,
+         r"`cu_seqlens` must end at the number of tokens N = 6"),
+    ],
+)
+def test_token_rewards_bad_input(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        _token_rewards(**kwargs)
+
+
+def test_opcheck_kl_and_rewards():
+    logp, ref_logp = logprob_pair((3, 7), seed=79)
+    ops = torch.ops.fastrl
+    for kind, convention in [("k3", "verl"), ("abs+", "verl"), ("k3", "openrlhf")]:
+        torch.library.opcheck(ops.kl_penalty.default, (logp.requires_grad_(True), ref_logp, kind, convention))
+        torch.library.opcheck(ops.kl_penalty_backward.default, (torch.ones(3, 7), logp.detach(), ref_logp, kind, convention))
+    scores, m, kl = reward_batch(4, 9, seed=83, mask_dtype=torch.float32)
+    _, cu, keep = pack(kl, m)
+    torch.library.opcheck(ops.token_rewards.default, (scores, m, kl, None, 0.1, 1.0))
+    torch.library.opcheck(ops.token_rewards.default, (scores, m[keep], None, cu, 0.0, None))
+
+
+def test_torch_compile_kl_and_rewards_no_graph_break():
+    logp, ref_logp = logprob_pair((3, 8), seed=89)
+    m = torch.ones(3, 8)
+    f = torch.compile(lambda a, b, s: fastrl.credit.token_rewards(s, m, kl=fastrl.credit.kl_penalty(a, b, "k3"),
+                                                                  kl_coef=0.1), fullgraph=True, backend="eager")
+    s = torch.tensor([1.0, 0.0, -1.0])
+    want = fastrl.credit.token_rewards(s, m, kl=fastrl.credit.kl_penalty(logp, ref_logp, "k3"), kl_coef=0.1)
+    assert torch.equal(f(logp, ref_logp, s), want)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 6), T=st.integers(0, 30), seed=st.integers(0, 2**16),
+       kind=st.sampled_from(VERL_KINDS_ALL), spread=st.floats(0.0, 30.0),
+       kl_coef=st.floats(0.0, 2.0), clip=st.one_of(st.none(), st.floats(0.01, 5.0)))
+def test_hypothesis_kl_and_rewards(B, T, seed, kind, spread, kl_coef, clip):
+    logp, ref_logp = logprob_pair((B, T), seed=seed, spread=spread)
+    kl = fastrl.credit.kl_penalty(logp, ref_logp, kind)
+    assert_kl_close((kl,), (verl_core.kl_penalty(logp, ref_logp, kind),), kind)
+    scores, m, _ = reward_batch(B, max(T, 1), seed=seed)
+    m = m[:, :T]
+    got = fastrl.credit.token_rewards(scores, m, kl=kl, kl_coef=kl_coef, clip=clip)
+    torch.testing.assert_close(got, ref.token_rewards(scores, m, kl=kl, kl_coef=kl_coef, clip=clip), rtol=0, atol=0)
+    rows = m.bool().any(1)
+    if T > 0 and rows.any():
+        want = openrlhf_compute_reward(scores, kl_coef, kl, m, None if clip is None else (-clip, clip))
+        valid = m.bool()
+        assert torch.equal(got[valid], want[valid])
+
+
+# ---------------------------------------------------------------- distributed statistics (gloo)
+
+def _distributed_statistics_worker(rank, world_size, init_method, xs, masks, out_dir):
+    """One gloo rank: the statistics of its shard with process_group=WORLD, saved for the parent."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+    try:
+        group = dist.group.WORLD
+        x, m = xs[rank], masks[rank]
+        out = {(s, u): fastrl.credit.masked_whiten(x, m, shift_mean=s, unbiased=u, process_group=group)
+               for s in (True, False) for u in (True, False)}
+        out["mean"] = fastrl.credit.masked_mean(x, m, process_group=group)
+        out["var"] = fastrl.credit.masked_var(x, m, process_group=group)
+        try:
+            fastrl.credit.masked_whiten(x, torch.zeros_like(m), process_group=group)
+        except ValueError as e:  # every rank: the global count is 0
+            out["error"] = str(e)
+        torch.save(out, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_distributed_whitening_equals_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    gen = torch.Generator().manual_seed(97)
+    # uneven shards, far-off means (the merge must be stable), rank 1 with an all-masked row
+    xs = [torch.randn(5, 40, generator=gen, dtype=torch.float64) * 3 + 100,
+          torch.randn(3, 17, generator=gen, dtype=torch.float64) * 0.5 + 90]
+    masks = [(torch.rand(5, 40, generator=gen) < 0.7).long(), (torch.rand(3, 17, generator=gen) < 0.5).long()]
+    masks[1][0] = 0
+    # fork: the ranks inherit the imported modules (a spawned child re-imports this file and verl,
+    # ~6 s each); safe here: no CUDA context, and each rank runs torch single-threaded
+    mp.start_processes(_distributed_statistics_worker, args=(2, f"file://{tmp_path}/init", xs, masks, str(tmp_path)),
+                       nprocs=2, join=True, start_method="fork")
+    x_all = torch.cat([x.flatten() for x in xs])
+    m_all = torch.cat([m.flatten() for m in masks])
+    sizes = [x.numel() for x in xs]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for shift_mean in (True, False):
+            for unbiased in (True, False):
+                want = fastrl.credit.masked_whiten(x_all, m_all, shift_mean=shift_mean, unbiased=unbiased)
+                want = want.split(sizes)[rank].view_as(xs[rank])
+                torch.testing.assert_close(got[(shift_mean, unbiased)], want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got["mean"], fastrl.credit.masked_mean(x_all, m_all), rtol=1e-13, atol=0)
+        torch.testing.assert_close(got["var"], fastrl.credit.masked_var(x_all, m_all), rtol=1e-12, atol=0)
+        assert "at least 2 elements where `mask` is 1, got 0" in got["error"]
+        # and not the local statistics
+        local = fastrl.credit.masked_whiten(xs[rank], masks[rank])
+        assert (got[(True, True)] - local).abs().max() > 0.1
+
+
+def test_backends_lists_kl_and_reward_ops():
+    report = fastrl.backends()
+    for op in ("kl_penalty", "token_rewards"):
+        assert report[op]["cpu"] == "available" and report[op]["reference"] == "available"

@@ -157,11 +157,78 @@ void affine_transform(const scalar_t* x, int64_t n, double shift, double scale, 
   });
 }
 
+template <typename scalar_t, typename acc_t, typename out_t>
+void kl_penalty(const scalar_t* logp, const scalar_t* ref, int64_t n, credit::KlKind kind,
+                credit::KlConvention conv, out_t* out) {
+  credit::dispatch_kl(kind, conv, [&](auto k, auto c) {
+    at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        out[i] = static_cast<out_t>(credit::kl_value<decltype(k)::value, decltype(c)::value>(
+            static_cast<acc_t>(logp[i]), static_cast<acc_t>(ref[i])));
+      }
+    });
+  });
+}
+
+template <typename scalar_t, typename acc_t, typename out_t>
+void kl_penalty_grad(const out_t* grad, const scalar_t* logp, const scalar_t* ref, int64_t n,
+                     credit::KlKind kind, credit::KlConvention conv, scalar_t* grad_logp) {
+  credit::dispatch_kl(kind, conv, [&](auto k, auto c) {
+    at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t g = credit::kl_grad<decltype(k)::value, decltype(c)::value>(
+            static_cast<acc_t>(logp[i]), static_cast<acc_t>(ref[i]));
+        grad_logp[i] = static_cast<scalar_t>(static_cast<acc_t>(grad[i]) * g);
+      }
+    });
+  });
+}
+
+template <typename scalar_t, typename mask_t, typename acc_t>
+int64_t token_rewards(const scalar_t* scores, const mask_t* mask, const scalar_t* kl, Rows rows,
+                      double kl_coef, acc_t* out) {
+  const acc_t c = static_cast<acc_t>(kl_coef);
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, rows.num_rows, row_grain(rows), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t begin = row_begin(rows, b);
+      const acc_t score = static_cast<acc_t>(scores[b]);
+      bool seen = false;  // a valid token after position i
+      for (int64_t i = row_end(rows, b) - 1; i >= begin; --i) {
+        int bit = mask_bit(mask[i]);
+        if (bit < 0) {  // reported (the op raises); keep scanning for the smallest bad index
+          record_min(bad, i);
+          bit = 0;
+        }
+        const acc_t k = kl ? static_cast<acc_t>(kl[i]) : acc_t(0);
+        out[i] = credit::token_reward(bit == 1, bit == 1 && !seen, score, c, k);
+        seen = seen || bit == 1;
+      }
+    }
+  });
+  return bad.load();
+}
+
+#define FASTRL_INSTANTIATE_KL(T, A, O)                                                           \
+  template void kl_penalty<T, A, O>(const T*, const T*, int64_t, credit::KlKind,                 \
+                                    credit::KlConvention, O*);                                   \
+  template void kl_penalty_grad<T, A, O>(const O*, const T*, const T*, int64_t, credit::KlKind,  \
+                                         credit::KlConvention, T*);
+FASTRL_INSTANTIATE_KL(float, float, float)
+FASTRL_INSTANTIATE_KL(double, double, double)
+FASTRL_INSTANTIATE_KL(c10::Half, float, c10::Half)
+FASTRL_INSTANTIATE_KL(c10::BFloat16, float, c10::BFloat16)
+FASTRL_INSTANTIATE_KL(double, float, float)  // OpenRLHF: fp32 arithmetic and output
+FASTRL_INSTANTIATE_KL(c10::Half, float, float)
+FASTRL_INSTANTIATE_KL(c10::BFloat16, float, float)
+#undef FASTRL_INSTANTIATE_KL
+
 #define FASTRL_INSTANTIATE_MASKED(T, M, A)                                                          \
   template int64_t gae<T, M, A>(const T*, const T*, const M*, Rows, double, double, A*, A*);        \
   template int64_t discounted_returns<T, M, A>(const T*, const M*, Rows, double,                    \
                                                credit::ReturnsMode, A*);                            \
-  template int64_t masked_moments<T, M>(const T*, const M*, int64_t, credit::Moments*);
+  template int64_t masked_moments<T, M>(const T*, const M*, int64_t, credit::Moments*);       \
+  template int64_t token_rewards<T, M, A>(const T*, const M*, const T*, Rows, double, A*);
 #define FASTRL_INSTANTIATE(T, A)                  \
   FASTRL_INSTANTIATE_MASKED(T, bool, A)           \
   FASTRL_INSTANTIATE_MASKED(T, uint8_t, A)        \

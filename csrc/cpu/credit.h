@@ -41,5 +41,21 @@ template <typename scalar_t>
 void affine_transform(const scalar_t* x, int64_t n, double shift, double scale, double add,
                       scalar_t* out);
 
+// out[i] = credit::kl_value<kind, conv>(logp[i], ref[i]) computed in acc_t, rounded to out_t.
+template <typename scalar_t, typename acc_t, typename out_t>
+void kl_penalty(const scalar_t* logp, const scalar_t* ref, int64_t n, credit::KlKind kind,
+                credit::KlConvention conv, out_t* out);
+
+// grad_logp[i] = grad[i] * credit::kl_grad<kind, conv>(logp[i], ref[i]) in acc_t, rounded to scalar_t.
+template <typename scalar_t, typename acc_t, typename out_t>
+void kl_penalty_grad(const out_t* grad, const scalar_t* logp, const scalar_t* ref, int64_t n,
+                     credit::KlKind kind, credit::KlConvention conv, scalar_t* grad_logp);
+
+// credit::token_reward per row (rows in parallel, each walked once from its end): scores[b]
+// (already clipped) at the row's last valid token, minus kl_coef * kl (kl == nullptr: no KL).
+template <typename scalar_t, typename mask_t, typename acc_t>
+int64_t token_rewards(const scalar_t* scores, const mask_t* mask, const scalar_t* kl, Rows rows,
+                      double kl_coef, acc_t* out);
+
 }  // namespace cpu
 }  // namespace fastrl

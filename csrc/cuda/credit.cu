@@ -11,6 +11,7 @@
 //             0, i.e. its d.
 #include <cuda_runtime.h>
 
+#include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include "cuda/credit.cuh"
@@ -165,6 +166,94 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
+// ------------------------------------------------------------------ KL penalty, token rewards
+
+// An input value in the arithmetic type A (OpenRLHF: double inputs computed in float).
+template <typename A, typename T>
+__device__ __forceinline__ A load_as(T x) {
+  return static_cast<A>(to_acc(x));
+}
+
+template <typename O>
+__device__ __forceinline__ O store_as(float x) {
+  return static_cast<O>(x);
+}
+template <>
+__device__ __forceinline__ __half store_as<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <typename O>
+__device__ __forceinline__ O store_as(double x) {
+  return static_cast<O>(x);
+}
+
+template <credit::KlKind K, credit::KlConvention C, typename T, typename A, typename O>
+__global__ void kl_kernel(const T* __restrict__ logp, const T* __restrict__ ref, int64_t n,
+                          O* __restrict__ out) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    out[i] = store_as<O>(credit::kl_value<K, C>(load_as<A>(logp[i]), load_as<A>(ref[i])));
+  }
+}
+
+template <credit::KlKind K, credit::KlConvention C, typename T, typename A, typename O>
+__global__ void kl_grad_kernel(const O* __restrict__ grad, const T* __restrict__ logp,
+                               const T* __restrict__ ref, int64_t n, T* __restrict__ grad_logp) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const A g = credit::kl_grad<K, C>(load_as<A>(logp[i]), load_as<A>(ref[i]));
+    grad_logp[i] = store_as<T>(load_as<A>(grad[i]) * g);
+  }
+}
+
+int elementwise_grid(int64_t n) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  return static_cast<int>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
+}
+
+struct MaxOp {
+  __device__ __forceinline__ int64_t operator()(int64_t a, int64_t b) const { return a > b ? a : b; }
+};
+
+template <typename T, typename M>
+__global__ void __launch_bounds__(kBlock)
+    token_rewards_kernel(const T* __restrict__ scores, const M* __restrict__ mask,
+                         const T* __restrict__ kl, const int64_t* __restrict__ cu_seqlens,
+                         int64_t num_rows, int64_t row_len, int64_t num_tokens,
+                         typename CreditAcc<T>::type kl_coef,
+                         typename CreditAcc<T>::type* __restrict__ out) {
+  using A = typename CreditAcc<T>::type;
+  using Reduce = cub::BlockReduce<int64_t, kBlock>;
+  __shared__ typename Reduce::TempStorage temp;
+  __shared__ int64_t s_last;
+  const int tid = static_cast<int>(threadIdx.x);
+  for (int64_t b = blockIdx.x; b < num_rows; b += gridDim.x) {  // block-uniform
+    int64_t begin = b * row_len, end = (b + 1) * row_len;
+    if (cu_seqlens != nullptr) {
+      begin = min(max(cu_seqlens[b], int64_t{0}), num_tokens);
+      end = max(min(cu_seqlens[b + 1], num_tokens), begin);
+    }
+    int64_t last = -1;  // the row's last valid position
+    for (int64_t i = begin + tid; i < end; i += kBlock) {
+      if (is_valid(mask[i])) last = i;
+    }
+    last = Reduce(temp).Reduce(last, MaxOp());
+    if (tid == 0) s_last = last;
+    __syncthreads();
+    last = s_last;
+    const A score = to_acc(scores[b]);
+    for (int64_t i = begin + tid; i < end; i += kBlock) {
+      const A k = kl != nullptr ? to_acc(kl[i]) : A(0);
+      out[i] = credit::token_reward(is_valid(mask[i]), i == last, score, kl_coef, k);
+    }
+    __syncthreads();  // temp and s_last are reused by the next row
+  }
+}
+
 bool bad_sizes(int64_t num_rows, int64_t row_len, int64_t num_tokens, const int64_t* cu_seqlens) {
   if (num_rows < 0 || row_len < 0 || num_tokens < 0) return true;
   return cu_seqlens == nullptr && num_rows * row_len != num_tokens;
@@ -204,6 +293,59 @@ cudaError_t launch_discounted_returns(const T* rewards, const M* mask, const int
   return cudaGetLastError();
 }
 
+template <typename T, typename A, typename O>
+cudaError_t launch_kl_penalty(const T* logp, const T* ref, int64_t n, credit::KlKind kind,
+                              credit::KlConvention conv, O* out, cudaStream_t stream) {
+  if (n < 0) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  credit::dispatch_kl(kind, conv, [&](auto k, auto c) {
+    kl_kernel<decltype(k)::value, decltype(c)::value, T, A, O>
+        <<<elementwise_grid(n), kBlock, 0, stream>>>(logp, ref, n, out);
+  });
+  return cudaGetLastError();
+}
+
+template <typename T, typename A, typename O>
+cudaError_t launch_kl_penalty_grad(const O* grad, const T* logp, const T* ref, int64_t n,
+                                   credit::KlKind kind, credit::KlConvention conv, T* grad_logp,
+                                   cudaStream_t stream) {
+  if (n < 0) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  credit::dispatch_kl(kind, conv, [&](auto k, auto c) {
+    kl_grad_kernel<decltype(k)::value, decltype(c)::value, T, A, O>
+        <<<elementwise_grid(n), kBlock, 0, stream>>>(grad, logp, ref, n, grad_logp);
+  });
+  return cudaGetLastError();
+}
+
+template <typename T, typename M>
+cudaError_t launch_token_rewards(const T* scores, const M* mask, const T* kl,
+                                 const int64_t* cu_seqlens, int64_t num_rows, int64_t row_len,
+                                 int64_t num_tokens, double kl_coef,
+                                 typename CreditAcc<T>::type* out, cudaStream_t stream) {
+  using A = typename CreditAcc<T>::type;
+  if (bad_sizes(num_rows, row_len, num_tokens, cu_seqlens)) return cudaErrorInvalidValue;
+  if (num_rows == 0) return cudaSuccess;
+  token_rewards_kernel<T, M><<<grid_for(num_rows), kBlock, 0, stream>>>(
+      scores, mask, kl, cu_seqlens, num_rows, row_len, num_tokens, static_cast<A>(kl_coef), out);
+  return cudaGetLastError();
+}
+
+#define FASTRL_INSTANTIATE_KL(T, A, O)                                                          \
+  template cudaError_t launch_kl_penalty<T, A, O>(const T*, const T*, int64_t, credit::KlKind,  \
+                                                  credit::KlConvention, O*, cudaStream_t);      \
+  template cudaError_t launch_kl_penalty_grad<T, A, O>(const O*, const T*, const T*, int64_t,   \
+                                                       credit::KlKind, credit::KlConvention, T*, \
+                                                       cudaStream_t);
+FASTRL_INSTANTIATE_KL(float, float, float)
+FASTRL_INSTANTIATE_KL(double, double, double)
+FASTRL_INSTANTIATE_KL(__half, float, __half)
+FASTRL_INSTANTIATE_KL(__nv_bfloat16, float, __nv_bfloat16)
+FASTRL_INSTANTIATE_KL(double, float, float)
+FASTRL_INSTANTIATE_KL(__half, float, float)
+FASTRL_INSTANTIATE_KL(__nv_bfloat16, float, float)
+#undef FASTRL_INSTANTIATE_KL
+
 #define FASTRL_INSTANTIATE(T, M)                                                                \
   template cudaError_t launch_gae<T, M>(const T*, const T*, const M*, const int64_t*, int64_t,  \
                                         int64_t, int64_t, double, double, CreditAcc<T>::type*,  \
@@ -211,7 +353,10 @@ cudaError_t launch_discounted_returns(const T* rewards, const M* mask, const int
   template cudaError_t launch_discounted_returns<T, M>(const T*, const M*, const int64_t*,      \
                                                        int64_t, int64_t, int64_t, double,       \
                                                        ReturnsMode, CreditAcc<T>::type*,        \
-                                                       cudaStream_t);
+                                                       cudaStream_t);                           \
+  template cudaError_t launch_token_rewards<T, M>(const T*, const M*, const T*, const int64_t*, \
+                                                  int64_t, int64_t, int64_t, double,            \
+                                                  CreditAcc<T>::type*, cudaStream_t);
 #define FASTRL_INSTANTIATE_MASKS(T) \
   FASTRL_INSTANTIATE(T, bool)       \
   FASTRL_INSTANTIATE(T, uint8_t)    \

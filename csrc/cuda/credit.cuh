@@ -53,6 +53,26 @@ cudaError_t launch_discounted_returns(const T* rewards, const M* mask, const int
                                       double gamma, credit::ReturnsMode mode,
                                       typename CreditAcc<T>::type* out, cudaStream_t stream);
 
+// Elementwise KL estimator (credit::kl_value) of logp/ref [n]: inputs T, arithmetic A, output O
+// (verl: A = CreditAcc<T>, O = T; OpenRLHF: A = O = float). Grid-stride, no workspace.
+template <typename T, typename A, typename O>
+cudaError_t launch_kl_penalty(const T* logp, const T* ref, int64_t n, credit::KlKind kind,
+                              credit::KlConvention conv, O* out, cudaStream_t stream);
+
+// grad_logp[i] = grad[i] * credit::kl_grad(logp[i], ref[i]) (in A, rounded to T).
+template <typename T, typename A, typename O>
+cudaError_t launch_kl_penalty_grad(const O* grad, const T* logp, const T* ref, int64_t n,
+                                   credit::KlKind kind, credit::KlConvention conv, T* grad_logp,
+                                   cudaStream_t stream);
+
+// credit::token_reward per row, same layout and contract as launch_gae: one block per row finds
+// the row's last valid token (block max-reduction), then writes the row. kl may be nullptr.
+template <typename T, typename M>
+cudaError_t launch_token_rewards(const T* scores, const M* mask, const T* kl,
+                                 const int64_t* cu_seqlens, int64_t num_rows, int64_t row_len,
+                                 int64_t num_tokens, double kl_coef,
+                                 typename CreditAcc<T>::type* out, cudaStream_t stream);
+
 #define FASTRL_DECLARE_CREDIT(T, M)                                                            \
   extern template cudaError_t launch_gae<T, M>(const T*, const T*, const M*, const int64_t*,  \
                                                int64_t, int64_t, int64_t, double, double,     \
@@ -60,7 +80,10 @@ cudaError_t launch_discounted_returns(const T* rewards, const M* mask, const int
                                                cudaStream_t);                                  \
   extern template cudaError_t launch_discounted_returns<T, M>(                                \
       const T*, const M*, const int64_t*, int64_t, int64_t, int64_t, double,                   \
-      credit::ReturnsMode, CreditAcc<T>::type*, cudaStream_t);
+      credit::ReturnsMode, CreditAcc<T>::type*, cudaStream_t);                                \
+  extern template cudaError_t launch_token_rewards<T, M>(                                     \
+      const T*, const M*, const T*, const int64_t*, int64_t, int64_t, int64_t, double,         \
+      CreditAcc<T>::type*, cudaStream_t);
 #define FASTRL_DECLARE_CREDIT_MASKS(T)  \
   FASTRL_DECLARE_CREDIT(T, bool)        \
   FASTRL_DECLARE_CREDIT(T, uint8_t)     \
@@ -74,6 +97,22 @@ FASTRL_DECLARE_CREDIT_MASKS(__half)
 FASTRL_DECLARE_CREDIT_MASKS(__nv_bfloat16)
 #undef FASTRL_DECLARE_CREDIT_MASKS
 #undef FASTRL_DECLARE_CREDIT
+
+#define FASTRL_DECLARE_KL(T, A, O)                                                             \
+  extern template cudaError_t launch_kl_penalty<T, A, O>(const T*, const T*, int64_t,          \
+                                                         credit::KlKind, credit::KlConvention, \
+                                                         O*, cudaStream_t);                    \
+  extern template cudaError_t launch_kl_penalty_grad<T, A, O>(                                 \
+      const O*, const T*, const T*, int64_t, credit::KlKind, credit::KlConvention, T*,         \
+      cudaStream_t);
+FASTRL_DECLARE_KL(float, float, float)
+FASTRL_DECLARE_KL(double, double, double)
+FASTRL_DECLARE_KL(__half, float, __half)
+FASTRL_DECLARE_KL(__nv_bfloat16, float, __nv_bfloat16)
+FASTRL_DECLARE_KL(double, float, float)
+FASTRL_DECLARE_KL(__half, float, float)
+FASTRL_DECLARE_KL(__nv_bfloat16, float, float)
+#undef FASTRL_DECLARE_KL
 
 }  // namespace cuda
 }  // namespace fastrl

@@ -3,6 +3,8 @@
 //   gae, discounted_returns   backward affine scans (fastrl/credit.h), padded [B, T] or packed [N]
 //   masked_moments            (count, mean, m2) of the masked elements, fp64
 //   masked_whiten             verl's masked_whiten, statistics in fp64
+//   kl_penalty(_backward)     per-token KL estimators (verl / OpenRLHF conventions), elementwise
+//   token_rewards             outcome score at the last valid token minus kl_coef * kl
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -138,6 +140,181 @@ TokenInputs prepare_tokens(const at::Tensor& rewards, const c10::optional<at::Te
   in.rewards = rewards.to(dtype).contiguous();
   in.mask = mask.contiguous();
   return in;
+}
+
+// ------------------------------------------------------------------------------ KL penalty
+
+struct KlSpec {
+  credit::KlKind kind;
+  credit::KlConvention conv;
+  bool straight_through;  // verl's "<kind>+": value of <kind>, gradient of k2
+};
+
+KlSpec parse_kl(const std::string& kind, const std::string& convention) {
+  KlSpec spec{credit::KlKind::kK1, credit::KlConvention::kVerl, false};
+  std::string base = kind;
+  if (convention == "verl") {
+    if (!base.empty() && base.back() == '+') {
+      base.pop_back();
+      spec.straight_through = true;
+    }
+    TORCH_CHECK_VALUE(base != "full",
+                      "fastrl: kl_penalty `kind` 'full' needs the full-vocabulary distributions, "
+                      "not per-token log-probs (verl 0.9.1 raises NotImplementedError for it too)");
+    if (base == "k1" || base == "kl") {
+      spec.kind = credit::KlKind::kK1;
+    } else if (base == "abs") {
+      spec.kind = credit::KlKind::kAbs;
+    } else if (base == "k2" || base == "mse") {
+      spec.kind = credit::KlKind::kK2;
+    } else if (base == "k3" || base == "low_var_kl") {
+      spec.kind = credit::KlKind::kK3;
+    } else {
+      TORCH_CHECK_VALUE(false, "fastrl: kl_penalty `kind` must be one of 'k1', 'kl', 'abs', 'k2', "
+                        "'mse', 'k3', 'low_var_kl', each optionally with a '+' suffix (verl's "
+                        "straight-through k2 gradient), got '", kind, "'");
+    }
+  } else if (convention == "openrlhf") {
+    spec.conv = credit::KlConvention::kOpenRLHF;
+    if (base == "k1") {
+      spec.kind = credit::KlKind::kK1;
+    } else if (base == "k2") {
+      spec.kind = credit::KlKind::kK2;
+    } else if (base == "k3") {
+      spec.kind = credit::KlKind::kK3;
+    } else {
+      TORCH_CHECK_VALUE(false, "fastrl: kl_penalty `kind` must be one of 'k1', 'k2', 'k3' with "
+                        "convention='openrlhf', got '", kind, "'");
+    }
+  } else {
+    TORCH_CHECK_VALUE(false, "fastrl: kl_penalty `convention` must be 'verl' or 'openrlhf', got '",
+                      convention, "'");
+  }
+  return spec;
+}
+
+struct KlInputs {
+  at::Tensor logp, ref;  // contiguous, common dtype
+  KlSpec spec;
+  at::ScalarType out_dtype;
+};
+
+KlInputs prepare_kl(const at::Tensor& logp, const at::Tensor& ref_logp, c10::string_view kind,
+                    c10::string_view convention) {
+  KlInputs in;
+  in.spec = parse_kl(std::string(kind), std::string(convention));
+  check_floating(logp, "logp");
+  check_floating(ref_logp, "ref_logp");
+  check_same_shape(ref_logp, "ref_logp", logp, "logp");
+  check_same_device(ref_logp, "ref_logp", logp, "logp");
+  const auto dtype = at::promote_types(logp.scalar_type(), ref_logp.scalar_type());
+  in.logp = logp.to(dtype).contiguous();
+  in.ref = ref_logp.to(dtype).contiguous();
+  // verl: the inputs' promoted dtype; OpenRLHF: float32 (it calls .float() on both).
+  in.out_dtype = in.spec.conv == credit::KlConvention::kVerl ? dtype : at::kFloat;
+  return in;
+}
+
+// Element loops over (scalar_t input, acc_t arithmetic, out_t output): verl keeps the input dtype
+// (fp32 arithmetic for half/bf16), OpenRLHF computes and returns fp32.
+#define FASTRL_DISPATCH_KL(in, name, ...)                                                      \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (in).logp.scalar_type(), name, [&] { \
+    if ((in).spec.conv == credit::KlConvention::kVerl) {                                      \
+      using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>; \
+      using out_t = scalar_t;                                                                  \
+      __VA_ARGS__();                                                                           \
+    } else {                                                                                   \
+      using acc_t = float;                                                                     \
+      using out_t = float;                                                                     \
+      __VA_ARGS__();                                                                           \
+    }                                                                                          \
+  })
+
+at::Tensor kl_penalty_cpu(const at::Tensor& logp, const at::Tensor& ref_logp, c10::string_view kind,
+                          c10::string_view convention) {
+  KlInputs in = prepare_kl(logp, ref_logp, kind, convention);
+  at::Tensor out = empty_streaming_output(in.logp.sizes(), in.logp.options().dtype(in.out_dtype));
+  FASTRL_DISPATCH_KL(in, "fastrl::kl_penalty", [&] {
+    cpu::kl_penalty<scalar_t, acc_t, out_t>(in.logp.data_ptr<scalar_t>(), in.ref.data_ptr<scalar_t>(),
+                                            in.logp.numel(), in.spec.kind, in.spec.conv,
+                                            out.data_ptr<out_t>());
+  });
+  return out;
+}
+
+// The gradient w.r.t. logp (that w.r.t. ref_logp is its negative), in the inputs' common dtype.
+// verl's "<kind>+" differentiates as k2.
+at::Tensor kl_penalty_backward_cpu(const at::Tensor& grad, const at::Tensor& logp,
+                                   const at::Tensor& ref_logp, c10::string_view kind,
+                                   c10::string_view convention) {
+  KlInputs in = prepare_kl(logp, ref_logp, kind, convention);
+  check_same_shape(grad, "grad", logp, "logp");
+  const at::Tensor g = grad.to(in.out_dtype).contiguous();
+  const credit::KlKind grad_kind = in.spec.straight_through ? credit::KlKind::kK2 : in.spec.kind;
+  at::Tensor out = empty_streaming_output(in.logp.sizes(), in.logp.options());
+  FASTRL_DISPATCH_KL(in, "fastrl::kl_penalty_backward", [&] {
+    cpu::kl_penalty_grad<scalar_t, acc_t, out_t>(g.data_ptr<out_t>(), in.logp.data_ptr<scalar_t>(),
+                                                 in.ref.data_ptr<scalar_t>(), in.logp.numel(),
+                                                 grad_kind, in.spec.conv, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// --------------------------------------------------------------------------- token rewards
+
+struct RewardInputs {
+  at::Tensor scores, mask, kl;  // contiguous; scores clipped; kl undefined when not given
+  cpu::Rows rows;
+};
+
+RewardInputs prepare_rewards(const at::Tensor& scores, const at::Tensor& mask,
+                             const c10::optional<at::Tensor>& kl,
+                             const c10::optional<at::Tensor>& cu_seqlens, double kl_coef,
+                             c10::optional<double> clip) {
+  check_floating(scores, "scores");
+  check_dim(scores, "scores", 1);
+  check_mask_dtype(mask);
+  check_same_device(mask, "mask", scores, "scores");
+  TORCH_CHECK_VALUE(kl_coef >= 0.0, "fastrl: `kl_coef` must be >= 0, got ", kl_coef);
+  TORCH_CHECK_VALUE(!clip.has_value() || *clip > 0.0, "fastrl: `clip` must be > 0 (scores are "
+                    "clipped to [-clip, clip]) or None, got ", clip.value_or(0.0));
+  RewardInputs in;
+  in.rows = token_rows(mask, "mask", cu_seqlens);
+  TORCH_CHECK(scores.size(0) == in.rows.num_rows, "fastrl: `scores` has ", scores.size(0),
+              " entries but `mask` has ", in.rows.num_rows, cu_seqlens ? " packed rows" : " rows");
+  at::ScalarType dtype = scores.scalar_type();
+  if (kl.has_value()) {
+    check_floating(*kl, "kl");
+    check_same_shape(*kl, "kl", mask, "mask");
+    check_same_device(*kl, "kl", mask, "mask");
+    dtype = at::promote_types(dtype, kl->scalar_type());
+    in.kl = kl->to(dtype).contiguous();
+  }
+  in.scores = (clip.has_value() ? scores.clamp(-*clip, *clip) : scores).to(dtype).contiguous();
+  in.mask = mask.contiguous();
+  return in;
+}
+
+at::Tensor token_rewards_cpu(const at::Tensor& scores, const at::Tensor& mask,
+                             const c10::optional<at::Tensor>& kl,
+                             const c10::optional<at::Tensor>& cu_seqlens, double kl_coef,
+                             c10::optional<double> clip) {
+  RewardInputs in = prepare_rewards(scores, mask, kl, cu_seqlens, kl_coef, clip);
+  at::Tensor out = empty_streaming_output(
+      in.mask.sizes(), in.scores.options().dtype(acc_dtype(in.scores.scalar_type())));
+  int64_t bad = -1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(),
+                                  "fastrl::token_rewards", [&] {
+    using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    FASTRL_DISPATCH_MASK(in.mask.scalar_type(), [&] {
+      bad = cpu::token_rewards<scalar_t, mask_t, acc_t>(
+          in.scores.data_ptr<scalar_t>(), in.mask.data_ptr<mask_t>(),
+          in.kl.defined() ? in.kl.data_ptr<scalar_t>() : nullptr, in.rows, kl_coef,
+          out.data_ptr<acc_t>());
+    });
+  });
+  raise_bad_mask(bad, in.mask);
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------- CPU
@@ -335,6 +512,76 @@ at::Tensor masked_whiten_cuda(const at::Tensor& x, const at::Tensor& mask, bool 
   if (!shift_mean) out = out + mean;
   return out.to(x.scalar_type());
 }
+
+at::Tensor kl_penalty_cuda(const at::Tensor& logp, const at::Tensor& ref_logp,
+                           c10::string_view kind, c10::string_view convention) {
+  KlInputs in = prepare_kl(logp, ref_logp, kind, convention);
+  const c10::cuda::CUDAGuard guard(in.logp.device());
+  at::Tensor out = at::empty(in.logp.sizes(), in.logp.options().dtype(in.out_dtype));
+  cudaError_t err = cudaSuccess;
+  FASTRL_DISPATCH_KL(in, "fastrl::kl_penalty", [&] {
+    using cuda_t = typename CudaScalar<scalar_t>::type;
+    using cuda_out_t = typename CudaScalar<out_t>::type;
+    err = cuda::launch_kl_penalty<cuda_t, acc_t, cuda_out_t>(
+        reinterpret_cast<const cuda_t*>(in.logp.data_ptr<scalar_t>()),
+        reinterpret_cast<const cuda_t*>(in.ref.data_ptr<scalar_t>()), in.logp.numel(),
+        in.spec.kind, in.spec.conv, reinterpret_cast<cuda_out_t*>(out.data_ptr<out_t>()),
+        stream_of(in.logp));
+  });
+  C10_CUDA_CHECK(err);
+  return out;
+}
+
+at::Tensor kl_penalty_backward_cuda(const at::Tensor& grad, const at::Tensor& logp,
+                                    const at::Tensor& ref_logp, c10::string_view kind,
+                                    c10::string_view convention) {
+  KlInputs in = prepare_kl(logp, ref_logp, kind, convention);
+  check_same_shape(grad, "grad", logp, "logp");
+  check_same_device(grad, "grad", logp, "logp");
+  const c10::cuda::CUDAGuard guard(in.logp.device());
+  const at::Tensor g = grad.to(in.out_dtype).contiguous();
+  const credit::KlKind grad_kind = in.spec.straight_through ? credit::KlKind::kK2 : in.spec.kind;
+  at::Tensor out = at::empty(in.logp.sizes(), in.logp.options());
+  cudaError_t err = cudaSuccess;
+  FASTRL_DISPATCH_KL(in, "fastrl::kl_penalty_backward", [&] {
+    using cuda_t = typename CudaScalar<scalar_t>::type;
+    using cuda_out_t = typename CudaScalar<out_t>::type;
+    err = cuda::launch_kl_penalty_grad<cuda_t, acc_t, cuda_out_t>(
+        reinterpret_cast<const cuda_out_t*>(g.data_ptr<out_t>()),
+        reinterpret_cast<const cuda_t*>(in.logp.data_ptr<scalar_t>()),
+        reinterpret_cast<const cuda_t*>(in.ref.data_ptr<scalar_t>()), in.logp.numel(), grad_kind,
+        in.spec.conv, reinterpret_cast<cuda_t*>(out.data_ptr<scalar_t>()), stream_of(in.logp));
+  });
+  C10_CUDA_CHECK(err);
+  return out;
+}
+
+// Mask values are not checked on CUDA (nonzero counts as valid; cuda/credit.cuh).
+at::Tensor token_rewards_cuda(const at::Tensor& scores, const at::Tensor& mask,
+                              const c10::optional<at::Tensor>& kl,
+                              const c10::optional<at::Tensor>& cu_seqlens, double kl_coef,
+                              c10::optional<double> clip) {
+  RewardInputs in = prepare_rewards(scores, mask, kl, cu_seqlens, kl_coef, clip);
+  const c10::cuda::CUDAGuard guard(in.mask.device());
+  at::Tensor out = at::empty(in.mask.sizes(),
+                             in.scores.options().dtype(acc_dtype(in.scores.scalar_type())));
+  cudaError_t err = cudaSuccess;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(),
+                                  "fastrl::token_rewards", [&] {
+    using cuda_t = typename CudaScalar<scalar_t>::type;
+    using acc_t = typename cuda::CreditAcc<cuda_t>::type;
+    FASTRL_DISPATCH_MASK(in.mask.scalar_type(), [&] {
+      err = cuda::launch_token_rewards<cuda_t, mask_t>(
+          reinterpret_cast<const cuda_t*>(in.scores.data_ptr<scalar_t>()),
+          in.mask.data_ptr<mask_t>(),
+          in.kl.defined() ? reinterpret_cast<const cuda_t*>(in.kl.data_ptr<scalar_t>()) : nullptr,
+          in.rows.cu_seqlens, in.rows.num_rows, in.rows.row_len, in.mask.numel(), kl_coef,
+          out.data_ptr<acc_t>(), stream_of(in.mask));
+    });
+  });
+  C10_CUDA_CHECK(err);
+  return out;
+}
 #endif
 
 }  // namespace
@@ -349,6 +596,13 @@ TORCH_LIBRARY_FRAGMENT(fastrl, m) {
       " -> Tensor");
   m.def("masked_moments(Tensor x, Tensor mask) -> (Tensor count, Tensor mean, Tensor m2)");
   m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps) -> Tensor");
+  m.def("kl_penalty(Tensor logp, Tensor ref_logp, str kind, str convention) -> Tensor");
+  m.def(
+      "kl_penalty_backward(Tensor grad, Tensor logp, Tensor ref_logp, str kind, str convention)"
+      " -> Tensor");
+  m.def(
+      "token_rewards(Tensor scores, Tensor mask, Tensor? kl, Tensor? cu_seqlens, float kl_coef,"
+      " float? clip) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastrl, CPU, m) {
@@ -357,6 +611,9 @@ TORCH_LIBRARY_IMPL(fastrl, CPU, m) {
   m.impl("discounted_returns", &discounted_returns_cpu);
   m.impl("masked_moments", &masked_moments_cpu);
   m.impl("masked_whiten", &masked_whiten_cpu);
+  m.impl("kl_penalty", &kl_penalty_cpu);
+  m.impl("kl_penalty_backward", &kl_penalty_backward_cpu);
+  m.impl("token_rewards", &token_rewards_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fastrl, CUDA, m) {
@@ -366,6 +623,9 @@ TORCH_LIBRARY_IMPL(fastrl, CUDA, m) {
   m.impl("discounted_returns", &discounted_returns_cuda);
   m.impl("masked_moments", &masked_moments_cuda);
   m.impl("masked_whiten", &masked_whiten_cuda);
+  m.impl("kl_penalty", &kl_penalty_cuda);
+  m.impl("kl_penalty_backward", &kl_penalty_backward_cuda);
+  m.impl("token_rewards", &token_rewards_cuda);
 #endif
 }
 

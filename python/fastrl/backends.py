@@ -14,6 +14,10 @@ OPS: dict[str, tuple[str, ...]] = {
     "discounted_returns": ("cpu", "cuda", "reference"),
     "masked_moments": ("cpu", "torch-cuda", "reference"),  # CUDA: torch's fp64 reductions
     "masked_whiten": ("cpu", "torch-cuda", "reference"),
+    "kl_penalty": ("cpu", "cuda", "reference"),
+    "token_rewards": ("cpu", "cuda", "reference"),
+    "logprobs": ("cpu", "cuda", "reference"),
+    "logprobs_backward": ("cpu", "cuda", "reference"),  # the reference: autograd through the fp64 log-softmax
 }
 
 

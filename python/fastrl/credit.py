@@ -11,6 +11,13 @@ int64, float32 or float64 holding only 0 and 1.
 * :func:`masked_mean`, :func:`masked_var`, :func:`masked_whiten` -- verl's token-weighted batch
   statistics, fp64 accumulation, deterministic.
 * :func:`broadcast_to_tokens` -- a per-sample value on every token.
+* :func:`kl_penalty` -- per-token KL estimators (k1/abs/k2/k3) in verl's or OpenRLHF's convention,
+  differentiable (closed-form gradient).
+* :func:`token_rewards` -- the outcome score at each row's last valid token minus ``kl_coef * kl``
+  (OpenRLHF ``compute_reward`` / TRL PPO), one pass.
+
+``masked_mean``/``masked_var``/``masked_whiten`` take ``process_group=``: the statistics are then
+those of the concatenation of every rank's tensor (one all-reduce of a ``[world, 3]`` fp64 tensor).
 
 None of the scans/statistics is differentiable (every trainer computes them under no_grad); the
 ops have no autograd formula, so a tensor that requires grad is used as a constant.
@@ -28,9 +35,12 @@ import torch
 from fastrl import _extension
 from fastrl.reference import credit as _ref
 
-__all__ = ["broadcast_to_tokens", "gae", "discounted_returns", "masked_mean", "masked_var", "masked_whiten"]
+__all__ = ["broadcast_to_tokens", "gae", "discounted_returns", "masked_mean", "masked_var", "masked_whiten",
+           "kl_penalty", "token_rewards"]
 
 RETURNS_MODES = _ref.RETURNS_MODES
+KL_KINDS = _ref.KL_KINDS
+KL_CONVENTIONS = _ref.KL_CONVENTIONS
 
 
 def broadcast_to_tokens(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -123,36 +133,62 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, 
     return torch.ops.fastrl.discounted_returns(rewards, mask, cu_seqlens, float(gamma), mode)
 
 
-def _moments(x: torch.Tensor, mask: torch.Tensor):
+def _moments(x: torch.Tensor, mask: torch.Tensor, process_group=None):
+    """(count, mean, m2) of the masked elements, fp64 0-dim tensors; with a process group, those of
+    the concatenation of every rank's elements."""
     if _extension.use_reference():
-        return _ref.masked_moments(x, mask)
-    return torch.ops.fastrl.masked_moments(x, mask)
+        moments = _ref.masked_moments(x, mask)
+    else:
+        moments = torch.ops.fastrl.masked_moments(x, mask)
+    if process_group is None:
+        return moments
+    return _all_reduce_moments(moments, process_group)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _all_reduce_moments(moments, process_group):
+    """Each rank writes its (count, mean, m2) into its row of a zeroed ``[world, 3]`` fp64 tensor,
+    one SUM all-reduce gathers them, and every rank merges the rows the same way (parallel-axis
+    formula: ``mean = sum n_r mean_r / N``, ``m2 = sum m2_r + sum n_r (mean_r - mean)^2``), so all
+    ranks get bitwise the same statistics, stable for any mean/std ratio."""
+    import torch.distributed as dist
+
+    count = moments[0]
+    rows = count.new_zeros(dist.get_world_size(process_group), 3)
+    rows[dist.get_rank(process_group)] = torch.stack(moments)
+    dist.all_reduce(rows, op=dist.ReduceOp.SUM, group=process_group)
+    n, means, m2s = rows.unbind(1)
+    total = n.sum()
+    mean = torch.where(total > 0, (n * means).sum() / total.clamp(min=1), 0.0)
+    return total, mean, m2s.sum() + (n * (means - mean).square()).sum()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, *, process_group=None) -> torch.Tensor:
     """``sum(x * mask) / sum(mask)`` over all elements (verl's ``masked_mean``; 0 for an empty mask).
 
     Elements outside the mask never reach the sum (a NaN there is ignored). Accumulated in fp64
     with a fixed chunking (deterministic whatever the thread count); returned as a 0-dim tensor in
     ``x.dtype``. ``x``, ``mask``: any shape, the same; mask 0/1. Not differentiable.
+    ``process_group`` (a ``torch.distributed`` group, gloo or NCCL; every rank of it must call):
+    the mean over the masked elements of all ranks, token-weighted (one all-reduce).
 
     >>> fastrl.credit.masked_mean(torch.tensor([1.0, 2.0, 9.0]), torch.tensor([1, 1, 0]))
     tensor(1.5000)
     """
-    return _moments(x, mask)[1].to(x.dtype)
+    return _moments(x, mask, process_group)[1].to(x.dtype)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True) -> torch.Tensor:
+def masked_var(x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True, process_group=None) -> torch.Tensor:
     """Variance of the masked elements, ``sum(mask * (x - mean)^2) / (n - 1)`` (``/ n`` when
     ``unbiased=False``; 0 for an empty mask), ``n = sum(mask)``: verl's ``masked_var``.
 
     With ``unbiased=True`` fewer than 2 masked elements raise ``ValueError``, as verl (one host
-    sync on CUDA, as verl). fp64 accumulation, 0-dim result in ``x.dtype``.
+    sync on CUDA, as verl). fp64 accumulation, 0-dim result in ``x.dtype``. ``process_group``: the
+    variance of the masked elements of all ranks (one all-reduce; the count check is global).
 
     >>> fastrl.credit.masked_var(torch.tensor([1.0, 3.0, 9.0]), torch.tensor([1, 1, 0]))
     tensor(2.)
     """
-    count, _, m2 = _moments(x, mask)
+    count, _, m2 = _moments(x, mask, process_group)
     if unbiased:
         n = int(count)
         if n < 2:
@@ -163,7 +199,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True) ->
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, unbiased: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
+                  eps: float = 1e-8, process_group=None) -> torch.Tensor:
     """``(x - mean) * rsqrt(var + eps)`` at every position, ``+ mean`` when ``shift_mean=False``,
     with ``mean``/``var`` of the masked elements (:func:`masked_mean`, :func:`masked_var`): verl's
     ``masked_whiten``.
@@ -171,15 +207,120 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     One fused pass computes the fp64 statistics (fixed chunks merged in order: deterministic), a
     second writes the output in ``x.dtype``. ``unbiased=True`` with fewer than 2 masked elements
     raises ``ValueError`` as verl does (e.g. an all-masked batch; on CUDA this check is one host
-    sync, as in verl). No process group yet:
-    the statistics are those of this tensor. Not differentiable.
+    sync, as in verl). Not differentiable.
+
+    ``process_group`` (a ``torch.distributed`` group, gloo on CPU or NCCL on GPU; every rank of it
+    must call): ``mean``/``var`` are those of the masked elements of all ranks together, so each
+    rank's output equals its slice of the single-process whitening of the concatenated batch (to
+    fp64 rounding). Cost: one all-reduce of a ``[world_size, 3]`` fp64 tensor, one host sync for
+    the unbiased count check (as without a group on CUDA), and the output computed by torch in fp64
+    (an ``x``-sized fp64 temporary).
 
     >>> fastrl.credit.masked_whiten(torch.tensor([1.0, 3.0, 9.0]), torch.tensor([1, 1, 0]))
     tensor([-0.7071,  0.7071,  4.9497])
     """
+    if process_group is not None:
+        if not eps >= 0.0:
+            raise ValueError(f"fastrl: `eps` must be >= 0, got {eps}")
+        count, mean, m2 = _moments(x, mask, process_group)
+        if unbiased:
+            _ref._check_unbiased(int(count))
+            var = m2 / (count - 1)
+        else:
+            var = torch.where(count > 0, m2 / count.clamp(min=1), 0.0)
+        out = (x.double() - mean) * (1.0 / torch.sqrt(var + eps))  # the CPU kernel's operations
+        return (out if shift_mean else out + mean).to(x.dtype)
     if _extension.use_reference():
         return _ref.masked_whiten(x, mask, shift_mean=shift_mean, unbiased=unbiased, eps=eps)
     return torch.ops.fastrl.masked_whiten(x, mask, shift_mean, unbiased, float(eps))
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1", *,
+               convention: str = "verl") -> torch.Tensor:
+    """Per-token KL estimator of the policy against the reference, elementwise, with ``d = logp - ref_logp``
+    (http://joschu.net/blog/kl-approx.html).
+
+    ``convention="verl"`` (default) is verl 0.9.1's ``kl_penalty`` / ``kl_penalty_forward``
+    (read from its source; the parity tests run the installed verl)::
+
+        "k1", "kl"           d
+        "abs"                |d|
+        "k2", "mse"          0.5 * d^2
+        "k3", "low_var_kl"   kl = clamp(ref_logp - logp, -20, 20);  clamp(exp(kl) - kl - 1, -10, 10)
+        "<kind>+"            the value of <kind>, the gradient of k2 (verl's straight-through
+                             estimator: d(out)/d(logp) = d)
+
+    Output in the inputs' promoted dtype (arithmetic in fp32, fp64 for fp64 inputs; verl rounds each
+    bf16/fp16 operation, we round once). ``"full"`` (verl: ``NotImplementedError``) needs the full
+    vocabulary distributions and raises ``ValueError`` here.
+
+    ``convention="openrlhf"`` is OpenRLHF's ``compute_approx_kl(log_probs, log_probs_base,
+    kl_estimator)`` as of its 2025 sources (openrlhf/models/utils.py: both inputs cast to fp32, then
+    ``k1 = d``, ``k2 = d**2 / 2``, ``k3 = exp(-d) - 1 + d`` computed as ``(exp(x) - 1) - x`` with
+    ``x = -d``, and the result clamped to [-10, 10] for every estimator), output float32. Written
+    from the source text, not run against OpenRLHF (not installable here); the final clamp is the
+    one detail that changed across OpenRLHF versions (older releases had none, some forks clamp
+    behind a flag), so to reproduce such a release use ``convention="verl"`` with ``"k1"``/``"k2"``
+    (same values without the clamp). Confidence: high for the formulas, medium for which release
+    you are matching.
+
+    Differentiable in ``logp`` and ``ref_logp`` (closed-form gradient, a second elementwise kernel):
+    ``d out/d logp = f'(d)`` with torch.clamp's rule (zero gradient where a clamp is active),
+    ``d out/d ref_logp = -f'(d)``; the same gradients autograd gives through the trainers'
+    expressions.
+
+    Args:
+        logp, ref_logp: the same shape, any; floating (promoted to a common dtype).
+        kind: an estimator name above (the error lists the valid ones).
+        convention: ``"verl"`` or ``"openrlhf"``.
+
+    Returns:
+        The inputs' shape. Extra memory: none beyond the output.
+
+    >>> fastrl.credit.kl_penalty(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0]), "k3")
+    tensor([0.1065, 0.7183])
+    """
+    if _extension.use_reference():
+        return _ref.kl_penalty(logp, ref_logp, kind, convention=convention)
+    return torch.ops.fastrl.kl_penalty(logp, ref_logp, kind, convention)
+
+
+def token_rewards(scores: torch.Tensor, mask: torch.Tensor, *, kl: torch.Tensor | None = None,
+                  kl_coef: float = 0.0, clip: float | None = None,
+                  cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Token-level rewards from outcome scores, OpenRLHF ``compute_reward`` / TRL PPO style::
+
+        r[b, t] = (clamp(scores[b], -clip, clip) if t is row b's last valid token else 0)
+                  - kl_coef * kl[b, t]        at tokens with mask 1
+        r[b, t] = 0                           at tokens with mask 0
+
+    One pass over the tokens (each row walked once from its end). A row with no valid token gets
+    all zeros: its score is dropped (OpenRLHF's ``argmax`` would put it on the row's last position,
+    TRL's on the position before the first padding token).
+
+    Args:
+        scores: ``[B]`` floating outcome scores.
+        mask: ``[B, T]`` 0/1 (padded), or ``[N]`` with ``cu_seqlens`` (packed rows).
+        kl: optional per-token KL, ``mask``'s shape (e.g. :func:`kl_penalty`); ``None`` = no penalty.
+        kl_coef: >= 0 (OpenRLHF silently turns a negative one into 0; here it is an error).
+        clip: > 0 or ``None``: the scores are clipped to ``[-clip, clip]`` first (OpenRLHF's
+            ``reward_clip_range = (-clip, clip)``).
+        cu_seqlens: ``int64[B+1]`` row offsets for the packed layout.
+
+    Returns:
+        ``mask``'s shape, float64 if ``scores``/``kl`` promote to float64, else float32 (fp32
+        arithmetic, bitwise OpenRLHF's ``last_reward + (-kl_coef * kl)`` at valid tokens for fp32
+        inputs). Not differentiable (a reward).
+
+    >>> fastrl.credit.token_rewards(torch.tensor([1.0, 5.0]), torch.tensor([[1, 1, 0], [1, 1, 1]]),
+    ...                             kl=torch.full((2, 3), 0.5), kl_coef=0.1, clip=2.0)
+    tensor([[-0.0500,  0.9500,  0.0000],
+            [-0.0500, -0.0500,  1.9500]])
+    """
+    if _extension.use_reference():
+        return _ref.token_rewards(scores, mask, kl=kl, kl_coef=kl_coef, clip=clip, cu_seqlens=cu_seqlens)
+    return torch.ops.fastrl.token_rewards(scores, mask, kl, cu_seqlens, float(kl_coef),
+                                          None if clip is None else float(clip))
 
 
 # ----------------------------------------------------------------------------------- fake kernels
@@ -223,6 +364,34 @@ def _whiten_fake(x, mask, shift_mean, unbiased, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _kl_fake(logp, ref_logp, kind, convention):
+    dtype = torch.promote_types(logp.dtype, ref_logp.dtype) if convention == "verl" else torch.float32
+    return logp.new_empty(logp.shape, dtype=dtype)
+
+
+def _kl_backward_fake(grad, logp, ref_logp, kind, convention):
+    return logp.new_empty(logp.shape, dtype=torch.promote_types(logp.dtype, ref_logp.dtype))
+
+
+def _kl_setup(ctx, inputs, output):
+    logp, ref_logp, kind, convention = inputs
+    ctx.save_for_backward(logp, ref_logp)
+    ctx.kind, ctx.convention = kind, convention
+
+
+def _kl_backward(ctx, grad):
+    logp, ref_logp = ctx.saved_tensors
+    g = torch.ops.fastrl.kl_penalty_backward(grad, logp, ref_logp, ctx.kind, ctx.convention)
+    grad_logp = g.to(logp.dtype) if ctx.needs_input_grad[0] else None
+    grad_ref = g.neg().to(ref_logp.dtype) if ctx.needs_input_grad[1] else None
+    return grad_logp, grad_ref, None, None
+
+
+def _token_rewards_fake(scores, mask, kl, cu_seqlens, kl_coef, clip):
+    dtypes = (scores.dtype,) if kl is None else (scores.dtype, kl.dtype)
+    return mask.new_empty(mask.shape, dtype=_token_dtype(*dtypes))
+
+
 if _extension._C is not None:
     torch.library.register_fake("fastrl::broadcast_to_tokens")(_broadcast_fake)
     torch.library.register_autograd("fastrl::broadcast_to_tokens", _broadcast_backward, setup_context=_broadcast_setup)
@@ -230,3 +399,7 @@ if _extension._C is not None:
     torch.library.register_fake("fastrl::discounted_returns")(_returns_fake)
     torch.library.register_fake("fastrl::masked_moments")(_moments_fake)
     torch.library.register_fake("fastrl::masked_whiten")(_whiten_fake)
+    torch.library.register_fake("fastrl::kl_penalty")(_kl_fake)
+    torch.library.register_fake("fastrl::kl_penalty_backward")(_kl_backward_fake)
+    torch.library.register_autograd("fastrl::kl_penalty", _kl_backward, setup_context=_kl_setup)
+    torch.library.register_fake("fastrl::token_rewards")(_token_rewards_fake)

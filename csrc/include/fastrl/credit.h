@@ -14,6 +14,8 @@
 // each is deterministic on its own.
 #pragma once
 
+#include <type_traits>
+
 #include "fastrl/common.h"
 
 namespace fastrl {
@@ -134,6 +136,132 @@ FASTRL_HOST_DEVICE double masked_mean(const Moments& m) { return m.count > 0.0 ?
 FASTRL_HOST_DEVICE double masked_var(const Moments& m, bool unbiased) {
   if (unbiased) return m.m2 / (m.count - 1.0);
   return m.count > 0.0 ? m.m2 / m.count : 0.0;
+}
+
+
+// ------------------------------------------------------------------------------------- KL penalty
+// Per-token KL estimators of log p (logp) against a reference (ref), http://joschu.net/blog/kl-approx.html.
+// d = logp - ref, computed in A (fp32, fp64 for fp64 inputs) exactly as the trainers write it:
+//
+//   kind   verl 0.9.1 kl_penalty_forward                         OpenRLHF compute_approx_kl (fp32)
+//   k1     d                                                     clamp(d, -10, 10)
+//   abs    |d|                                                   (not an OpenRLHF estimator)
+//   k2     0.5 * (d * d)                                         clamp((d * d) / 2, -10, 10)
+//   k3     kl = clamp(ref - logp, -20, 20);                       x = -d;
+//          clamp((exp(kl) - kl) - 1, -10, 10)                    clamp((exp(x) - 1) - x, -10, 10)
+//
+// clamp propagates NaN (as torch.clamp). kl_grad is d value / d logp with torch.clamp's gradient
+// rule (gradient passes where lo <= input <= hi, 0 outside); d value / d ref is its negative, as
+// every estimator is a function of d alone.
+
+enum class KlKind : int32_t { kK1 = 0, kAbs = 1, kK2 = 2, kK3 = 3 };
+enum class KlConvention : int32_t { kVerl = 0, kOpenRLHF = 1 };
+
+template <typename A>
+FASTRL_HOST_DEVICE A clamp_nan(A x, A lo, A hi) {
+  return x < lo ? lo : (x > hi ? hi : x);  // a NaN compares false both times: kept
+}
+template <typename A>
+FASTRL_HOST_DEVICE bool in_range(A x, A lo, A hi) {
+  return x >= lo && x <= hi;
+}
+FASTRL_HOST_DEVICE float exp_acc(float x) { return ::expf(x); }
+FASTRL_HOST_DEVICE double exp_acc(double x) { return ::exp(x); }
+FASTRL_HOST_DEVICE float abs_acc(float x) { return ::fabsf(x); }
+FASTRL_HOST_DEVICE double abs_acc(double x) { return ::fabs(x); }
+
+template <KlKind K, KlConvention C, typename A>
+FASTRL_HOST_DEVICE A kl_value(A logp, A ref) {
+  const A d = logp - ref;
+  if constexpr (C == KlConvention::kVerl) {
+    if constexpr (K == KlKind::kK1) {
+      return d;
+    } else if constexpr (K == KlKind::kAbs) {
+      return abs_acc(d);
+    } else if constexpr (K == KlKind::kK2) {
+      return mul_rn(A(0.5), mul_rn(d, d));
+    } else {
+      const A kl = clamp_nan(ref - logp, A(-20), A(20));
+      return clamp_nan((exp_acc(kl) - kl) - A(1), A(-10), A(10));
+    }
+  } else {
+    A y;
+    if constexpr (K == KlKind::kK1) {
+      y = d;
+    } else if constexpr (K == KlKind::kK2) {
+      y = mul_rn(d, d) / A(2);
+    } else {  // kK3 (kAbs is rejected by the callers)
+      const A x = -d;
+      y = (exp_acc(x) - A(1)) - x;
+    }
+    return clamp_nan(y, A(-10), A(10));
+  }
+}
+
+// d kl_value<K, C> / d logp.
+template <KlKind K, KlConvention C, typename A>
+FASTRL_HOST_DEVICE A kl_grad(A logp, A ref) {
+  const A d = logp - ref;
+  if constexpr (C == KlConvention::kVerl) {
+    if constexpr (K == KlKind::kK1) {
+      return A(1);
+    } else if constexpr (K == KlKind::kAbs) {
+      return d > A(0) ? A(1) : (d < A(0) ? A(-1) : mul_rn(d, A(0)));  // sign, NaN kept
+    } else if constexpr (K == KlKind::kK2) {
+      return d;
+    } else {
+      const A raw = ref - logp;
+      const A kl = clamp_nan(raw, A(-20), A(20));
+      const A e = exp_acc(kl);
+      const A v = (e - kl) - A(1);
+      return (in_range(raw, A(-20), A(20)) && in_range(v, A(-10), A(10))) ? A(1) - e : A(0);
+    }
+  } else {
+    if constexpr (K == KlKind::kK1) {
+      return in_range(d, A(-10), A(10)) ? A(1) : A(0);
+    } else if constexpr (K == KlKind::kK2) {
+      return in_range(mul_rn(d, d) / A(2), A(-10), A(10)) ? d : A(0);
+    } else {
+      const A x = -d;
+      const A e = exp_acc(x);
+      return in_range((e - A(1)) - x, A(-10), A(10)) ? A(1) - e : A(0);
+    }
+  }
+}
+
+// Calls f(std::integral_constant<KlKind, K>{}, std::integral_constant<KlConvention, C>{}) for the
+// runtime (kind, convention): the element loops are then compiled per estimator, branch-free.
+template <typename F>
+inline void dispatch_kl(KlKind kind, KlConvention conv, F&& f) {
+  using V = std::integral_constant<KlConvention, KlConvention::kVerl>;
+  using O = std::integral_constant<KlConvention, KlConvention::kOpenRLHF>;
+  using K1 = std::integral_constant<KlKind, KlKind::kK1>;
+  using K2 = std::integral_constant<KlKind, KlKind::kK2>;
+  using K3 = std::integral_constant<KlKind, KlKind::kK3>;
+  if (conv == KlConvention::kVerl) {
+    switch (kind) {
+      case KlKind::kK1: f(K1{}, V{}); break;
+      case KlKind::kAbs: f(std::integral_constant<KlKind, KlKind::kAbs>{}, V{}); break;
+      case KlKind::kK2: f(K2{}, V{}); break;
+      default: f(K3{}, V{}); break;
+    }
+  } else {
+    switch (kind) {
+      case KlKind::kK1: f(K1{}, O{}); break;
+      case KlKind::kK2: f(K2{}, O{}); break;
+      default: f(K3{}, O{}); break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------- token rewards
+// OpenRLHF compute_reward / TRL PPO: at a valid token t of a row,
+//   r_t = (t is the row's last valid token ? score : 0) - kl_coef * kl_t
+// and 0 at masked tokens. `score` is already clipped; kl_t is 0 when no KL is given.
+template <typename A>
+FASTRL_HOST_DEVICE A token_reward(bool valid, bool last, A score, A kl_coef, A kl) {
+  const A penalty = mul_rn(kl_coef, kl);
+  return valid ? (last ? score - penalty : A(0) - penalty) : A(0);  // 0 - p: +0 when p = 0
 }
 
 }  // namespace credit

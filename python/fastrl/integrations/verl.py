@@ -96,6 +96,8 @@ __all__ = [
     "compute_remax_outcome_advantage",
     "compute_gae_advantage_return",
     "compute_reinforce_plus_plus_outcome_advantage",
+    "kl_penalty",
+    "compute_rewards",
     "install",
     "uninstall",
     "ESTIMATORS",
@@ -477,3 +479,69 @@ def uninstall() -> list[str]:
     _saved_registry.clear()
     _saved_attrs.clear()
     return restored
+
+
+# ------------------------------------------------------------------------------ log-prob drop-ins
+# verl 0.9.1 ``verl.utils.torch_functional.logprobs_from_logits`` / ``entropy_from_logits`` on
+# fastrl's compiled streaming op (fastrl.logprobs): same signatures and shapes, no [N, V] temporary,
+# outputs in the logits' dtype (as verl's log_softmax path, which runs wherever flash-attn's
+# cross-entropy is not installed; that one returns float32). float32 logits agree with verl to
+# ~1e-5 absolute; for bfloat16 logits verl takes log_softmax in bfloat16 while ours is the fp32
+# value rounded once -- at least as close to the fp64 truth (tests/test_logprobs.py checks both).
+# float64 logits are computed at fp32 accuracy.
+
+from fastrl.logprobs import logprobs as _logprobs  # noqa: E402
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, inplace_backward: bool = True) -> torch.Tensor:
+    """``log_softmax(logits)[..., labels]``: ``labels``' shape (``logits.shape[:-1]``), ``logits.dtype``.
+
+    Every label must lie in ``[0, V)`` (as verl's gather requires; a bad one raises naming its
+    position). ``inplace_backward`` is accepted for verl's signature; the gradient is written into
+    one new buffer (the in-place variant is not implemented yet).
+
+    >>> logprobs_from_logits(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([2]))
+    tensor([-0.4076])
+    """
+    return _logprobs(logits, labels, ignore_index=-(2**63)).to(logits.dtype)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """``logsumexp(logits) - sum(softmax(logits) * logits)`` along the last axis, streamed:
+    ``logits.shape[:-1]``, ``logits.dtype``, differentiable.
+
+    >>> entropy_from_logits(torch.zeros(1, 4))
+    tensor([1.3863])
+    """
+    no_label = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+    _, entropy = _logprobs(logits, no_label, return_entropy=True, ignore_index=0)
+    return entropy.to(logits.dtype)
+
+
+__all__ += ["logprobs_from_logits", "entropy_from_logits"]
+
+
+# ------------------------------------------------------------------------------- KL in reward
+
+
+def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str) -> torch.Tensor:
+    """verl 0.9.1's ``core_algos.kl_penalty``: :func:`fastrl.credit.kl_penalty` with
+    ``convention="verl"`` ("kl"/"k1", "abs", "mse"/"k2", "low_var_kl"/"k3", each optionally with
+    verl's "+" straight-through suffix: the value of the estimator, the gradient of k2). One
+    elementwise kernel forward and one backward instead of verl's chain of torch ops; same values
+    (float32: to 1 ulp of ``exp`` for k3, bitwise otherwise) and gradients. Kinds verl does not
+    implement ("full", unknown names) raise ``NotImplementedError`` as verl does."""
+    base = kl_penalty[:-1] if kl_penalty.endswith("+") else kl_penalty
+    if base not in _credit.KL_KINDS["verl"]:
+        raise NotImplementedError(f"kl_penalty {kl_penalty!r} is not implemented (verl 0.9.1 raises too); "
+                                  f"valid: {', '.join(_credit.KL_KINDS['verl'])}, each optionally with '+'")
+    return _credit.kl_penalty(logprob, ref_logprob, kl_penalty)
+
+
+def compute_rewards(token_level_scores: torch.Tensor, old_log_prob: torch.Tensor, ref_log_prob: torch.Tensor,
+                    kl_ratio: float) -> torch.Tensor:
+    """verl 0.9.1's ``core_algos.compute_rewards``: ``token_level_scores - (old_log_prob - ref_log_prob) * kl_ratio``
+    (k1 KL in the reward, no mask, every position), the k1 term from :func:`fastrl.credit.kl_penalty`.
+    Same values as verl's (the same float operations in the same order) and the same dtype."""
+    kl = _credit.kl_penalty(old_log_prob, ref_log_prob, "k1")
+    return token_level_scores - kl * kl_ratio

@@ -11,6 +11,11 @@ from __future__ import annotations
 import torch
 
 RETURNS_MODES = ("skip", "reset", "cumsum")
+KL_KINDS = {  # convention -> estimator names (verl's also take a "+" suffix)
+    "verl": ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl"),
+    "openrlhf": ("k1", "k2", "k3"),
+}
+KL_CONVENTIONS = tuple(KL_KINDS)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -108,6 +113,62 @@ def masked_whiten(x, mask, *, shift_mean: bool = True, unbiased: bool = True, ep
     if not shift_mean:
         out = out + mean
     return out.to(x.dtype)
+
+
+def kl_penalty(logp, ref_logp, kind: str = "k1", *, convention: str = "verl"):
+    """Per-token KL estimators (see :func:`fastrl.credit.kl_penalty`), torch ops in fp32 (fp64 for
+    fp64 verl inputs), rounded once to the output dtype; gradients by autograd."""
+    if convention not in KL_KINDS:
+        raise ValueError(f"fastrl: kl_penalty `convention` must be 'verl' or 'openrlhf', got {convention!r}")
+    straight_through = convention == "verl" and kind.endswith("+")
+    base = kind[:-1] if straight_through else kind
+    if base not in KL_KINDS[convention]:
+        raise ValueError(f"fastrl: kl_penalty `kind` must be one of {KL_KINDS[convention]} with "
+                         f"convention={convention!r}, got {kind!r}")
+    dtype = torch.promote_types(logp.dtype, ref_logp.dtype)
+    acc = _acc_dtype(dtype) if convention == "verl" else torch.float32
+    lp, rf = logp.to(acc), ref_logp.to(acc)
+    d = lp - rf
+    if convention == "openrlhf":  # openrlhf/models/utils.py compute_approx_kl
+        if base == "k1":
+            y = d
+        elif base == "k2":
+            y = d**2 / 2.0
+        else:
+            x = -d
+            y = x.exp() - 1 - x
+        return y.clamp(min=-10, max=10)
+    # verl 0.9.1 kl_penalty_forward / kl_penalty
+    if base in ("k1", "kl"):
+        out = d
+    elif base == "abs":
+        out = d.abs()
+    elif base in ("k2", "mse"):
+        out = 0.5 * d.square()
+    else:
+        kl = torch.clamp(rf - lp, min=-20, max=20)
+        out = torch.clamp(kl.exp() - kl - 1, min=-10, max=10)
+    if straight_through:
+        k2 = 0.5 * d.square()
+        out = k2 - k2.detach() + out.detach()
+    return out.to(dtype)
+
+
+def token_rewards(scores, mask, *, kl=None, kl_coef: float = 0.0, clip=None, cu_seqlens=None):
+    """OpenRLHF ``compute_reward`` on the valid tokens (see :func:`fastrl.credit.token_rewards`)."""
+    if cu_seqlens is not None:
+        out = token_rewards(scores, _pad(mask, cu_seqlens), kl=None if kl is None else _pad(kl, cu_seqlens),
+                            kl_coef=kl_coef, clip=clip)
+        return _unpad(out, cu_seqlens)
+    dtype = _acc_dtype(scores.dtype if kl is None else torch.promote_types(scores.dtype, kl.dtype))
+    m = mask.bool()
+    r = scores if clip is None else scores.clamp(min=-clip, max=clip)
+    last_reward = torch.zeros(m.shape, dtype=dtype)
+    if m.shape[1] > 0:  # rows without a valid token: the score lands on a masked position, dropped below
+        last = m.shape[1] - 1 - m.long().fliplr().argmax(dim=1, keepdim=True)
+        last_reward.scatter_(1, last, r.unsqueeze(1).to(dtype))
+    kl_reward = torch.zeros(m.shape, dtype=dtype) if kl is None else -kl_coef * kl.to(dtype)
+    return torch.where(m, last_reward + kl_reward, 0.0)
 
 
 def _check_unbiased(count: int) -> None:

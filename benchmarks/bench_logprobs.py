@@ -1,0 +1,89 @@
+"""Log-prob gathering from logits: fastrl.logprobs vs what trainers run today.
+
+Inputs: ``[N, V]`` logits (N = 4,096 positions, V = 32,768; ``ctx.quick``: 256 x 4,096) in float32
+and bfloat16, random labels. Baselines: torch eager ``log_softmax(-1).gather`` (materializes
+``[N, V]`` fp32 log-softmax), TRL 1.16.0 ``selective_log_softmax`` and verl 0.9.1
+``logprobs_from_logits`` (their CPU paths: a per-row logsumexp loop for fp32, a per-row
+log_softmax for bf16). Forward, forward with entropy, and forward + backward (``autograd.grad``
+of the summed log-probs, so the gradient buffer is counted but nothing accumulates).
+
+fastrl returns fp32 log-probs for bf16 logits (the baselines: bf16), so the bf16 cases compare
+at bf16 tolerance. Targets (issue 4): fp32 forward >= 3x TRL, bf16 forward >= 2x TRL.
+bytes_moved: the logits read once (+ the gradient written once for fwd+bwd).
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+import fastrl
+from fastrl.bench import Case, Skip, allclose, try_import
+
+
+def _setup(N: int, V: int, dtype, device, grad: bool = False):
+    def setup():
+        gen = torch.Generator().manual_seed(0)
+        logits = (3 * torch.randn(N, V, generator=gen)).to(dtype).to(device)
+        labels = torch.randint(0, V, (N,), generator=gen).to(device)
+        return SimpleNamespace(logits=logits.requires_grad_(grad), labels=labels)
+    return setup
+
+
+def _eager_logprobs(logits, labels):
+    return torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def _eager_logprobs_entropy(logits, labels):
+    logp = torch.log_softmax(logits.float(), -1)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+def _check_pair(tol):
+    def check(out, ref):
+        for name, a, b in zip(("logprobs", "entropy"), out, ref):
+            msg = allclose(a.float(), b.float(), tol, tol)
+            if msg:
+                return f"{name}: {msg}"
+        return None
+    return check
+
+
+def _fwd_bwd(fn):
+    def run(a):
+        out = fn(a.logits, a.labels)
+        return torch.autograd.grad(out.float().sum(), a.logits)[0]
+    return run
+
+
+def cases(ctx) -> list[Case]:
+    trl = try_import("trl.trainer.utils")
+    verl = try_import("verl.utils.torch_functional")
+    N, V = (256, 4096) if ctx.quick else (4096, 32768)
+    out = []
+    for dtype, name, tol, target in ((torch.float32, "f32", 1e-4, 3.0), (torch.bfloat16, "bf16", 3e-2, 2.0)):
+        size = torch.finfo(dtype).bits // 8
+        shape = f"{name}[{N}, {V}] logits, int64[{N}] labels"
+        trl_fn = trl if isinstance(trl, Skip) else (lambda x, y: trl.selective_log_softmax(x, y))
+        verl_fn = verl if isinstance(verl, Skip) else (lambda x, y: verl.logprobs_from_logits(x, y))
+        impl = lambda fn: fn if isinstance(fn, Skip) else (lambda a: fn(a.logits, a.labels))
+        grad_impl = lambda fn: fn if isinstance(fn, Skip) else _fwd_bwd(fn)
+        out.append(Case(
+            name=f"logprobs_{name}", shape=shape, setup=_setup(N, V, dtype, ctx.device),
+            impls={"fastrl": lambda a: fastrl.logprobs(a.logits, a.labels),
+                   "torch-eager": impl(_eager_logprobs), "trl": impl(trl_fn), "verl": impl(verl_fn)},
+            bytes_moved=N * V * size, target={"trl": target}, rtol=tol, atol=tol,
+            note="log p(label) only; fastrl: fp32 out, one streaming pass per row, no [N, V] temporary."))
+        out.append(Case(
+            name=f"logprobs_entropy_{name}", shape=shape, setup=_setup(N, V, dtype, ctx.device),
+            impls={"fastrl": lambda a: fastrl.logprobs(a.logits, a.labels, return_entropy=True),
+                   "torch-eager": impl(_eager_logprobs_entropy)},
+            bytes_moved=N * V * size, check=_check_pair(tol),
+            note="log p(label) and entropy together (compare its time with logprobs_* alone)."))
+        out.append(Case(
+            name=f"logprobs_fwd_bwd_{name}", shape=shape, setup=_setup(N, V, dtype, ctx.device, grad=True),
+            impls={"fastrl": _fwd_bwd(lambda x, y: fastrl.logprobs(x, y)),
+                   "torch-eager": _fwd_bwd(_eager_logprobs), "trl": grad_impl(trl_fn), "verl": grad_impl(verl_fn)},
+            bytes_moved=N * V * size * 3, rtol=tol, atol=tol * 1e-2,
+            note="forward + autograd.grad of sum(log p); output compared: the logits' gradient."))
+    return out

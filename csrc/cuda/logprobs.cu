@@ -1,0 +1,216 @@
+// CUDA kernels of the log-prob family (see cuda/logprobs.cuh for the contract).
+//
+// forward_kernel: one block of kThreads per row (grid-stride over rows). Thread i folds elements
+//   [i * P, i * P + P) + k * kThreads * P (P = 16 bytes of T) into its SoftmaxState, then the block
+//   merges the states: a warp-shuffle butterfly in a fixed order, then warp 0 merges the warps'
+//   states in warp order. Thread 0 writes lse, entropy and the label's log-prob.
+// backward_kernel: same row/thread layout, elementwise: p_j = exp(z_j - lse) and grad_z.
+#include <cuda_runtime.h>
+
+#include "cuda/logprobs.cuh"
+
+namespace fastrl {
+namespace cuda {
+namespace {
+
+using logprobs::SoftmaxState;
+
+constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+constexpr int kWarps = kThreads / kWarp;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // grid-stride over rows beyond that
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(double x) { return static_cast<float>(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ double from_float<double>(float x) { return static_cast<double>(x); }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// 16 bytes of T, loaded and stored as one vector.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+// Adds scaled logit z to the state (a -inf logit adds nothing; NaN / +inf make s NaN, as on the CPU).
+__device__ __forceinline__ void add(SoftmaxState& st, float z) {
+  if (z == -INFINITY) return;
+  if (z > st.m) st = logprobs::rescale(st, z, expf(st.m - z));
+  const float d = z - st.m;
+  const float e = expf(d);
+  st.s += e;
+  st.t += e * logprobs::clamp_diff(d);
+}
+
+__device__ __forceinline__ SoftmaxState shfl_xor(const SoftmaxState& a, int mask) {
+  SoftmaxState r;
+  r.m = __shfl_xor_sync(kFullMask, a.m, mask);
+  r.s = __shfl_xor_sync(kFullMask, a.s, mask);
+  r.t = __shfl_xor_sync(kFullMask, a.t, mask);
+  return r;
+}
+
+// The merged state of the block, valid in thread 0. Fixed order: the butterfly merges lane l with
+// lane l ^ mask, the lower lane's state first, so every lane of a warp ends with the same bits.
+__device__ SoftmaxState block_merge(SoftmaxState st, SoftmaxState* shared) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  for (int mask = 1; mask < kWarp; mask <<= 1) {
+    const SoftmaxState other = shfl_xor(st, mask);
+    st = (lane & mask) ? logprobs::merge(other, st) : logprobs::merge(st, other);
+  }
+  if (lane == 0) shared[warp] = st;
+  __syncthreads();
+  SoftmaxState total = logprobs::state_empty();
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kWarps; ++w) total = logprobs::merge(total, shared[w]);
+  }
+  __syncthreads();  // shared is reused by the next row
+  return total;
+}
+
+// Calls f(j, x_j) for this thread's elements of a row; vectorized when the row is 16-byte aligned.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_element(const T* row, int64_t vocab, F f) {
+  constexpr int P = Pack<T>::kSize;
+  int64_t vec_end = 0;
+  if (reinterpret_cast<uintptr_t>(row) % 16 == 0) {
+    vec_end = vocab / P * P;
+    for (int64_t base = static_cast<int64_t>(threadIdx.x) * P; base < vec_end; base += kThreads * P) {
+      const Pack<T> pack = *reinterpret_cast<const Pack<T>*>(row + base);
+#pragma unroll
+      for (int k = 0; k < P; ++k) f(base + k, to_float(pack.v[k]));
+    }
+  }
+  for (int64_t j = vec_end + threadIdx.x; j < vocab; j += kThreads) f(j, to_float(row[j]));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const T* __restrict__ logits, int64_t row_stride, const int64_t* __restrict__ labels,
+                   int64_t num_rows, int64_t vocab, float inv_t, int64_t ignore_index,
+                   float* __restrict__ logprobs, float* __restrict__ entropy, float* __restrict__ lse) {
+  __shared__ SoftmaxState shared[kWarps];
+  for (int64_t r = blockIdx.x; r < num_rows; r += gridDim.x) {
+    const T* row = logits + r * row_stride;
+    SoftmaxState st = logprobs::state_empty();
+    for_each_element(row, vocab, [&](int64_t, float x) { add(st, x * inv_t); });
+    st = block_merge(st, shared);
+    if (threadIdx.x == 0) {
+      const float row_lse = logprobs::state_lse(st);
+      lse[r] = row_lse;
+      if (entropy != nullptr) entropy[r] = logprobs::state_entropy(st);
+      const int64_t y = labels[r];
+      float lp;
+      if (y == ignore_index) {
+        lp = 0.0f;
+      } else if (y < 0 || y >= vocab) {
+        lp = NAN;
+      } else {
+        lp = to_float(row[y]) * inv_t - row_lse;
+      }
+      logprobs[r] = lp;
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const T* __restrict__ logits, int64_t row_stride, const int64_t* __restrict__ labels,
+                    int64_t num_rows, int64_t vocab, float inv_t, int64_t ignore_index,
+                    const float* __restrict__ lse, const float* __restrict__ entropy,
+                    const float* __restrict__ g_lp, const float* __restrict__ g_ent,
+                    const float* __restrict__ g_lse, T* __restrict__ grad) {
+  for (int64_t r = blockIdx.x; r < num_rows; r += gridDim.x) {
+    const T* row = logits + r * row_stride;
+    T* out = grad + r * vocab;
+    const int64_t y = labels[r];
+    const bool has_label = y != ignore_index && y >= 0 && y < vocab;
+    const int64_t label = has_label ? y : -1;
+    const float row_lse = lse[r];
+    const float row_ent = g_ent != nullptr ? entropy[r] : 0.0f;
+    const float glp = (g_lp != nullptr && has_label) ? g_lp[r] : 0.0f;
+    const float gent = g_ent != nullptr ? g_ent[r] : 0.0f;
+    const float glse = g_lse != nullptr ? g_lse[r] : 0.0f;
+    auto grad_at = [&](int64_t j, float x) {
+      const float z = x * inv_t;
+      const float p = expf(z - row_lse);
+      return logprobs::grad_z(z, p, row_lse, row_ent, glp, gent, glse, j == label) * inv_t;
+    };
+    constexpr int P = Pack<T>::kSize;
+    int64_t vec_end = 0;
+    if (reinterpret_cast<uintptr_t>(row) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0) {
+      vec_end = vocab / P * P;
+      for (int64_t base = static_cast<int64_t>(threadIdx.x) * P; base < vec_end; base += kThreads * P) {
+        const Pack<T> in = *reinterpret_cast<const Pack<T>*>(row + base);
+        Pack<T> res;
+#pragma unroll
+        for (int k = 0; k < P; ++k) res.v[k] = from_float<T>(grad_at(base + k, to_float(in.v[k])));
+        *reinterpret_cast<Pack<T>*>(out + base) = res;
+      }
+    }
+    for (int64_t j = vec_end + threadIdx.x; j < vocab; j += kThreads) {
+      out[j] = from_float<T>(grad_at(j, to_float(row[j])));
+    }
+  }
+}
+
+unsigned blocks_for(int64_t rows) {
+  return static_cast<unsigned>(rows < kMaxBlocks ? rows : kMaxBlocks);
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_logprobs_forward(const T* logits, int64_t row_stride, const int64_t* labels,
+                                    int64_t num_rows, int64_t vocab, float inv_temperature,
+                                    int64_t ignore_index, float* logprobs, float* entropy, float* lse,
+                                    cudaStream_t stream) {
+  if (num_rows < 0 || vocab < 1) return cudaErrorInvalidValue;
+  if (num_rows == 0) return cudaSuccess;
+  forward_kernel<T><<<blocks_for(num_rows), kThreads, 0, stream>>>(
+      logits, row_stride, labels, num_rows, vocab, inv_temperature, ignore_index, logprobs, entropy, lse);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_logprobs_backward(const T* logits, int64_t row_stride, const int64_t* labels,
+                                     int64_t num_rows, int64_t vocab, float inv_temperature,
+                                     int64_t ignore_index, const float* lse, const float* entropy,
+                                     const float* g_lp, const float* g_ent, const float* g_lse,
+                                     T* grad_logits, cudaStream_t stream) {
+  if (num_rows < 0 || vocab < 1) return cudaErrorInvalidValue;
+  if (num_rows == 0) return cudaSuccess;
+  backward_kernel<T><<<blocks_for(num_rows), kThreads, 0, stream>>>(
+      logits, row_stride, labels, num_rows, vocab, inv_temperature, ignore_index, lse, entropy, g_lp,
+      g_ent, g_lse, grad_logits);
+  return cudaGetLastError();
+}
+
+#define FASTRL_INSTANTIATE(T)                                                                     \
+  template cudaError_t launch_logprobs_forward<T>(const T*, int64_t, const int64_t*, int64_t,     \
+                                                  int64_t, float, int64_t, float*, float*, float*, \
+                                                  cudaStream_t);                                  \
+  template cudaError_t launch_logprobs_backward<T>(const T*, int64_t, const int64_t*, int64_t,    \
+                                                   int64_t, float, int64_t, const float*,         \
+                                                   const float*, const float*, const float*,      \
+                                                   const float*, T*, cudaStream_t);
+FASTRL_INSTANTIATE(float)
+FASTRL_INSTANTIATE(double)
+FASTRL_INSTANTIATE(__half)
+FASTRL_INSTANTIATE(__nv_bfloat16)
+#undef FASTRL_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace fastrl

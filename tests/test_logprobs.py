@@ -1,0 +1,323 @@
+"""fastrl.logprobs: log p(label), entropy and logsumexp from logits, forward and backward."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastrl
+from fastrl.reference import logprobs as ref
+
+TRL_UTILS = pytest.importorskip("trl.trainer.utils")
+VERL_TF = pytest.importorskip("verl.utils.torch_functional")
+import fastrl.integrations.trl as ftrl  # noqa: E402
+import fastrl.integrations.verl as fverl  # noqa: E402
+
+
+def make(shape, V, dtype=torch.float32, seed=0, scale=3.0, ignore_frac=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (scale * torch.randn(*shape, V, generator=gen)).to(dtype)
+    labels = torch.randint(0, V, shape, generator=gen)
+    if ignore_frac:
+        labels = torch.where(torch.rand(shape, generator=gen) < ignore_frac, torch.full_like(labels, -100), labels)
+    return logits, labels
+
+
+def run_all(logits, labels, **kw):
+    return fastrl.logprobs(logits, labels, return_entropy=True, return_lse=True, **kw)
+
+
+@pytest.mark.parametrize("V", [1, 2, 7, 16, 17, 1000, 1024, 1025, 5000])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.5])
+def test_matches_fp64_reference(V, temperature):
+    logits, labels = make((3, 5), V, seed=V, ignore_frac=0.2)
+    lp, ent, lse = run_all(logits, labels, temperature=temperature)
+    rlp, rent, rlse = ref.logprobs(logits, labels, temperature=temperature)
+    assert lp.dtype == ent.dtype == lse.dtype == torch.float32 and lp.shape == labels.shape
+    torch.testing.assert_close(lp.double(), rlp, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ent.double(), rent, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(lse.double(), rlse, rtol=1e-6, atol=1e-5)
+    assert torch.all(lp[labels == -100] == 0)
+
+
+def test_return_forms_and_module_alias():
+    logits, labels = make((4,), 33)
+    lp = fastrl.logprobs(logits, labels)
+    assert isinstance(lp, torch.Tensor)
+    lp2, lse = fastrl.logprobs(logits, labels, return_lse=True)
+    lp3, ent = fastrl.logprobs(logits, labels, return_entropy=True)
+    assert torch.equal(lp, lp2) and torch.equal(lp, lp3) and lse.shape == ent.shape == (4,)
+    assert fastrl.logprobs_ops.logprobs is fastrl.logprobs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_are_exact_in_fp32(dtype):
+    logits, labels = make((6, 3), 3000, dtype=dtype, seed=3)
+    lp, ent, lse = run_all(logits, labels, temperature=0.9)
+    rlp, rent, rlse = ref.logprobs(logits, labels, temperature=0.9)  # fp64 of the same bf16/fp16 values
+    torch.testing.assert_close(lp.double(), rlp, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ent.double(), rent, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(lse.double(), rlse, rtol=1e-6, atol=1e-5)
+
+
+def test_noncontiguous_and_strided_rows():
+    logits, labels = make((4, 6), 300, seed=5)
+    sliced = logits[:, :-1, :]             # rows with a gap (verl's logits[:, :-1])
+    transposed = logits.transpose(-1, -2).contiguous().transpose(-1, -2)  # last dim not contiguous
+    for x in (sliced, transposed):
+        y = labels[:, : x.shape[1]]
+        torch.testing.assert_close(run_all(x, y), run_all(x.contiguous(), y), rtol=0, atol=0)
+
+
+def reference_grads(logits, labels, weights, temperature):
+    x = logits.detach().double().requires_grad_(True)
+    lp, ent, lse = ref.logprobs(x, labels, temperature=temperature)
+    ((lp * weights[0]).sum() + (ent * weights[1]).sum() + (lse * weights[2]).sum()).backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("which", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 1)])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_backward_matches_reference(which, temperature):
+    logits, labels = make((5, 2), 1100, seed=11, ignore_frac=0.3)
+    gen = torch.Generator().manual_seed(12)
+    weights = [torch.randn(labels.shape, generator=gen, dtype=torch.float64) * w for w in which]
+    x = logits.clone().requires_grad_(True)
+    lp, ent, lse = run_all(x, labels, temperature=temperature)
+    ((lp * weights[0]).sum() + (ent * weights[1]).sum() + (lse * weights[2]).sum()).backward()
+    want = reference_grads(logits, labels, weights, temperature)
+    torch.testing.assert_close(x.grad.double(), want, rtol=1e-4, atol=1e-6)
+    assert torch.all(x.grad[labels == -100] == 0) or which != (1, 0, 0)
+
+
+def test_backward_of_logprob_alone_and_ignored_rows():
+    logits, labels = make((8,), 50, seed=2, ignore_frac=0.5)
+    x = logits.clone().requires_grad_(True)
+    fastrl.logprobs(x, labels).sum().backward()
+    ignored = labels == -100
+    assert ignored.any() and (~ignored).any()
+    assert torch.all(x.grad[ignored] == 0)
+    p = torch.softmax(logits.double(), -1)
+    want = torch.nn.functional.one_hot(labels.clamp(min=0), 50).double() - p
+    torch.testing.assert_close(x.grad[~ignored].double(), want[~ignored], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_backward_low_precision(dtype):
+    logits, labels = make((4,), 700, dtype=dtype, seed=4)
+    x = logits.clone().requires_grad_(True)
+    lp, ent = fastrl.logprobs(x, labels, return_entropy=True)
+    (lp.sum() + ent.sum()).backward()
+    assert x.grad.dtype == dtype
+    want = reference_grads(logits, labels, [torch.ones(4), torch.ones(4), torch.zeros(4)], 1.0)
+    torch.testing.assert_close(x.grad.double(), want, rtol=1e-2, atol=1e-3 if dtype == torch.float16 else 4e-3)
+
+
+def test_gradcheck_fp64_inputs():
+    # The kernel computes in fp32 (also for float64 logits), so finite differences use a larger step
+    # and tolerance than gradcheck's fp64 defaults; test_backward_matches_reference is the tight check.
+    logits, labels = make((3,), 6, dtype=torch.float64, seed=9, scale=1.0)
+    labels[1] = -100
+    x = logits.requires_grad_(True)
+    for fn in (lambda t: fastrl.logprobs(t, labels, temperature=0.8).double(),
+               lambda t: fastrl.logprobs(t, labels, temperature=0.8, return_entropy=True)[1].double(),
+               lambda t: tuple(o.double() for o in run_all(t, labels, temperature=1.3))):
+        assert torch.autograd.gradcheck(fn, (x,), eps=1e-3, atol=2e-3, rtol=1e-2)
+
+
+def test_opcheck():
+    logits, labels = make((6,), 40, seed=1, ignore_frac=0.3)
+    for entropy in (True, False):
+        torch.library.opcheck(torch.ops.fastrl.logprobs.default, (logits, labels, 0.9, -100, entropy))
+    lp, ent, lse = torch.ops.fastrl.logprobs(logits, labels, 0.9, -100, True)
+    g = torch.randn(6)
+    torch.library.opcheck(torch.ops.fastrl.logprobs_backward.default,
+                          (logits, labels, lse, ent, g, g, None, 0.9, -100))
+
+
+def test_torch_compile_has_no_graph_break():
+    logits, labels = make((3,), 20)
+    compiled = torch.compile(lambda a, b: fastrl.logprobs(a, b) * 2, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(logits, labels), fastrl.logprobs(logits, labels) * 2)
+
+
+def test_batch_invariance_and_thread_count():
+    logits, labels = make((64,), 4099, seed=21, ignore_frac=0.1)
+    full = run_all(logits, labels, temperature=0.8)
+    for rows in (slice(0, 1), slice(5, 6), slice(10, 37)):
+        part = run_all(logits[rows], labels[rows], temperature=0.8)
+        for a, b in zip(part, full):
+            assert torch.equal(a, b[rows])
+    shuffled = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    for a, b in zip(run_all(logits[shuffled], labels[shuffled], temperature=0.8), full):
+        assert torch.equal(a, b[shuffled])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run_all(logits, labels, temperature=0.8)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(single, full):
+        assert torch.equal(a, b)
+
+
+def test_special_values():
+    V = 40
+    logits = torch.randn(5, V)
+    logits[0, 3] = float("nan")
+    logits[1, 7] = float("inf")
+    logits[2, :] = float("-inf")
+    logits[3, :10] = float("-inf")
+    labels = torch.tensor([0, 0, 0, 12, 5])
+    lp, ent, lse = run_all(logits, labels)
+    assert lp[:3].isnan().tolist() == [True, True, True] and ent[:2].isnan().all()
+    assert lse[2] == float("-inf")
+    rlp, rent, rlse = ref.logprobs(logits[3:], labels[3:])
+    torch.testing.assert_close(lp[3:].double(), rlp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent[3:].double(), rent, rtol=1e-5, atol=1e-5)
+    labels[3] = 2  # a label on a -inf logit
+    assert fastrl.logprobs(logits, labels)[3] == float("-inf")
+    # an ignored row with NaN logits still has log-prob 0
+    assert fastrl.logprobs(logits[:1], torch.tensor([-100])).item() == 0.0
+
+
+def test_trivial_sizes():
+    lp, ent, lse = run_all(torch.randn(4, 1), torch.zeros(4, dtype=torch.long))
+    assert torch.equal(lp, torch.zeros(4)) and torch.equal(ent, torch.zeros(4))
+    empty = run_all(torch.randn(0, 10), torch.zeros(0, dtype=torch.long))
+    assert all(t.shape == (0,) for t in empty)
+    x = torch.randn(2, 0, 10, requires_grad=True)
+    fastrl.logprobs(x, torch.zeros(2, 0, dtype=torch.long)).sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize(
+    "logits, labels, kw, exc, match",
+    [
+        (torch.randn(3, 5), torch.tensor([0, 5, 1]), {}, RuntimeError, r"labels\[1\] = 5"),
+        (torch.randn(3, 5), torch.tensor([0, 1, -1]), {}, RuntimeError, r"labels\[2\] = -1"),
+        (torch.randn(3, 5), torch.zeros(4, dtype=torch.long), {}, ValueError, "`labels` must have shape"),
+        (torch.randn(3, 5), torch.zeros(3), {}, RuntimeError, "`labels` must be Long"),
+        (torch.randint(0, 3, (3, 5)), torch.zeros(3, dtype=torch.long), {}, RuntimeError, "`logits` must be a floating"),
+        (torch.randn(3, 5), torch.zeros(3, dtype=torch.long), {"temperature": 0.0}, RuntimeError, "`temperature`"),
+        (torch.randn(3, 5), torch.zeros(3, dtype=torch.long), {"temperature": -1.0}, RuntimeError, "`temperature`"),
+        (torch.randn(3, 5), torch.zeros(3, dtype=torch.long), {"temperature": float("inf")}, RuntimeError, "`temperature`"),
+        (torch.randn(3, 0), torch.zeros(3, dtype=torch.long), {}, ValueError, "vocabulary dimension"),
+        (torch.tensor(1.0), torch.tensor(0), {}, ValueError, "`logits` must be a tensor of shape"),
+    ],
+)
+def test_bad_input(logits, labels, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        fastrl.logprobs(logits, labels, **kw)
+
+
+def test_bad_label_position_is_flattened_and_first():
+    logits = torch.randn(2, 3, 8)
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    labels[1, 0] = 8
+    labels[1, 2] = 99
+    with pytest.raises(RuntimeError, match=r"labels\[3\] = 8"):
+        fastrl.logprobs(logits, labels)
+
+
+def test_narrow_integer_labels_are_widened():
+    logits, labels = make((5,), 30)
+    assert torch.equal(fastrl.logprobs(logits, labels.int()), fastrl.logprobs(logits, labels))
+
+
+def test_reference_backend_runs_without_the_extension_ops():
+    code = ("import torch, fastrl; x = torch.randn(3, 9); y = torch.tensor([1, 2, -100]);"
+            "print(fastrl.logprobs(x, y, return_entropy=True)[1].dtype)")
+    env = {"FASTRL_BACKEND": "reference", "PATH": ""}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "torch.float32"
+
+
+# ------------------------------------------------------------------------------------ drop-ins
+
+
+def err64(got, truth):
+    return (got.double() - truth).abs().max().item()
+
+
+def test_trl_selective_log_softmax_fp32():
+    logits, labels = make((3, 7), 500, seed=31)
+    for T in (1.0, 0.7):
+        torch.testing.assert_close(ftrl.selective_log_softmax(logits, labels, T),
+                                   TRL_UTILS.selective_log_softmax(logits, labels, T), rtol=1e-5, atol=1e-5)
+    topk = torch.randint(0, 500, (3, 7, 4))
+    got = ftrl.selective_log_softmax(logits, topk, 0.9)
+    torch.testing.assert_close(got, TRL_UTILS.selective_log_softmax(logits, topk, 0.9), rtol=1e-5, atol=1e-5)
+    mask = torch.rand(3, 7) < 0.5
+    got = ftrl.selective_log_softmax(logits, labels, row_mask=mask)
+    torch.testing.assert_close(got, TRL_UTILS.selective_log_softmax(logits, labels, row_mask=mask))
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        ftrl.selective_log_softmax(logits, labels, 0.0)
+
+
+def test_trl_entropy_fp32_and_gradient():
+    logits, _ = make((2, 9), 300, seed=32)
+    torch.testing.assert_close(ftrl.entropy_from_logits(logits, chunk_size=4),
+                               TRL_UTILS.entropy_from_logits(logits, chunk_size=4), rtol=1e-5, atol=1e-5)
+    a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    ftrl.entropy_from_logits(a).sum().backward()
+    TRL_UTILS.entropy_from_logits(b).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_verl_fp32_and_gradient():
+    logits, labels = make((2, 9), 300, seed=33)
+    a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    got, want = fverl.logprobs_from_logits(a, labels), VERL_TF.logprobs_from_logits(b, labels)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fverl.entropy_from_logits(logits), VERL_TF.entropy_from_logits(logits),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="`labels` must lie in"):
+        fverl.logprobs_from_logits(logits, torch.full((2, 9), -100))
+
+
+def test_dropins_bf16_at_least_as_accurate_as_trainers():
+    logits, labels = make((4, 64), 4000, dtype=torch.bfloat16, seed=34)
+    truth_lp, truth_ent, _ = ref.logprobs(logits, labels)
+    ours = [ftrl.selective_log_softmax(logits, labels), fverl.logprobs_from_logits(logits, labels)]
+    theirs = [TRL_UTILS.selective_log_softmax(logits, labels), VERL_TF.logprobs_from_logits(logits, labels)]
+    for o, t in zip(ours, theirs):
+        assert o.dtype == t.dtype == torch.bfloat16 and o.shape == t.shape
+        assert err64(o, truth_lp) <= err64(t, truth_lp)
+    for o, t in ((ftrl.entropy_from_logits(logits), TRL_UTILS.entropy_from_logits(logits)),
+                 (fverl.entropy_from_logits(logits), VERL_TF.entropy_from_logits(logits))):
+        assert o.dtype == t.dtype == torch.bfloat16
+        assert err64(o, truth_ent) <= err64(t, truth_ent)
+    # the fp32 result itself is fp32-accurate
+    assert err64(fastrl.logprobs(logits, labels), truth_lp) < 1e-4 * max(1.0, truth_lp.abs().max().item())
+
+
+def test_backends_lists_the_ops():
+    report = fastrl.backends()
+    assert report["logprobs"]["cpu"] == "available" and report["logprobs_backward"]["cpu"] == "available"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_matches_cpu(dtype):
+    logits, labels = make((9, 5), 33001, dtype=dtype, seed=41, ignore_frac=0.2)
+    cpu = run_all(logits, labels, temperature=0.8)
+    x = logits.cuda().requires_grad_(True)
+    gpu = run_all(x, labels.cuda(), temperature=0.8)
+    for a, b in zip(gpu, cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=2e-5)
+    again = run_all(logits.cuda(), labels.cuda(), temperature=0.8)
+    assert all(torch.equal(a, b) for a, b in zip(again, gpu))
+    (gpu[0].sum() + gpu[1].sum()).backward()
+    xc = logits.clone().requires_grad_(True)
+    lp, ent, _ = run_all(xc, labels, temperature=0.8)
+    (lp.sum() + ent.sum()).backward()
+    torch.testing.assert_close(x.grad.cpu().float(), xc.grad.float(), rtol=1e-3, atol=1e-5 if dtype == torch.float32 else 2e-3)
+    bad = labels.cuda().clone()
+    bad[3] = 33001
+    assert math.isnan(fastrl.logprobs(logits.cuda(), bad)[3].item())
