@@ -1,5 +1,6 @@
 """fastrl.logprobs: log p(label), entropy and logsumexp from logits, forward and backward."""
 import math
+import os
 import subprocess
 import sys
 
@@ -321,3 +322,60 @@ def test_cuda_matches_cpu(dtype):
     bad = labels.cuda().clone()
     bad[3] = 33001
     assert math.isnan(fastrl.logprobs(logits.cuda(), bad)[3].item())
+
+
+# ------------------------------------------------------------------------- CPU ISA dispatch
+
+_ISA_SCRIPT = r"""
+import sys, torch, fastrl
+out = []
+for logits, labels, T in torch.load(sys.argv[1]):
+    x = logits.clone().requires_grad_(True)
+    lp, ent, lse = fastrl.logprobs(x, labels, temperature=T, return_entropy=True, return_lse=True)
+    (lp.sum() + 0.5 * ent.sum() + 0.25 * lse.sum()).backward()
+    out.append((lp.detach(), ent.detach(), lse.detach(), x.grad))
+torch.save(out, sys.argv[2])
+"""
+
+
+def _isa_cases():
+    cases = []
+    for V, dtype, T in ((1, torch.float32, 1.0), (17, torch.float32, 0.7), (1025, torch.float32, 1.0),
+                        (5000, torch.bfloat16, 0.9), (3000, torch.float16, 1.3), (333, torch.float64, 1.0)):
+        logits, labels = make((6,), V, dtype=dtype, seed=V, ignore_frac=0.2)
+        cases.append((logits, labels, T))
+    special = torch.randn(4, 40)
+    special[0, 3], special[1, 7], special[2, :10] = float("nan"), float("inf"), float("-inf")
+    cases.append((special, torch.tensor([0, 1, 12, -100]), 1.0))
+    return cases
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_cpu_isa_paths_match_reference_and_each_other(isa, tmp_path):
+    # FASTRL_CPU_ISA caps the runtime-dispatched CPU kernels (read once per process, hence the
+    # subprocess). The paths run the same IEEE operations per lane (no FMA), so they agree bitwise
+    # with the default (widest) path; on a CPU without the ISA the cap is a no-op.
+    cases = _isa_cases()
+    torch.save(cases, tmp_path / "cases.pt")
+    env = dict(os.environ, FASTRL_CPU_ISA=isa)
+    subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")],
+                   env=env, check=True, capture_output=True, text=True)
+    got = torch.load(tmp_path / "out.pt")
+    for (logits, labels, T), (lp, ent, lse, grad) in zip(cases, got):
+        x = logits.clone().requires_grad_(True)
+        want = run_all(x, labels, temperature=T)
+        (want[0].sum() + 0.5 * want[1].sum() + 0.25 * want[2].sum()).backward()
+        for a, b in zip((lp, ent, lse, grad), (*want, x.grad)):
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+        finite = ~torch.isnan(logits).any(-1) & ~torch.isinf(logits).any(-1)
+        rlp, rent, rlse = ref.logprobs(logits[finite], labels[finite], temperature=T)
+        torch.testing.assert_close(lp[finite].double(), rlp, rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(ent[finite].double(), rent, rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(lse[finite].double(), rlse, rtol=1e-6, atol=1e-5)
+
+
+def test_cpu_isa_rejects_unknown_value():
+    code = "import torch, fastrl; fastrl.logprobs(torch.randn(2, 5), torch.tensor([0, 1]))"
+    env = dict(os.environ, FASTRL_CPU_ISA="sse9")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "FASTRL_CPU_ISA must be baseline, avx2 or avx512" in out.stderr

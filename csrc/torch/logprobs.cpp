@@ -7,6 +7,7 @@
 
 #include "cpu/logprobs.h"
 #include "torch/checks.h"
+#include "torch/memory.h"
 #ifdef FASTRL_WITH_CUDA
 #include "torch/cuda_dispatch.h"
 #include "cuda/logprobs.cuh"
@@ -120,7 +121,7 @@ at::Tensor logprobs_backward_cpu(const at::Tensor& logits, const at::Tensor& lab
                                  int64_t ignore_index) {
   const Prepared p = prepare(logits, labels, temperature);
   const BackwardArgs a = prepare_backward(p, lse, entropy, grad_logprobs, grad_entropy, grad_lse);
-  at::Tensor grad = at::empty({p.rows, p.vocab}, p.logits.options());
+  at::Tensor grad = empty_streaming_output({p.rows, p.vocab}, p.logits.options());  // [N, V]: huge pages
   int64_t bad = -1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(), "fastrl::logprobs_backward", [&] {
     bad = cpu::logprobs_backward<scalar_t>(
