@@ -6,6 +6,7 @@
 #include <random>
 #include <vector>
 
+#include "check.h"
 #include "fastrl/advantages.h"
 
 using namespace fastrl;
@@ -18,31 +19,6 @@ float adv_of(double x, const GroupAccum& a, double batch_var, const Params& p) {
   return advantage(x, coefficients(a, batch_var, p), p);
 }
 
-int g_failures = 0;
-int g_checks = 0;
-
-#define CHECK(cond)                                                            \
-  do {                                                                         \
-    ++g_checks;                                                                \
-    if (!(cond)) {                                                             \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++g_failures;                                                            \
-    }                                                                          \
-  } while (0)
-
-// |a - b| <= tol * max(1, |b|), NaN only equal to NaN.
-#define CHECK_NEAR(a, b, tol)                                                                  \
-  do {                                                                                         \
-    ++g_checks;                                                                                \
-    const double a_ = static_cast<double>(a), b_ = static_cast<double>(b);                     \
-    const bool ok_ = (std::isnan(a_) && std::isnan(b_)) ||                                     \
-                     (std::fabs(a_ - b_) <= (tol) * std::fmax(1.0, std::fabs(b_)));            \
-    if (!ok_) {                                                                                \
-      std::fprintf(stderr, "%s:%d: CHECK_NEAR failed: %s = %.17g vs %s = %.17g (tol %g)\n",   \
-                   __FILE__, __LINE__, #a, a_, #b, b_, static_cast<double>(tol));              \
-      ++g_failures;                                                                            \
-    }                                                                                          \
-  } while (0)
 
 Params make_params(Baseline baseline, Scale scale, bool unbiased = true, double eps = 1e-6,
                    bool eps_on_var = false, bool singleton_zero = false, bool ignore_nan = false) {
@@ -381,10 +357,5 @@ int main() {
   test_singletons();
   test_nan_scores();
   test_empty_group_stats();
-  if (g_failures != 0) {
-    std::fprintf(stderr, "test_header_math: %d of %d checks failed\n", g_failures, g_checks);
-    return 1;
-  }
-  std::printf("test_header_math: all %d checks passed\n", g_checks);
-  return 0;
+  return check_summary("test_header_math");
 }

@@ -1,0 +1,150 @@
+// Host tests of the token-level math shared by the CPU and CUDA kernels: the affine recurrences of
+// fastrl/credit.h (the CUDA scan relies on their associativity) and the online softmax state of
+// fastrl/logprobs.h (the kernels merge row pieces in a fixed order). Built and run by ctest.
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "check.h"
+#include "fastrl/credit.h"
+#include "fastrl/logprobs.h"
+
+namespace {
+
+using fastrl::credit::Affine;
+
+// A backward scan composes the steps of positions T-1 .. 0; grouping the composition differently
+// (what a parallel scan does) must give the same map up to rounding.
+void test_affine_composition_is_associative() {
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  for (int trial = 0; trial < 100; ++trial) {
+    const Affine<double> a{u(rng), u(rng)}, b{u(rng), u(rng)}, c{u(rng), u(rng)};
+    const auto left = fastrl::credit::then(fastrl::credit::then(a, b), c);
+    const auto right = fastrl::credit::then(a, fastrl::credit::then(b, c));
+    CHECK_NEAR(left.c, right.c, 1e-14);
+    CHECK_NEAR(left.d, right.d, 1e-14);
+    const double x = u(rng);
+    CHECK_NEAR(fastrl::credit::apply(left, x),
+               fastrl::credit::apply(c, fastrl::credit::apply(b, fastrl::credit::apply(a, x))), 1e-14);
+  }
+  const auto id = fastrl::credit::identity<double>();
+  const Affine<double> f{0.5, 2.0};
+  CHECK(fastrl::credit::then(id, f).c == f.c && fastrl::credit::then(id, f).d == f.d);
+  CHECK(fastrl::credit::then(f, id).c == f.c && fastrl::credit::then(f, id).d == f.d);
+}
+
+// GAE over one row with masked (transparent) positions, by the header's steps, equals the textbook
+// recurrence written out (verl's loop).
+void test_gae_row_matches_recurrence() {
+  const std::vector<double> r = {0.1, -0.2, 0.0, 0.3, 1.0, 0.0};
+  const std::vector<double> v = {0.5, 0.4, 9.0, 0.2, 0.1, 7.0};
+  const std::vector<bool> valid = {true, true, false, true, true, false};
+  const double gamma = 0.9, lam = 0.8;
+  const int T = static_cast<int>(r.size());
+  std::vector<double> expect(T);
+  double next_v = 0.0, carry = 0.0;
+  for (int t = T - 1; t >= 0; --t) {  // verl: masked tokens keep the carry and the next value
+    if (valid[t]) {
+      carry = r[t] + gamma * next_v - v[t] + gamma * lam * carry;
+      next_v = v[t];
+    }
+    expect[t] = carry;
+  }
+  double nv = 0.0, got = 0.0;
+  for (int t = T - 1; t >= 0; --t) {
+    const auto step = fastrl::credit::gae_step(r[t], v[t], nv, valid[t], gamma, gamma * lam);
+    got = fastrl::credit::apply(step, got);
+    nv = fastrl::credit::next_value(static_cast<bool>(valid[t]), v[t], nv);
+    CHECK_NEAR(got, expect[t], 1e-12);
+  }
+}
+
+fastrl::logprobs::SoftmaxState single(float z) {
+  fastrl::logprobs::SoftmaxState st;
+  st.m = z;
+  st.s = 1.0f;
+  st.t = 0.0f;
+  return st;
+}
+
+// Merging the row in pieces (any split) gives the row's logsumexp and entropy.
+void test_online_softmax_merge() {
+  std::mt19937 rng(2);
+  std::normal_distribution<double> n(0.0, 3.0);
+  for (int trial = 0; trial < 50; ++trial) {
+    const int V = 1 + trial * 7;
+    std::vector<float> z(V);
+    for (auto& x : z) x = static_cast<float>(n(rng));
+    double mx = -INFINITY;
+    for (float x : z) mx = std::fmax(mx, x);
+    double s = 0.0, t = 0.0;
+    for (float x : z) {
+      s += std::exp(x - mx);
+      t += std::exp(x - mx) * (x - mx);
+    }
+    const double lse = mx + std::log(s), entropy = std::log(s) - t / s;
+    auto whole = fastrl::logprobs::state_empty();
+    for (float x : z) whole = fastrl::logprobs::merge(whole, single(x));
+    auto left = fastrl::logprobs::state_empty(), right = fastrl::logprobs::state_empty();
+    for (int j = 0; j < V; ++j) {
+      auto& part = j < V / 3 ? left : right;
+      part = fastrl::logprobs::merge(part, single(z[j]));
+    }
+    const auto split = fastrl::logprobs::merge(left, right);
+    for (const auto& st : {whole, split}) {
+      CHECK_NEAR(fastrl::logprobs::state_lse(st), lse, 1e-5);
+      CHECK_NEAR(fastrl::logprobs::state_entropy(st), entropy, 1e-4);
+    }
+  }
+  // -inf logits have probability 0 and do not turn the entropy into NaN.
+  auto st = fastrl::logprobs::merge(single(0.0f), single(-INFINITY));
+  CHECK_NEAR(fastrl::logprobs::state_lse(st), 0.0, 1e-7);
+  CHECK_NEAR(fastrl::logprobs::state_entropy(st), 0.0, 1e-7);
+}
+
+// grad_z against central finite differences of g_lp * log p(y) + g_ent * H + g_lse * lse (fp64).
+void test_grad_z_matches_finite_differences() {
+  const std::vector<double> z0 = {0.3, -1.2, 2.0, 0.0, -0.5};
+  const int y = 2;
+  const double g_lp = 0.7, g_ent = -0.4, g_lse = 0.25;
+  auto objective = [&](const std::vector<double>& z) {
+    double mx = -INFINITY, s = 0.0, t = 0.0;
+    for (double x : z) mx = std::fmax(mx, x);
+    for (double x : z) {
+      s += std::exp(x - mx);
+      t += std::exp(x - mx) * (x - mx);
+    }
+    const double lse = mx + std::log(s);
+    return g_lp * (z[y] - lse) + g_ent * (std::log(s) - t / s) + g_lse * lse;
+  };
+  double mx = -INFINITY, s = 0.0, t = 0.0;
+  for (double x : z0) mx = std::fmax(mx, x);
+  for (double x : z0) {
+    s += std::exp(x - mx);
+    t += std::exp(x - mx) * (x - mx);
+  }
+  const float lse = static_cast<float>(mx + std::log(s));
+  const float entropy = static_cast<float>(std::log(s) - t / s);
+  for (int j = 0; j < static_cast<int>(z0.size()); ++j) {
+    std::vector<double> up = z0, down = z0;
+    up[j] += 1e-6;
+    down[j] -= 1e-6;
+    const double fd = (objective(up) - objective(down)) / 2e-6;
+    const float p = std::exp(static_cast<float>(z0[j]) - lse);
+    const float g = fastrl::logprobs::grad_z(static_cast<float>(z0[j]), p, lse, entropy,
+                                             static_cast<float>(g_lp), static_cast<float>(g_ent),
+                                             static_cast<float>(g_lse), j == y);
+    CHECK_NEAR(g, fd, 1e-4);
+  }
+}
+
+}  // namespace
+
+int main() {
+  test_affine_composition_is_associative();
+  test_gae_row_matches_recurrence();
+  test_online_softmax_merge();
+  test_grad_z_matches_finite_differences();
+  return check_summary("test_token_math");
+}
