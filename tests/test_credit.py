@@ -742,3 +742,196 @@ def test_backends_lists_kl_and_reward_ops():
     report = fastrl.backends()
     for op in ("kl_penalty", "token_rewards"):
         assert report[op]["cpu"] == "available" and report[op]["reference"] == "available"
+
+
+# ------------------------------------------------------------------------------- segment_reduce
+
+REDUCTIONS = ["sum", "mean", "geomean", "last"]
+
+
+def segment_batch(B, T, seed, *, dtype=torch.float32, mask_dtype=torch.int64, all_masked_rows=()):
+    gen = torch.Generator().manual_seed(seed)
+    x = (0.5 * torch.randn(B, T, generator=gen)).to(dtype)
+    _, _, mask = multiturn_batch(B, T, seed, mask_dtype=mask_dtype, all_masked_rows=all_masked_rows)
+    return x, mask
+
+
+def segment_by_loops(x, mask, reduce):
+    """Independent per-row Python loop in fp64."""
+    out = []
+    for row, mrow in zip(x.double().tolist(), mask.bool().tolist()):
+        vals = [v for v, k in zip(row, mrow) if k]
+        if reduce == "sum":
+            out.append(math.fsum(vals))
+        elif reduce == "mean":
+            out.append(math.fsum(vals) / len(vals) if vals else 0.0)
+        elif reduce == "geomean":
+            out.append(math.exp(math.fsum(vals) / len(vals)) if vals else 1.0)
+        else:
+            out.append(vals[-1] if vals else 0.0)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("reduce", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32])
+def test_segment_reduce_matches_reference(reduce, dtype, mask_dtype):
+    x, mask = segment_batch(37, 29, 3, dtype=dtype, mask_dtype=mask_dtype, all_masked_rows=(0, 5))
+    got = fastrl.credit.segment_reduce(x, mask, reduce=reduce)
+    want = ref.segment_reduce(x, mask, reduce=reduce)
+    assert got.shape == (37,) and got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert want.dtype == got.dtype
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.double(), segment_by_loops(x, mask, reduce), rtol=1e-6, atol=1e-6)
+
+
+def test_segment_reduce_by_hand():
+    x = torch.tensor([[0.1, 0.3, 9.0], [-0.2, float("nan"), 0.0], [1.0, 2.0, 3.0]])
+    m = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    sr = fastrl.credit.segment_reduce
+    torch.testing.assert_close(sr(x, m, reduce="sum"), torch.tensor([0.4, -0.2, 0.0]))
+    torch.testing.assert_close(sr(x, m, reduce="mean"), torch.tensor([0.2, -0.2, 0.0]))
+    torch.testing.assert_close(sr(x, m, reduce="geomean"), torch.tensor([math.exp(0.2), math.exp(-0.2), 1.0]))
+    torch.testing.assert_close(sr(x, m, reduce="last"), torch.tensor([0.3, -0.2, 0.0]))
+    torch.testing.assert_close(sr(x[::2]), torch.tensor([9.4, 6.0]))  # no mask: every token
+    assert sr(x[[0, 2]], reduce="last").tolist() == [9.0, 3.0]
+
+
+def test_segment_reduce_geomean_is_gspo_ratio():
+    gen = torch.Generator().manual_seed(7)
+    logp, old = torch.randn(4, 9, generator=gen, dtype=torch.float64), torch.randn(4, 9, generator=gen, dtype=torch.float64)
+    m = (torch.rand(4, 9, generator=gen) < 0.8).double()
+    m[:, 0] = 1
+    gspo = torch.exp(((logp - old) * m).sum(-1) / m.sum(-1))
+    torch.testing.assert_close(fastrl.credit.segment_reduce(logp - old, m, reduce="geomean"), gspo)
+    prod = torch.stack([torch.prod(torch.exp(logp - old)[b][m[b].bool()]) ** (1 / m[b].sum()) for b in range(4)])
+    torch.testing.assert_close(fastrl.credit.segment_reduce(logp - old, m, reduce="geomean"), prod)
+
+
+@pytest.mark.parametrize("reduce", REDUCTIONS)
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_segment_reduce_packed_equals_padded(reduce, with_mask):
+    x, mask = segment_batch(23, 31, 11, all_masked_rows=(3,))
+    xp, cu, keep = pack(x, mask)
+    mp = mask[keep] if with_mask else None
+    padded_mask = mask if with_mask else keep.long()
+    got = fastrl.credit.segment_reduce(xp, mp, cu_seqlens=cu, reduce=reduce)
+    assert got.shape == (23,)
+    assert torch.equal(got, fastrl.credit.segment_reduce(x, padded_mask, reduce=reduce))
+    torch.testing.assert_close(got, ref.segment_reduce(xp, mp, cu_seqlens=cu, reduce=reduce), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduce", REDUCTIONS)
+def test_segment_reduce_empty_inputs(reduce):
+    sr = fastrl.credit.segment_reduce
+    empty_value = 1.0 if reduce == "geomean" else 0.0
+    assert sr(torch.zeros(0, 5), torch.zeros(0, 5), reduce=reduce).shape == (0,)
+    assert sr(torch.zeros(3, 0), torch.zeros(3, 0), reduce=reduce).tolist() == [empty_value] * 3
+    got = sr(torch.zeros(0), cu_seqlens=torch.zeros(3, dtype=torch.int64), reduce=reduce)
+    assert got.tolist() == [empty_value] * 2
+    assert sr(torch.zeros(0), cu_seqlens=torch.zeros(1, dtype=torch.int64), reduce=reduce).shape == (0,)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    sr(x, torch.zeros(4, 6), reduce=reduce).sum().backward()
+    assert torch.equal(x.grad, torch.zeros(4, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("reduce", REDUCTIONS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_segment_reduce_gradcheck(reduce, packed):
+    x, mask = segment_batch(6, 8, 5, dtype=torch.float64, all_masked_rows=(2,))
+    if packed:
+        x, cu, keep = pack(x, mask)
+        mask = mask[keep]
+    else:
+        cu = None
+    x.requires_grad_(True)
+    torch.autograd.gradcheck(lambda v: fastrl.credit.segment_reduce(v, mask, cu_seqlens=cu, reduce=reduce), (x,))
+    torch.autograd.gradcheck(lambda v: fastrl.credit.segment_reduce(v, cu_seqlens=cu, reduce=reduce), (x,))
+    # and the same gradient as autograd through the reference
+    g = torch.randn(6, dtype=torch.float64)
+    (got,) = torch.autograd.grad(fastrl.credit.segment_reduce(x, mask, cu_seqlens=cu, reduce=reduce), x, g)
+    (want,) = torch.autograd.grad(ref.segment_reduce(x, mask, cu_seqlens=cu, reduce=reduce), x, g)
+    torch.testing.assert_close(got, want)
+
+
+def test_segment_reduce_grad_dtype_and_masked_nan():
+    x = torch.tensor([[0.5, float("nan"), 1.5]], dtype=torch.bfloat16, requires_grad=True)
+    m = torch.tensor([[1, 0, 1]])
+    fastrl.credit.segment_reduce(x, m, reduce="mean").sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and x.grad.tolist() == [[0.5, 0.0, 0.5]]
+
+
+def test_segment_reduce_opcheck():
+    ops = torch.ops.fastrl
+    x, mask = segment_batch(5, 7, 2, all_masked_rows=(1,))
+    xp, cu, keep = pack(x, mask)
+    for reduce in REDUCTIONS:
+        torch.library.opcheck(ops.segment_reduce.default, (x.clone().requires_grad_(True), mask, None, reduce))
+        torch.library.opcheck(ops.segment_reduce.default, (xp.clone().requires_grad_(True), mask[keep], cu, reduce))
+        torch.library.opcheck(ops.segment_reduce.default, (xp.double().requires_grad_(True), None, cu, reduce))
+        torch.library.opcheck(ops.segment_reduce_backward.default, (torch.ones(5), x, mask, None, reduce))
+
+
+def test_segment_reduce_torch_compile_no_graph_break():
+    x, mask = segment_batch(4, 6, 1)
+    fn = torch.compile(lambda v, m: fastrl.credit.segment_reduce(v, m, reduce="geomean") * 2, fullgraph=True,
+                       backend="eager")
+    torch.testing.assert_close(fn(x, mask), 2 * ref.segment_reduce(x, mask, reduce="geomean"))
+
+
+def test_segment_reduce_deterministic_across_thread_counts():
+    x, mask = segment_batch(300, 700, 4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [fastrl.credit.segment_reduce(x, mask, reduce=r) for r in REDUCTIONS]
+    finally:
+        torch.set_num_threads(threads)
+    for r, a in zip(REDUCTIONS, one):
+        assert torch.equal(a, fastrl.credit.segment_reduce(x, mask, reduce=r))
+
+
+def test_segment_reduce_reference_backend(monkeypatch):
+    x, mask = segment_batch(5, 9, 6)
+    monkeypatch.setattr(fastrl._extension, "BACKEND", "reference")
+    got = fastrl.credit.segment_reduce(x, mask, reduce="last")
+    monkeypatch.undo()
+    assert torch.equal(got, fastrl.credit.segment_reduce(x, mask, reduce="last"))
+
+
+def _segment(**kw):
+    args = dict(x=torch.randn(3, 4), mask=torch.ones(3, 4), cu_seqlens=None, reduce="sum")
+    args.update(kw)
+    return fastrl.credit.segment_reduce(args.pop("x"), args.pop("mask"), **args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(reduce="max"), ValueError, r"must be one of 'sum', 'mean', 'geomean', 'last'; got 'max'"),
+        (dict(mask=torch.ones(3, 5)), RuntimeError, r"`mask` has shape \[3, 5\] but `x` has shape \[3, 4\]"),
+        (dict(mask=torch.full((3, 4), 2.0)), RuntimeError, r"`mask` must hold only 0 and 1, got 2 at flat index 0"),
+        (dict(mask=torch.tensor([[1, 1, 1, 1], [1, 0, -1, 1], [1, 1, 1, 1]])), RuntimeError,
+         r"only 0 and 1, got -1 at flat index 6"),
+        (dict(x=torch.ones(3, 4, dtype=torch.int64)), RuntimeError, "`x` must be a floating tensor"),
+        (dict(x=torch.randn(12)), RuntimeError, "`x` must be 2-D"),
+        (dict(x=torch.randn(12), mask=None, cu_seqlens=torch.tensor([0, 5, 11])), RuntimeError,
+         "`cu_seqlens` must end at the number of tokens N = 12"),
+        (dict(cu_seqlens=torch.tensor([0, 12])), RuntimeError, "`x` must be 1-D"),
+        (dict(mask=torch.ones(3, 4, dtype=torch.float16)), RuntimeError, "`mask` must be bool, uint8"),
+    ],
+)
+def test_segment_reduce_bad_input(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        _segment(**kwargs)
+
+
+def test_segment_reduce_reference_bad_reduce():
+    with pytest.raises(ValueError, match="'sum', 'mean', 'geomean', 'last'; got 'min'"):
+        ref.segment_reduce(torch.randn(2, 3), reduce="min")
+
+
+def test_backends_lists_segment_reduce():
+    report = fastrl.backends()["segment_reduce"]
+    assert report["cpu"] == "available" and report["reference"] == "available"
+    assert report["cuda"].startswith("unavailable: not implemented yet")

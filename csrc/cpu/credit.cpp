@@ -209,6 +209,72 @@ int64_t token_rewards(const scalar_t* scores, const mask_t* mask, const scalar_t
   return bad.load();
 }
 
+
+// One pass over row b: (sum, count, last value, last index) of its valid tokens, fp64, in order.
+template <typename scalar_t, typename mask_t>
+inline int64_t segment_scan(const scalar_t* x, const mask_t* mask, int64_t begin, int64_t end,
+                            double* sum, double* count, double* last, int64_t* last_i) {
+  double s = 0.0, n = 0.0, l = 0.0;
+  int64_t li = -1, bad = -1;
+  for (int64_t i = begin; i < end; ++i) {
+    int bit = mask ? mask_bit(mask[i]) : 1;
+    if (bit < 0) {
+      if (bad < 0) bad = i;
+      continue;
+    }
+    if (bit == 1) {
+      l = static_cast<double>(x[i]);
+      s += l;
+      n += 1.0;
+      li = i;
+    }
+  }
+  *sum = s;
+  *count = n;
+  *last = l;
+  *last_i = li;
+  return bad;
+}
+
+template <typename scalar_t, typename mask_t, typename out_t>
+int64_t segment_reduce(const scalar_t* x, const mask_t* mask, Rows rows, credit::SegmentReduce op,
+                       out_t* out) {
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, rows.num_rows, row_grain(rows), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double s, n, l;
+      int64_t li;
+      const int64_t rb = segment_scan(x, mask, row_begin(rows, b), row_end(rows, b), &s, &n, &l, &li);
+      if (rb >= 0) record_min(bad, rb);
+      out[b] = static_cast<out_t>(credit::segment_value(op, s, n, l));
+    }
+  });
+  return bad.load();
+}
+
+template <typename scalar_t, typename mask_t, typename out_t>
+int64_t segment_reduce_grad(const out_t* grad, const scalar_t* x, const mask_t* mask, Rows rows,
+                            credit::SegmentReduce op, scalar_t* grad_x) {
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, rows.num_rows, row_grain(rows), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t begin = row_begin(rows, b), end = row_end(rows, b);
+      double s, n, l;
+      int64_t li;
+      const int64_t rb = segment_scan(x, mask, begin, end, &s, &n, &l, &li);
+      if (rb >= 0) record_min(bad, rb);
+      const double g = static_cast<double>(grad[b]);
+      const double f = n > 0.0 ? credit::segment_grad(op, s, n, false) : 0.0;
+      for (int64_t i = begin; i < end; ++i) {
+        const bool valid = mask ? mask_bit(mask[i]) == 1 : true;
+        const double fi = (op == credit::SegmentReduce::kLast) ? (i == li ? 1.0 : 0.0) : f;
+        grad_x[i] = static_cast<scalar_t>(valid ? g * fi : 0.0);
+      }
+    }
+  });
+  return bad.load();
+}
+
 #define FASTRL_INSTANTIATE_KL(T, A, O)                                                           \
   template void kl_penalty<T, A, O>(const T*, const T*, int64_t, credit::KlKind,                 \
                                     credit::KlConvention, O*);                                   \
@@ -228,7 +294,10 @@ FASTRL_INSTANTIATE_KL(c10::BFloat16, float, float)
   template int64_t discounted_returns<T, M, A>(const T*, const M*, Rows, double,                    \
                                                credit::ReturnsMode, A*);                            \
   template int64_t masked_moments<T, M>(const T*, const M*, int64_t, credit::Moments*);       \
-  template int64_t token_rewards<T, M, A>(const T*, const M*, const T*, Rows, double, A*);
+  template int64_t token_rewards<T, M, A>(const T*, const M*, const T*, Rows, double, A*);      \
+  template int64_t segment_reduce<T, M, A>(const T*, const M*, Rows, credit::SegmentReduce, A*); \
+  template int64_t segment_reduce_grad<T, M, A>(const A*, const T*, const M*, Rows,              \
+                                                credit::SegmentReduce, T*);
 #define FASTRL_INSTANTIATE(T, A)                  \
   FASTRL_INSTANTIATE_MASKED(T, bool, A)           \
   FASTRL_INSTANTIATE_MASKED(T, uint8_t, A)        \

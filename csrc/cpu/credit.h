@@ -57,5 +57,17 @@ template <typename scalar_t, typename mask_t, typename acc_t>
 int64_t token_rewards(const scalar_t* scores, const mask_t* mask, const scalar_t* kl, Rows rows,
                       double kl_coef, acc_t* out);
 
+
+// credit::segment_value per row (rows in parallel, each summed in fp64 in token order): out[b].
+// mask == nullptr: every token is valid.
+template <typename scalar_t, typename mask_t, typename out_t>
+int64_t segment_reduce(const scalar_t* x, const mask_t* mask, Rows rows, credit::SegmentReduce op,
+                       out_t* out);
+
+// grad_x[i] = grad[b] * credit::segment_grad(...) at valid tokens of row b, 0 at masked ones.
+template <typename scalar_t, typename mask_t, typename out_t>
+int64_t segment_reduce_grad(const out_t* grad, const scalar_t* x, const mask_t* mask, Rows rows,
+                            credit::SegmentReduce op, scalar_t* grad_x);
+
 }  // namespace cpu
 }  // namespace fastrl

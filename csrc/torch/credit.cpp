@@ -5,6 +5,7 @@
 //   masked_whiten             verl's masked_whiten, statistics in fp64
 //   kl_penalty(_backward)     per-token KL estimators (verl / OpenRLHF conventions), elementwise
 //   token_rewards             outcome score at the last valid token minus kl_coef * kl
+//   segment_reduce(_backward) token -> sequence sum / mean / geomean / last (CPU only so far)
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -433,6 +434,99 @@ at::Tensor masked_whiten_cpu(const at::Tensor& x, const at::Tensor& mask, bool s
   return out;
 }
 
+
+// ------------------------------------------------------------------------- segment reductions
+
+credit::SegmentReduce parse_reduce(c10::string_view reduce) {
+  const std::string r(reduce);
+  if (r == "sum") return credit::SegmentReduce::kSum;
+  if (r == "mean") return credit::SegmentReduce::kMean;
+  if (r == "geomean") return credit::SegmentReduce::kGeomean;
+  if (r == "last") return credit::SegmentReduce::kLast;
+  TORCH_CHECK_VALUE(false, "fastrl: segment_reduce `reduce` must be one of 'sum', 'mean', 'geomean', "
+                    "'last'; got '", r, "'");
+}
+
+struct SegmentInputs {
+  at::Tensor x, mask;  // contiguous; mask undefined when not given
+  cpu::Rows rows;
+  credit::SegmentReduce op;
+};
+
+SegmentInputs prepare_segment(const at::Tensor& x, const c10::optional<at::Tensor>& mask,
+                              const c10::optional<at::Tensor>& cu_seqlens, c10::string_view reduce) {
+  SegmentInputs in;
+  in.op = parse_reduce(reduce);
+  check_floating(x, "x");
+  in.rows = token_rows(x, "x", cu_seqlens);
+  if (mask.has_value()) {
+    check_same_shape(*mask, "mask", x, "x");
+    check_same_device(*mask, "mask", x, "x");
+    check_mask_dtype(*mask);
+    in.mask = mask->contiguous();
+  }
+  in.x = x.contiguous();
+  return in;
+}
+
+// Calls f with mask_t bound to the mask's type (bool when there is no mask: a null pointer).
+#define FASTRL_DISPATCH_OPT_MASK(mask, ...)                                         \
+  [&] {                                                                             \
+    if (!(mask).defined()) {                                                        \
+      using mask_t = bool;                                                          \
+      return __VA_ARGS__();                                                         \
+    }                                                                               \
+    return FASTRL_DISPATCH_MASK((mask).scalar_type(), __VA_ARGS__);                 \
+  }()
+
+template <typename mask_t>
+const mask_t* opt_mask_ptr(const at::Tensor& mask) {
+  return mask.defined() ? mask.data_ptr<mask_t>() : nullptr;
+}
+
+at::Tensor segment_reduce_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& mask,
+                              const c10::optional<at::Tensor>& cu_seqlens, c10::string_view reduce) {
+  SegmentInputs in = prepare_segment(x, mask, cu_seqlens, reduce);
+  at::Tensor out = at::empty({in.rows.num_rows}, in.x.options().dtype(acc_dtype(in.x.scalar_type())));
+  int64_t bad = -1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "fastrl::segment_reduce", [&] {
+    using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    FASTRL_DISPATCH_OPT_MASK(in.mask, [&] {
+      bad = cpu::segment_reduce<scalar_t, mask_t, acc_t>(in.x.data_ptr<scalar_t>(),
+                                                         opt_mask_ptr<mask_t>(in.mask), in.rows,
+                                                         in.op, out.data_ptr<acc_t>());
+    });
+  });
+  if (bad >= 0) raise_bad_mask(bad, in.mask);
+  return out;
+}
+
+// d out / d x (the op is not differentiable in mask), in x's dtype; grad is [B].
+at::Tensor segment_reduce_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                       const c10::optional<at::Tensor>& mask,
+                                       const c10::optional<at::Tensor>& cu_seqlens,
+                                       c10::string_view reduce) {
+  SegmentInputs in = prepare_segment(x, mask, cu_seqlens, reduce);
+  check_dim(grad, "grad", 1);
+  TORCH_CHECK(grad.size(0) == in.rows.num_rows, "fastrl: `grad` has ", grad.size(0),
+              " entries but there are ", in.rows.num_rows, " rows");
+  check_same_device(grad, "grad", x, "x");
+  at::Tensor grad_x = empty_streaming_output(in.x.sizes(), in.x.options());
+  int64_t bad = -1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(),
+                                  "fastrl::segment_reduce_backward", [&] {
+    using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    const at::Tensor g = grad.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    FASTRL_DISPATCH_OPT_MASK(in.mask, [&] {
+      bad = cpu::segment_reduce_grad<scalar_t, mask_t, acc_t>(
+          g.data_ptr<acc_t>(), in.x.data_ptr<scalar_t>(), opt_mask_ptr<mask_t>(in.mask), in.rows,
+          in.op, grad_x.data_ptr<scalar_t>());
+    });
+  });
+  if (bad >= 0) raise_bad_mask(bad, in.mask);
+  return grad_x;
+}
+
 // --------------------------------------------------------------------------------------- CUDA
 
 #ifdef FASTRL_WITH_CUDA
@@ -603,6 +697,10 @@ TORCH_LIBRARY_FRAGMENT(fastrl, m) {
   m.def(
       "token_rewards(Tensor scores, Tensor mask, Tensor? kl, Tensor? cu_seqlens, float kl_coef,"
       " float? clip) -> Tensor");
+  m.def("segment_reduce(Tensor x, Tensor? mask, Tensor? cu_seqlens, str reduce) -> Tensor");
+  m.def(
+      "segment_reduce_backward(Tensor grad, Tensor x, Tensor? mask, Tensor? cu_seqlens, str reduce)"
+      " -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastrl, CPU, m) {
@@ -614,6 +712,8 @@ TORCH_LIBRARY_IMPL(fastrl, CPU, m) {
   m.impl("kl_penalty", &kl_penalty_cpu);
   m.impl("kl_penalty_backward", &kl_penalty_backward_cpu);
   m.impl("token_rewards", &token_rewards_cpu);
+  m.impl("segment_reduce", &segment_reduce_cpu);  // CPU only for now (no CUDA kernel yet)
+  m.impl("segment_reduce_backward", &segment_reduce_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fastrl, CUDA, m) {

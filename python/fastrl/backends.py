@@ -18,6 +18,13 @@ OPS: dict[str, tuple[str, ...]] = {
     "token_rewards": ("cpu", "cuda", "reference"),
     "logprobs": ("cpu", "cuda", "reference"),
     "logprobs_backward": ("cpu", "cuda", "reference"),  # the reference: autograd through the fp64 log-softmax
+    "segment_reduce": ("cpu", "cuda", "reference"),
+}
+
+# (op, implementation) pairs fastrl does not have yet: reported as such, not as a build problem.
+NOT_IMPLEMENTED: dict[tuple[str, str], str] = {
+    ("segment_reduce", "cuda"): "not implemented yet (no CUDA kernel for this op; use CPU tensors "
+                                "or FASTRL_BACKEND=reference)",
 }
 
 
@@ -62,6 +69,7 @@ def backends() -> dict[str, dict[str, str]]:
     for op, impls in OPS.items():
         report[op] = {}
         for impl in impls:
-            why = _why_not(impl)
+            why = NOT_IMPLEMENTED.get((op, impl)) or _why_not(impl)
             report[op][impl] = "available" if why is None else f"unavailable: {why}"
     return report
+

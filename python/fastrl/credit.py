@@ -13,6 +13,8 @@ int64, float32 or float64 holding only 0 and 1.
 * :func:`broadcast_to_tokens` -- a per-sample value on every token.
 * :func:`kl_penalty` -- per-token KL estimators (k1/abs/k2/k3) in verl's or OpenRLHF's convention,
   differentiable (closed-form gradient).
+* :func:`segment_reduce` -- token -> sequence reductions (sum, mean, GSPO's geometric-mean ratio,
+  last valid token), differentiable in the token values (CPU kernel; no CUDA kernel yet).
 * :func:`token_rewards` -- the outcome score at each row's last valid token minus ``kl_coef * kl``
   (OpenRLHF ``compute_reward`` / TRL PPO), one pass.
 
@@ -36,11 +38,12 @@ from fastrl import _extension
 from fastrl.reference import credit as _ref
 
 __all__ = ["broadcast_to_tokens", "gae", "discounted_returns", "masked_mean", "masked_var", "masked_whiten",
-           "kl_penalty", "token_rewards"]
+           "kl_penalty", "token_rewards", "segment_reduce"]
 
 RETURNS_MODES = _ref.RETURNS_MODES
 KL_KINDS = _ref.KL_KINDS
 KL_CONVENTIONS = _ref.KL_CONVENTIONS
+SEGMENT_REDUCTIONS = _ref.SEGMENT_REDUCTIONS
 
 
 def broadcast_to_tokens(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -323,6 +326,50 @@ def token_rewards(scores: torch.Tensor, mask: torch.Tensor, *, kl: torch.Tensor 
                                           None if clip is None else float(clip))
 
 
+def segment_reduce(x: torch.Tensor, mask: torch.Tensor | None = None, *, cu_seqlens: torch.Tensor | None = None,
+                   reduce: str = "sum") -> torch.Tensor:
+    """Per-sequence reduction of token values: ``[B, T]`` (+ ``mask``) or packed ``[N]`` (+ ``cu_seqlens``) -> ``[B]``.
+
+    With ``V_b`` the valid tokens of row ``b`` (``mask == 1``; every token when ``mask`` is None) and
+    ``n_b = |V_b|``::
+
+        "sum"      out_b = sum_{t in V_b} x_t
+        "mean"     out_b = sum_{t in V_b} x_t / n_b                  (0 when n_b = 0)
+        "geomean"  out_b = exp(sum_{t in V_b} x_t / n_b)             (1 = exp(0) when n_b = 0)
+        "last"     out_b = x at the last t in V_b                    (0 when n_b = 0)
+
+    ``"geomean"`` takes ``x`` in log space: with ``x = logp - old_logp`` it is the geometric mean of
+    the token ratios, GSPO's sequence-level importance ratio
+    ``s_b = exp(mean_t (logp_t - old_logp_t)) = (prod_t pi(y_t) / pi_old(y_t)) ** (1 / n_b)``.
+    Masked tokens never reach the result (a NaN there is ignored).
+
+    Args:
+        x: ``[B, T]`` (padded) or ``[N]`` (packed), floating (float32/float64/bfloat16/float16).
+        mask: ``x``'s shape, 0/1 (bool, uint8, int32, int64, float32, float64), or None (all valid).
+        cu_seqlens: ``int64[B+1]`` row offsets for the packed layout (0, non-decreasing, ending at N).
+        reduce: ``"sum"``, ``"mean"``, ``"geomean"`` or ``"last"`` (``ValueError`` otherwise).
+
+    Returns:
+        ``[B]``, float64 for float64 ``x`` else float32, accumulated in fp64 in token order (rows in
+        parallel; deterministic whatever the thread count). Differentiable in ``x`` (a compiled
+        backward: ``g * mask`` for sum, ``g * mask / n_b`` for mean, ``g * out_b * mask / n_b`` for
+        geomean, ``g`` at the last valid token for last; 0 for an empty row). CPU only for now: a
+        CUDA tensor raises ``NotImplementedError`` (``FASTRL_BACKEND=reference`` runs it in torch).
+
+    >>> x = torch.tensor([[0.1, 0.3, 9.0], [-0.2, 0.0, 0.0]]); m = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    >>> fastrl.credit.segment_reduce(x, m, reduce="mean")
+    tensor([ 0.2000, -0.2000])
+    >>> fastrl.credit.segment_reduce(x[m.bool()], cu_seqlens=torch.tensor([0, 2, 3]), reduce="geomean")
+    tensor([1.2214, 0.8187])
+    """
+    if _extension.use_reference():
+        return _ref.segment_reduce(x, mask, cu_seqlens=cu_seqlens, reduce=reduce)
+    if x.device.type != "cpu":
+        raise NotImplementedError(f"fastrl: segment_reduce has no {x.device.type.upper()} kernel yet (CPU only); "
+                                  "move the tensors to the CPU or set FASTRL_BACKEND=reference")
+    return torch.ops.fastrl.segment_reduce(x, mask, cu_seqlens, reduce)
+
+
 # ----------------------------------------------------------------------------------- fake kernels
 
 
@@ -392,6 +439,29 @@ def _token_rewards_fake(scores, mask, kl, cu_seqlens, kl_coef, clip):
     return mask.new_empty(mask.shape, dtype=_token_dtype(*dtypes))
 
 
+def _segment_fake(x, mask, cu_seqlens, reduce):
+    rows = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return x.new_empty((rows,), dtype=_token_dtype(x.dtype))
+
+
+def _segment_backward_fake(grad, x, mask, cu_seqlens, reduce):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _segment_setup(ctx, inputs, output):
+    x, mask, cu_seqlens, reduce = inputs
+    ctx.save_for_backward(x, mask, cu_seqlens)
+    ctx.reduce = reduce
+
+
+def _segment_backward(ctx, grad):
+    x, mask, cu_seqlens = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.fastrl.segment_reduce_backward(grad, x, mask, cu_seqlens, ctx.reduce)
+    return grad_x, None, None, None
+
+
 if _extension._C is not None:
     torch.library.register_fake("fastrl::broadcast_to_tokens")(_broadcast_fake)
     torch.library.register_autograd("fastrl::broadcast_to_tokens", _broadcast_backward, setup_context=_broadcast_setup)
@@ -403,3 +473,6 @@ if _extension._C is not None:
     torch.library.register_fake("fastrl::kl_penalty_backward")(_kl_backward_fake)
     torch.library.register_autograd("fastrl::kl_penalty", _kl_backward, setup_context=_kl_setup)
     torch.library.register_fake("fastrl::token_rewards")(_token_rewards_fake)
+    torch.library.register_fake("fastrl::segment_reduce")(_segment_fake)
+    torch.library.register_fake("fastrl::segment_reduce_backward")(_segment_backward_fake)
+    torch.library.register_autograd("fastrl::segment_reduce", _segment_backward, setup_context=_segment_setup)

@@ -264,5 +264,36 @@ FASTRL_HOST_DEVICE A token_reward(bool valid, bool last, A score, A kl_coef, A k
   return valid ? (last ? score - penalty : A(0) - penalty) : A(0);  // 0 - p: +0 when p = 0
 }
 
+
+// ------------------------------------------------------------------------------ segment reductions
+// Token -> sequence reductions over the valid tokens of a row, fp64 accumulation in token order:
+//   sum      S = sum_t x_t
+//   mean     S / n                  (n = number of valid tokens; 0 for n = 0)
+//   geomean  exp(S / n)             (x is a log-ratio: GSPO's sequence ratio; 1 = exp(0) for n = 0)
+//   last     x at the last valid token (0 for n = 0)
+// and d out / d x_t at a valid token t (0 at masked tokens):
+//   sum 1;  mean 1 / n;  geomean exp(S / n) / n;  last [t is the last valid token].
+
+enum class SegmentReduce : int32_t { kSum = 0, kMean = 1, kGeomean = 2, kLast = 3 };
+
+FASTRL_HOST_DEVICE double segment_value(SegmentReduce op, double sum, double count, double last) {
+  switch (op) {
+    case SegmentReduce::kSum: return sum;
+    case SegmentReduce::kMean: return count > 0.0 ? sum / count : 0.0;
+    case SegmentReduce::kGeomean: return count > 0.0 ? ::exp(sum / count) : 1.0;
+    default: return count > 0.0 ? last : 0.0;
+  }
+}
+
+// The gradient factor of every valid token but the last (`is_last` false) or of the last one.
+FASTRL_HOST_DEVICE double segment_grad(SegmentReduce op, double sum, double count, bool is_last) {
+  switch (op) {
+    case SegmentReduce::kSum: return 1.0;
+    case SegmentReduce::kMean: return 1.0 / count;
+    case SegmentReduce::kGeomean: return ::exp(sum / count) / count;
+    default: return is_last ? 1.0 : 0.0;
+  }
+}
+
 }  // namespace credit
 }  // namespace fastrl

@@ -16,6 +16,7 @@ KL_KINDS = {  # convention -> estimator names (verl's also take a "+" suffix)
     "openrlhf": ("k1", "k2", "k3"),
 }
 KL_CONVENTIONS = tuple(KL_KINDS)
+SEGMENT_REDUCTIONS = ("sum", "mean", "geomean", "last")
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -175,3 +176,34 @@ def _check_unbiased(count: int) -> None:
     if count < 2:
         raise ValueError(f"fastrl: masked_whiten with unbiased=True needs at least 2 elements where "
                            f"`mask` is 1, got {count}")
+
+
+def segment_reduce(x, mask=None, *, cu_seqlens=None, reduce: str = "sum"):
+    """Per-row reduction of the valid tokens (fastrl.credit.segment_reduce), fp64 math, output in
+    float32 (float64 for float64 ``x``); differentiable in ``x`` through torch's own ops."""
+    if reduce not in SEGMENT_REDUCTIONS:
+        raise ValueError(f"fastrl: segment_reduce `reduce` must be one of {', '.join(map(repr, SEGMENT_REDUCTIONS))}; "
+                         f"got {reduce!r}")
+    out_dtype = _acc_dtype(x.dtype)
+    if mask is None:
+        mask = torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    if cu_seqlens is not None:
+        x, mask = _pad(x, cu_seqlens), _pad(mask, cu_seqlens)  # padding is masked (zeros)
+    m = mask.bool()
+    x64 = torch.where(m, x.double(), 0.0)
+    total = x64.sum(-1)
+    count = m.sum(-1).double()
+    mean = torch.where(count > 0, total / count.clamp(min=1), 0.0)
+    if reduce == "sum":
+        out = total
+    elif reduce == "mean":
+        out = mean
+    elif reduce == "geomean":
+        out = torch.where(count > 0, torch.exp(mean), 1.0)
+    else:
+        T = m.shape[-1]
+        pos = torch.arange(T, device=x.device)
+        last = torch.where(m, pos, -1).amax(-1, keepdim=True) if T > 0 else m.new_full((m.shape[0], 1), -1, dtype=torch.long)
+        picked = x64.gather(-1, last.clamp(min=0)) if T > 0 else x64.new_zeros(m.shape[0], 1)
+        out = torch.where(last >= 0, picked, 0.0).squeeze(-1)
+    return out.to(out_dtype)
