@@ -1,4 +1,6 @@
-"""Token-level credit-assignment benchmarks: fastrl vs verl 0.9.1's GAE and REINFORCE++ loops.
+"""Token-level credit-assignment benchmarks: fastrl vs verl 0.9.1's GAE and REINFORCE++ loops, verl's
+kl_penalty, a PyTorch composition of OpenRLHF's compute_reward, and PyTorch loops for GAE with turn
+ends (dones) and OpenRLHF's dense GAE.
 
 Inputs look like a multi-turn PPO batch: B responses x T tokens, fp32 rewards (a score on each
 response's last valid token plus small per-token rewards) and values, verl's int64 response mask
@@ -55,12 +57,79 @@ def make_batch(B: int, T: int, device, seed: int = 0) -> SimpleNamespace:
                            cfg=SimpleNamespace(gamma=0.99))
 
 
+def scan_then_whiten(r, v, m):
+    adv, ret = fastrl.credit.gae(r, v, m, 0.99, 0.95)
+    return fastrl.credit.masked_whiten(adv, m), ret
+
+
+def gae_turns_loop(r, v, m, dones, gamma, lam, turn_gamma):
+    """GAE with turn ends as a user writes it in PyTorch (the loop of fastrl.reference.credit.gae):
+    one step of small tensor ops per token position."""
+    from fastrl.reference import credit as ref
+    return ref.gae(r, v, m, gamma, lam, dones=dones, turn_gamma=turn_gamma)
+
+
+def openrlhf_gae_loop(values, rewards, action_mask, gamma, lambd):
+    """OpenRLHF's get_advantages_and_returns (padded path), formula for formula."""
+    values, rewards = action_mask * values, action_mask * rewards
+    lastgaelam, rev = 0, []
+    T = rewards.size(1)
+    for t in reversed(range(T)):
+        nextvalues = values[:, t + 1] if t < T - 1 else 0.0
+        lastgaelam = rewards[:, t] + gamma * nextvalues - values[:, t] + gamma * lambd * lastgaelam
+        rev.append(lastgaelam)
+    adv = torch.stack(rev[::-1], dim=1)
+    return adv, adv + values
+
+
+def openrlhf_reward_torch(scores, kl, mask, kl_coef, clip):
+    """OpenRLHF's compute_reward (eos placement by flip/argmax/scatter) with the KL masked, in PyTorch."""
+    r = scores.clamp(-clip, clip)
+    eos = mask.size(1) - 1 - mask.long().fliplr().argmax(dim=1, keepdim=True)
+    last = torch.zeros_like(kl).scatter_(1, eos, r.unsqueeze(1).to(kl.dtype))
+    return (last + -kl_coef * kl) * mask
+
+
 def cases(ctx) -> list[Case]:
     core_algos = try_import("verl.trainer.ppo.core_algos")
     dropin = try_import("fastrl.integrations.verl")
     B, T = (256, 512) if ctx.quick else (4096, 4096)
     shape = f"f32[{B}, {T}] rewards/values, int64 mask (random lengths, 2 observation spans per row)"
     setup = lambda: make_batch(B, T, ctx.device)
+
+    def setup_turns():
+        a = make_batch(B, T, ctx.device)
+        gen = torch.Generator().manual_seed(1)
+        a.d = (torch.rand(B, T, generator=gen) < 1 / 256).to(ctx.device)
+        return a
+
+    def setup_kl():
+        gen = torch.Generator().manual_seed(2)
+        rf = -5 * torch.rand(B, T, generator=gen)
+        return SimpleNamespace(lp=(rf + torch.randn(B, T, generator=gen)).to(ctx.device), rf=rf.to(ctx.device))
+
+    def setup_rewards():
+        a = make_batch(B, T, ctx.device)
+        gen = torch.Generator().manual_seed(3)
+        a.s = (3 * torch.randn(B, generator=gen)).to(ctx.device)
+        a.kl = (0.1 * torch.rand(B, T, generator=gen)).to(ctx.device)
+        return a
+
+    def verl_kl(kind):
+        if isinstance(core_algos, Skip):
+            return core_algos
+        return lambda a: core_algos.kl_penalty(a.lp, a.rf, kind)
+
+    def kl_case(name, kind, note):
+        return Case(
+            name=f"kl_penalty_{name}", shape=f"f32[{B}, {T}] logp, ref_logp", setup=setup_kl,
+            bytes_moved=B * T * 3 * F32,
+            impls={"fastrl": lambda a: fastrl.credit.kl_penalty(a.lp, a.rf, kind), "verl": verl_kl(kind),
+                   "stream-floor": lambda a: Floor((torch.sub(a.lp, a.rf),))},
+            target={"stream-floor": 0.5}, check=check_single, note=note)
+
+    def check_single(out, ref):
+        return None if isinstance(ref, Floor) else allclose(out, ref, 1e-6, 1e-6)
 
     def verl(name, *args):
         if isinstance(core_algos, Skip):
@@ -111,5 +180,48 @@ def cases(ctx) -> list[Case]:
             target={"stream-floor": 0.5}, check=check_pair(0, 0),
             note="REINFORCE++ returns alone (fastrl.credit.discounted_returns, mode='skip'): read rewards "
                  "and mask, write returns.",
+        ),
+        Case(
+            name="gae_whiten_fused", shape=shape, setup=setup, bytes_moved=gae_bytes,
+            impls={"fastrl": lambda a: fastrl.credit.gae(a.r, a.v, a.m, 0.99, 0.95, whiten=True),
+                   "scan+whiten": lambda a: scan_then_whiten(a.r, a.v, a.m),
+                   "verl": verl("compute_gae_advantage_return", "r", "v", "m", gae_kw),
+                   "stream-floor": gae_floor},
+            target={"verl": 100, "stream-floor": 0.5}, check=check_pair(1e-5, 1e-5),
+            note="verl's GAE + whitening with the whitening statistics fused into the scan "
+                 "(fastrl.credit.gae(whiten=True): per-row fp64 moments while the row is in cache) vs "
+                 "scan+whiten = fastrl.credit.gae then fastrl.credit.masked_whiten (the current drop-in).",
+        ),
+        Case(
+            name="gae_turn_ends", shape=shape + ", bool dones (~1 turn end per 256 tokens)",
+            setup=setup_turns, bytes_moved=gae_bytes + B * T,
+            impls={"fastrl": lambda a: fastrl.credit.gae(a.r, a.v, a.m, 0.99, 0.95, dones=a.d, turn_gamma=0.9),
+                   "torch-loop": lambda a: gae_turns_loop(a.r, a.v, a.m, a.d, 0.99, 0.95, 0.9),
+                   "stream-floor": gae_floor},
+            target={"torch-loop": 100, "stream-floor": 0.5}, check=check_pair(1e-6, 1e-6),
+            note="multi-turn GAE with turn ends (turn_gamma=0.9); torch-loop = the same semantics as a "
+                 "PyTorch loop over T (fastrl.reference.credit.gae), what a user writes without fastrl.",
+        ),
+        Case(
+            name="gae_openrlhf_dense", shape=shape, setup=setup, bytes_moved=gae_bytes,
+            impls={"fastrl": lambda a: fastrl.credit.gae(a.r, a.v, a.m, 0.99, 0.95, mode="dense"),
+                   "openrlhf-loop": lambda a: openrlhf_gae_loop(a.v, a.r, a.m, 0.99, 0.95),
+                   "stream-floor": gae_floor},
+            target={"openrlhf-loop": 100, "stream-floor": 0.5}, check=check_pair(0, 0),
+            note="OpenRLHF get_advantages_and_returns convention (mode='dense'); openrlhf-loop is its "
+                 "loop written from the source (OpenRLHF is not installed).",
+        ),
+        kl_case("k3", "low_var_kl", "verl 0.9.1 core_algos.kl_penalty(logp, ref, 'low_var_kl'): clamp/exp/sub/"
+                "clamp as torch ops (several passes); fastrl: one elementwise pass."),
+        kl_case("k1", "kl", "k1 is one subtraction: both sides are one streaming pass; the case shows no overhead."),
+        Case(
+            name="token_rewards", shape=shape + ", f32 kl, scores f32[B]", setup=setup_rewards,
+            bytes_moved=B * T * (I64 + F32 + F32),
+            impls={"fastrl": lambda a: fastrl.credit.token_rewards(a.s, a.m, kl=a.kl, kl_coef=0.05, clip=5.0),
+                   "torch": lambda a: openrlhf_reward_torch(a.s, a.kl, a.m, 0.05, 5.0),
+                   "stream-floor": lambda a: Floor((torch.mul(a.kl, a.m),))},
+            target={"stream-floor": 0.5}, check=check_single,
+            note="OpenRLHF compute_reward (score at the last valid token minus kl_coef * kl, masked) as a "
+                 "PyTorch composition vs fastrl's one pass.",
         ),
     ]

@@ -934,4 +934,448 @@ def test_segment_reduce_reference_bad_reduce():
 def test_backends_lists_segment_reduce():
     report = fastrl.backends()["segment_reduce"]
     assert report["cpu"] == "available" and report["reference"] == "available"
-    assert report["cuda"].startswith("unavailable: not implemented yet")
+    if not torch.cuda.is_available():  # a CUDA kernel exists now; here it is unavailable for lack of a GPU
+        assert report["cuda"].startswith("unavailable")
+
+
+# ------------------------------------------------------------------ GAE turn ends (dones) and modes
+
+GAE_MODES = ["skip", "reset", "dense"]
+
+
+def turn_batch(B, T, seed, *, mask_dtype=torch.int64, dtype=torch.float32, p_done=0.08):
+    """A multi-turn batch plus random turn-end flags (on valid and on masked tokens)."""
+    r, v, m = multiturn_batch(B, T, seed, mask_dtype=mask_dtype, all_masked_rows=(1,) if B > 2 else (), dtype=dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
+    dones = torch.rand(B, T, generator=gen) < p_done
+    return r, v, m, dones
+
+
+def openrlhf_get_advantages_and_returns(values, rewards, action_mask, gamma, lambd):
+    """OpenRLHF's get_advantages_and_returns (padded path), formula for formula from
+    openrlhf/trainer/ppo_utils/experience_maker.py."""
+    lastgaelam = 0
+    advantages_reversed = []
+    response_length = rewards.size(1)
+    values = action_mask * values
+    rewards = action_mask * rewards
+    for t in reversed(range(response_length)):
+        nextvalues = values[:, t + 1] if t < response_length - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lambd * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    return advantages, advantages + values
+
+
+def openrlhf_get_cumulative_returns(rewards, action_mask, gamma):
+    """OpenRLHF's get_cumulative_returns (padded path), formula for formula."""
+    returns = torch.zeros_like(rewards)
+    cumulative_return = torch.zeros(rewards.size(0))
+    rewards = action_mask * rewards
+    for t in reversed(range(rewards.size(1))):
+        cumulative_return = rewards[:, t] + gamma * cumulative_return
+        returns[:, t] = cumulative_return
+    return returns
+
+
+def test_gae_without_turn_ends_is_bitwise_the_plain_call():
+    r, v, m, _ = turn_batch(10, 60, seed=101)
+    plain = fastrl.credit.gae(r, v, m, 0.99, 0.95)
+    for dones in (None, torch.zeros(10, 60, dtype=torch.bool), torch.zeros(10, 60)):
+        got = fastrl.credit.gae(r, v, m, 0.99, 0.95, dones=dones, turn_gamma=0.5, turn_lam=0.5)
+        assert all(torch.equal(a, b) for a, b in zip(got, plain))
+    # turn_gamma = gamma and turn_lam = lam make a turn end an ordinary step
+    _, _, _, dones = turn_batch(10, 60, seed=101)
+    got = fastrl.credit.gae(r, v, m, 0.99, 0.95, dones=dones, turn_gamma=0.99, turn_lam=0.95)
+    assert all(torch.equal(a, b) for a, b in zip(got, plain))
+
+
+def test_gae_turn_ends_by_hand():
+    r = torch.tensor([[1.0, 0.0, 2.0, 0.0]])
+    v = torch.tensor([[0.5, 0.25, 1.0, 0.0]])
+    ones = torch.ones(1, 4)
+    d = torch.tensor([[0, 1, 0, 0]])
+    # hard reset after t=1: t=2 A=1; t=1 delta = 0 - 0.25 (no bootstrap), no carry; t=0 A = 0.75 - 0.25
+    adv, ret = fastrl.credit.gae(r, v, ones, 1.0, 1.0, dones=d)
+    assert adv.tolist() == [[0.5, -0.25, 1.0, 0.0]] and ret.tolist() == [[1.0, 0.0, 2.0, 0.0]]
+    # the flag on a masked token ends the turn at the valid token before it (t=0)
+    m = torch.tensor([[1, 0, 1, 1]])
+    adv, ret = fastrl.credit.gae(r, v, m, 1.0, 1.0, dones=d)
+    assert adv.tolist() == [[0.5, 1.0, 1.0, 0.0]] and ret.tolist() == [[1.0, 1.25, 2.0, 0.0]]
+    # turn-level discount: t=1 delta = 0 + 0.5 * 1 - 0.25, A = 0.25 + 0.5 * 1; t=0 A = 0.75 + 0.75
+    adv, _ = fastrl.credit.gae(r, v, ones, 1.0, 1.0, dones=d, turn_gamma=0.5, turn_lam=1.0)
+    assert adv.tolist() == [[1.5, 0.75, 1.0, 0.0]]
+    # turn_lam defaults to lam: t=1 A = 0.25 + 0.5 * 0.5 * A_2; t=0 (inside a turn) A = 0.75 + 1 * 0.5 * A_1
+    adv, _ = fastrl.credit.gae(r, v, ones, 1.0, 0.5, dones=d, turn_gamma=0.5)
+    assert adv.tolist() == [[1.0, 0.5, 1.0, 0.0]]
+
+
+def test_gae_hard_turn_ends_equal_separate_episodes():
+    """turn_gamma = 0 cuts a row into independent episodes: the same as GAE over each turn as its
+    own packed row."""
+    gen = torch.Generator().manual_seed(103)
+    B, T = 6, 50
+    r, v = torch.randn(B, T, generator=gen), torch.randn(B, T, generator=gen)
+    m = torch.ones(B, T, dtype=torch.bool)
+    dones = torch.rand(B, T, generator=gen) < 0.1
+    adv, ret = fastrl.credit.gae(r, v, m, 0.97, 0.9, dones=dones)
+    ends = dones.clone()
+    ends[:, -1] = True
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), (ends.flatten().nonzero().flatten() + 1)])
+    padv, pret = fastrl.credit.gae(r.flatten(), v.flatten(), m.flatten(), 0.97, 0.9, cu_seqlens=cu)
+    assert torch.equal(adv.flatten(), padv) and torch.equal(ret.flatten(), pret)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mode", GAE_MODES)
+@pytest.mark.parametrize("with_dones", [False, True])
+def test_gae_modes_and_turn_ends_match_reference(dtype, mode, with_dones):
+    r, v, m, dones = turn_batch(9, 70, seed=107, dtype=dtype, mask_dtype=torch.float32)
+    kw = dict(mode=mode, dones=dones.to(torch.int32) if with_dones else None, turn_gamma=0.7, turn_lam=0.6)
+    got = fastrl.credit.gae(r, v, m, 0.9, 0.8, **kw)
+    want = ref.gae(r, v, m, 0.9, 0.8, **kw)
+    for g, w in zip(got, want):
+        assert g.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert torch.equal(g, w)  # the same operations in the same order
+    if with_dones:  # the flags changed something
+        assert not torch.equal(got[0], fastrl.credit.gae(r, v, m, 0.9, 0.8, mode=mode)[0])
+
+
+def test_gae_reset_mode_semantics():
+    r, v, m, _ = turn_batch(8, 40, seed=109)
+    adv, ret = fastrl.credit.gae(r, v, m, 0.95, 0.9, mode="reset")
+    masked = ~m.bool()
+    assert (adv[masked] == 0).all() and torch.equal(ret[masked], v[masked])
+    # each maximal valid span is its own episode: the same as hard turn ends on masked tokens
+    skip = fastrl.credit.gae(r, v, m, 0.95, 0.9, dones=masked)
+    assert torch.equal(adv[~masked], skip[0][~masked])
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32])
+@pytest.mark.parametrize("gamma, lam", [(0.99, 0.95), (1.0, 1.0)])
+def test_gae_dense_mode_matches_openrlhf(mask_dtype, gamma, lam):
+    r, v, m, _ = turn_batch(12, 80, seed=113, mask_dtype=mask_dtype)
+    want_adv, want_ret = openrlhf_get_advantages_and_returns(v, r, m, gamma, lam)
+    got_adv, got_ret = fastrl.credit.gae(r, v, m, gamma, lam, mode="dense")
+    torch.testing.assert_close(got_adv, want_adv, rtol=0, atol=0)  # the same fp32 operations
+    torch.testing.assert_close(got_ret, want_ret, rtol=0, atol=0)
+    # interior masked spans make it differ from verl's transparent tokens
+    assert not torch.equal(got_adv, fastrl.credit.gae(r, v, m, gamma, lam)[0])
+    # OpenRLHF's cumulative returns are the masked reverse cumsum
+    torch.testing.assert_close(fastrl.credit.discounted_returns(r, m, gamma, mode="cumsum"),
+                               openrlhf_get_cumulative_returns(r, m, gamma), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", GAE_MODES)
+def test_gae_turn_ends_packed_equals_padded(mode):
+    r, v, m, dones = turn_batch(11, 37, seed=127)
+    rp, cu, keep = pack(r, m)
+    got = fastrl.credit.gae(rp, v[keep], m[keep], 0.99, 0.9, cu_seqlens=cu, dones=dones[keep], mode=mode,
+                            turn_gamma=0.5)
+    want = fastrl.credit.gae(r, v, m, 0.99, 0.9, dones=dones, mode=mode, turn_gamma=0.5)
+    if mode == "dense":  # packing drops each row's trailing padding, which dense mode steps through with zeros
+        want = fastrl.credit.gae(r * m, v * m, m, 0.99, 0.9, dones=dones & keep, mode=mode, turn_gamma=0.5)
+    assert torch.equal(got[0], want[0][keep]) and torch.equal(got[1], want[1][keep])
+    ref_adv, _ = ref.gae(rp, v[keep], m[keep], 0.99, 0.9, cu_seqlens=cu, dones=dones[keep], mode=mode, turn_gamma=0.5)
+    assert torch.equal(got[0], ref_adv)
+
+
+def test_gae_turn_ends_deterministic_across_thread_counts():
+    r, v, m, dones = turn_batch(64, 2000, seed=131)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fastrl.credit.gae(r, v, m, 0.99, 0.95, dones=dones, turn_gamma=0.9)
+        torch.set_num_threads(max(2, threads))
+        many = fastrl.credit.gae(r, v, m, 0.99, 0.95, dones=dones, turn_gamma=0.9)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 5), T=st.integers(1, 30), seed=st.integers(0, 2**16), gamma=st.floats(0.0, 1.0),
+       lam=st.floats(0.0, 1.0), turn_gamma=st.floats(0.0, 1.0), turn_lam=st.floats(0.0, 1.0),
+       mode=st.sampled_from(GAE_MODES), p_done=st.sampled_from([0.0, 0.2, 1.0]))
+def test_hypothesis_gae_turn_ends(B, T, seed, gamma, lam, turn_gamma, turn_lam, mode, p_done):
+    r, v, m, dones = turn_batch(B, T, seed, mask_dtype=torch.bool, p_done=p_done)
+    kw = dict(dones=dones, mode=mode, turn_gamma=turn_gamma, turn_lam=turn_lam)
+    for g, w in zip(fastrl.credit.gae(r, v, m, gamma, lam, **kw), ref.gae(r, v, m, gamma, lam, **kw)):
+        assert torch.equal(g, w)
+
+
+def test_opcheck_gae_turn_ends():
+    r, v, m, dones = turn_batch(4, 9, seed=137, mask_dtype=torch.float32)
+    rp, cu, keep = pack(r, m)
+    gae_op = torch.ops.fastrl.gae.default
+    torch.library.opcheck(gae_op, (r, v, m, None, 0.9, 0.8, dones, "skip", 0.5, 0.5))
+    torch.library.opcheck(gae_op, (rp, v[keep], m[keep], cu, 0.9, 0.8, dones[keep].float(), "dense", 0.0, 1.0))
+    torch.library.opcheck(gae_op, (r, v, m, None, 0.9, 0.8, None, "reset", 0.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(dones=torch.zeros(2, 4)), RuntimeError, r"`dones` has shape \[2, 4\] but `mask` has shape \[2, 3\]"),
+        (dict(dones=torch.full((2, 3), 0.5)), RuntimeError, r"`dones` must hold only 0 and 1, got 0.5 at flat index 0"),
+        (dict(dones=torch.tensor([[0, 0, 0], [0, 3, 0]])), RuntimeError, r"`dones` must hold only 0 and 1, got 3 at flat index 4"),
+        (dict(dones=torch.zeros(2, 3, dtype=torch.float16)), RuntimeError, r"`dones` must be bool, uint8"),
+        (dict(turn_gamma=1.5), RuntimeError, r"`turn_gamma` must lie in \[0, 1\], got 1.5"),
+        (dict(turn_lam=-0.5), RuntimeError, r"`turn_lam` must lie in \[0, 1\], got -0.5"),
+        (dict(mode="sum"), ValueError, r"gae `mode` must be one of 'skip', 'reset', 'dense'; got 'sum'"),
+    ],
+)
+def test_gae_turn_ends_bad_input(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        _gae(**kwargs)
+    if "mode" in kwargs:
+        with pytest.raises(ValueError, match="gae `mode` must be one of"):
+            ref.gae(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), 0.9, 0.9, mode=kwargs["mode"])
+
+
+def test_gae_nonfinite_inputs_propagate_like_verl():
+    """NaN/Inf are not errors (documented): a NaN reward poisons its own and the earlier positions of
+    its row (through the carry), as in verl; a NaN at a masked token never reaches a valid one."""
+    r, v, m = multiturn_batch(4, 30, seed=139)
+    m[:, :] = 1
+    m[0, 10] = 0
+    r[0, 20] = float("nan")
+    r[2, 10] = float("nan")
+    r[0, 10] = float("inf")  # masked: skipped
+    r2 = r.clone()
+    r2[0, 10] = 0.0
+    got = fastrl.credit.gae(r, v, m, 0.99, 0.95)[0]
+    want = verl_core.compute_gae_advantage_return(r2, v, m, gamma=0.99, lam=0.95)
+    assert torch.isnan(got[0, :21]).all() and torch.isfinite(got[0, 21:]).all()
+    assert torch.isnan(got[2, :11]).all() and torch.isfinite(got[2, 11:]).all()
+    assert torch.isfinite(got[[1, 3]]).all()
+    raw = fastrl.credit.gae(r2, v, m, 0.99, 0.95)[0]
+    assert torch.equal(torch.isnan(raw), torch.isnan(got))
+    assert want[0].isnan().any()  # verl propagates it too (then whitens with it)
+
+
+# ------------------------------------------------------------------------------- implicit rewards
+
+
+def implicit_batch(B, T, seed, *, dtype=torch.float32, mask_dtype=torch.int64, p_end=0.1):
+    logp, ref_logp = logprob_pair((B, T), seed, dtype=dtype, spread=0.5)
+    _, _, m = multiturn_batch(B, T, seed, mask_dtype=mask_dtype, all_masked_rows=(1,) if B > 2 else ())
+    ends = torch.rand(B, T, generator=torch.Generator().manual_seed(seed + 2)) < p_end
+    return logp, ref_logp, m, ends
+
+
+def test_implicit_rewards_by_hand():
+    lp = torch.tensor([[-1.0, -2.0, -0.5, -1.0, -3.0]])
+    rf = torch.tensor([[-1.5, -1.0, -0.5, -2.0, -1.0]])
+    m = torch.tensor([[1, 1, 0, 1, 0]])
+    beta = 0.5
+    assert fastrl.credit.implicit_rewards(lp, rf, beta, mask=m).tolist() == [[0.25, -0.5, 0.0, 0.5, 0.0]]
+    # steps [0, 1] and [2, 4]; the second's flag (t=4) is masked: placed at its last valid token t=3
+    got = fastrl.credit.implicit_rewards(lp, rf, beta, mask=m, step_ends=torch.tensor([[0, 1, 0, 0, 1]]))
+    assert got.tolist() == [[0.0, -0.25, 0.0, 0.5, 0.0]]
+    # no flag: the whole response is one step (PRIME's "whole" granularity)
+    got = fastrl.credit.implicit_rewards(lp, rf, beta, mask=m, step_ends=torch.zeros(1, 5))
+    assert got.tolist() == [[0.0, 0.0, 0.0, 0.25, 0.0]]
+    # a flag on a masked token right after a closed step, or before any valid token: nothing to close
+    got = fastrl.credit.implicit_rewards(lp, rf, beta, mask=torch.tensor([[0, 1, 1, 1, 1]]),
+                                         step_ends=torch.tensor([[1, 1, 1, 0, 0]]))
+    assert got.tolist() == [[0.0, -0.5, 0.0, 0.0, -0.5]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32, None])
+@pytest.mark.parametrize("with_ends", [False, True])
+def test_implicit_rewards_match_reference(dtype, mask_dtype, with_ends):
+    logp, ref_logp, m, ends = implicit_batch(8, 45, seed=149, dtype=dtype, mask_dtype=mask_dtype or torch.int64)
+    mask = None if mask_dtype is None else m
+    kw = dict(mask=mask, step_ends=ends if with_ends else None)
+    got = fastrl.credit.implicit_rewards(logp, ref_logp, 0.05, **kw)
+    want = ref.implicit_rewards(logp, ref_logp, 0.05, **kw)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(got, want)  # per token: the same two operations; step sums: fp64 in token order
+    if with_ends:  # the step sums conserve the total reward of each row
+        per_token = fastrl.credit.implicit_rewards(logp, ref_logp, 0.05, mask=mask)
+        torch.testing.assert_close(got.double().sum(1), per_token.double().sum(1), rtol=1e-6, atol=1e-6)
+
+
+def test_implicit_rewards_are_prime_returns_input():
+    """PRIME: returns = reverse cumsum (gamma = 1) of the implicit token rewards; the row total is
+    beta * the sequence log-ratio (segment_reduce sum)."""
+    logp, ref_logp, m, _ = implicit_batch(6, 40, seed=151)
+    r = fastrl.credit.implicit_rewards(logp, ref_logp, 0.05, mask=m)
+    returns = fastrl.credit.discounted_returns(r, m, 1.0, mode="cumsum")
+    want = torch.flip(torch.cumsum(torch.flip(0.05 * (logp - ref_logp) * m, [1]).double(), 1), [1])
+    torch.testing.assert_close(returns.double(), want, rtol=1e-5, atol=1e-6)
+    total = 0.05 * fastrl.credit.segment_reduce(logp - ref_logp, m, reduce="sum")
+    torch.testing.assert_close(returns[:, 0], total, rtol=1e-5, atol=1e-6)
+    adv, _ = fastrl.credit.gae(r, torch.zeros_like(r), m, 1.0, 1.0)  # usable as GAE rewards too
+    torch.testing.assert_close(adv[m.bool()], returns[m.bool()], rtol=1e-5, atol=1e-6)
+
+
+def test_implicit_rewards_packed_equals_padded():
+    logp, ref_logp, m, ends = implicit_batch(10, 33, seed=157)
+    lp, cu, keep = pack(logp, m)
+    for step_ends in (None, ends):
+        got = fastrl.credit.implicit_rewards(lp, ref_logp[keep], 0.1, mask=m[keep], cu_seqlens=cu,
+                                             step_ends=None if step_ends is None else step_ends[keep])
+        want = fastrl.credit.implicit_rewards(logp, ref_logp, 0.1, mask=m, step_ends=step_ends)
+        assert torch.equal(got, want[keep])
+        torch.testing.assert_close(got, ref.implicit_rewards(lp, ref_logp[keep], 0.1, mask=m[keep], cu_seqlens=cu,
+                                                             step_ends=None if step_ends is None else step_ends[keep]),
+                                   rtol=0, atol=0)
+    # no mask with cu_seqlens: every packed token is valid
+    got = fastrl.credit.implicit_rewards(lp, ref_logp[keep], 0.1, cu_seqlens=cu, step_ends=torch.zeros_like(lp))
+    assert torch.equal(got, ref.implicit_rewards(lp, ref_logp[keep], 0.1, cu_seqlens=cu,
+                                                 step_ends=torch.zeros_like(lp)))
+
+
+def test_implicit_rewards_opcheck_compile_and_reference_backend(monkeypatch):
+    logp, ref_logp, m, ends = implicit_batch(4, 9, seed=163, mask_dtype=torch.float32)
+    lp, cu, keep = pack(logp, m)
+    op = torch.ops.fastrl.implicit_rewards.default
+    torch.library.opcheck(op, (logp, ref_logp, m, None, ends, 0.05))
+    torch.library.opcheck(op, (lp, ref_logp[keep], None, cu, None, 0.05))
+    f = torch.compile(lambda a, b: fastrl.credit.implicit_rewards(a, b, 0.05, mask=m, step_ends=ends) * 2,
+                      fullgraph=True, backend="eager")
+    assert torch.equal(f(logp, ref_logp), 2 * fastrl.credit.implicit_rewards(logp, ref_logp, 0.05, mask=m, step_ends=ends))
+    monkeypatch.setattr(fastrl._extension, "BACKEND", "reference")
+    got = fastrl.credit.implicit_rewards(logp, ref_logp, 0.05, mask=m, step_ends=ends)
+    monkeypatch.undo()
+    assert torch.equal(got, fastrl.credit.implicit_rewards(logp, ref_logp, 0.05, mask=m, step_ends=ends))
+
+
+def _implicit(**kw):
+    args = dict(logp=torch.zeros(2, 3), ref_logp=torch.zeros(2, 3), beta=0.1, mask=torch.ones(2, 3))
+    args.update(kw)
+    return fastrl.credit.implicit_rewards(args.pop("logp"), args.pop("ref_logp"), args.pop("beta"), **args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(ref_logp=torch.zeros(2, 4)), RuntimeError, r"`ref_logp` has shape \[2, 4\] but `logp` has shape \[2, 3\]"),
+        (dict(mask=torch.ones(3, 3)), RuntimeError, r"`mask` has shape \[3, 3\] but `logp`"),
+        (dict(mask=torch.full((2, 3), 0.5)), RuntimeError, r"`mask` must hold only 0 and 1, got 0.5"),
+        (dict(step_ends=torch.full((2, 3), 2)), RuntimeError, r"`step_ends` must hold only 0 and 1, got 2"),
+        (dict(step_ends=torch.zeros(2, 2)), RuntimeError, r"`step_ends` has shape \[2, 2\] but `logp`"),
+        (dict(beta=float("nan")), ValueError, r"`beta` must be finite, got nan"),
+        (dict(logp=torch.zeros(2, 3, dtype=torch.int64)), RuntimeError, r"`logp` must be a floating tensor"),
+        (dict(logp=torch.zeros(6), ref_logp=torch.zeros(6), mask=None, cu_seqlens=torch.tensor([0, 2, 5])),
+         RuntimeError, r"`cu_seqlens` must end at the number of tokens N = 6"),
+        (dict(logp=torch.zeros(6), ref_logp=torch.zeros(6), mask=None), RuntimeError, r"`logp` must be 2-D"),
+    ],
+)
+def test_implicit_rewards_bad_input(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        _implicit(**kwargs)
+
+
+# ------------------------------------------------------------------ OpenRLHF reward conventions
+
+
+def test_token_rewards_asymmetric_clip_range_matches_openrlhf():
+    scores, m, kl = reward_batch(16, 50, seed=167)
+    got = fastrl.credit.token_rewards(scores, m, kl=kl, kl_coef=0.02, clip=(-0.5, 2.0))
+    want = openrlhf_compute_reward(scores, 0.02, kl, m, (-0.5, 2.0))
+    valid = m.bool()
+    assert torch.equal(got[valid], want[valid]) and (got[~valid] == 0).all()
+    assert (scores < -0.5).any() and (scores > 2.0).any()  # both ends of the range were reached
+    assert torch.equal(got, ref.token_rewards(scores, m, kl=kl, kl_coef=0.02, clip=(-0.5, 2.0)))
+    with pytest.raises(ValueError, match=r"`clip` as a range must be \(lo, hi\) with lo <= hi, got \(2.0, 1.0\)"):
+        fastrl.credit.token_rewards(scores, m, clip=(2.0, 1.0))
+
+
+# --------------------------------------------------------------------------- CUDA (GPU machines)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
+def test_cuda_turn_ends_modes_and_segment_reduce_match_cpu():
+    r, v, m, dones = turn_batch(24, 3000, seed=173)
+    rp, cu, keep = pack(r, m)
+    for mode in GAE_MODES:
+        kw = dict(dones=dones, mode=mode, turn_gamma=0.6, turn_lam=0.7)
+        got = fastrl.credit.gae(r.cuda(), v.cuda(), m.cuda(), 0.99, 0.95, **{**kw, "dones": dones.cuda()})
+        for g, w in zip(got, fastrl.credit.gae(r, v, m, 0.99, 0.95, **kw)):
+            torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-5)
+        a = fastrl.credit.gae(rp.cuda(), v[keep].cuda(), m[keep].cuda(), 0.99, 0.95, cu_seqlens=cu.cuda(),
+                              dones=dones[keep].cuda(), mode=mode)[0]
+        b = fastrl.credit.gae(rp, v[keep], m[keep], 0.99, 0.95, cu_seqlens=cu, dones=dones[keep], mode=mode)[0]
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)
+    x, mask = segment_batch(40, 2500, 179, all_masked_rows=(2,))
+    xp, cux, keepx = pack(x, mask)
+    for reduce in REDUCTIONS:
+        for args, kw in [((x, mask), {}), ((xp, mask[keepx]), dict(cu_seqlens=cux)), ((x, None), {})]:
+            dev = [a.cuda() if a is not None else None for a in args]
+            got = fastrl.credit.segment_reduce(*dev, reduce=reduce, **{k: t.cuda() for k, t in kw.items()})
+            torch.testing.assert_close(got.cpu(), fastrl.credit.segment_reduce(*args, reduce=reduce, **kw),
+                                       rtol=1e-6, atol=1e-6)
+            assert torch.equal(got, fastrl.credit.segment_reduce(*dev, reduce=reduce,
+                                                                 **{k: t.cuda() for k, t in kw.items()}))
+        xg = x.cuda().requires_grad_(True)
+        fastrl.credit.segment_reduce(xg, mask.cuda(), reduce=reduce).sum().backward()
+        xc = x.clone().requires_grad_(True)
+        fastrl.credit.segment_reduce(xc, mask, reduce=reduce).sum().backward()
+        torch.testing.assert_close(xg.grad.cpu(), xc.grad, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ whitening fused into GAE
+
+
+@pytest.mark.parametrize("mode", GAE_MODES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_gae_fused_whitening_equals_masked_whiten(mode, packed):
+    r, v, m, dones = turn_batch(16, 90, seed=181)
+    kw = dict(mode=mode, dones=dones, turn_gamma=0.5)
+    if packed:
+        r, cu, keep = pack(r, m)
+        v, m, dones = v[keep], m[keep], dones[keep]
+        kw.update(cu_seqlens=cu, dones=dones)
+    adv, ret = fastrl.credit.gae(r, v, m, 0.99, 0.95, **kw)
+    wadv, wret = fastrl.credit.gae(r, v, m, 0.99, 0.95, whiten=True, **kw)
+    assert torch.equal(wret, ret)  # returns are not whitened (verl computes them first)
+    torch.testing.assert_close(wadv, fastrl.credit.masked_whiten(adv, m), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(wadv, ref.gae(r, v, m, 0.99, 0.95, whiten=True, **kw)[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(wadv[m.bool()].double().mean(), torch.tensor(0.0, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_gae_fused_whitening_matches_verl_and_is_deterministic():
+    r, v, m = multiturn_batch(32, 300, seed=191, all_masked_rows=(1,))
+    want_adv, want_ret = verl_core.compute_gae_advantage_return(r, v, m, gamma=0.99, lam=0.95)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fastrl.credit.gae(r, v, m, 0.99, 0.95, whiten=True)
+        torch.set_num_threads(max(2, threads))
+        many = fastrl.credit.gae(r, v, m, 0.99, 0.95, whiten=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], many[0])
+    torch.testing.assert_close(one[0], want_adv, rtol=1e-6, atol=1e-6)
+    assert torch.equal(one[1], want_ret)
+    with pytest.raises(ValueError, match="at least 2 elements where `mask` is 1, got 1"):
+        fastrl.credit.gae(r[:1], v[:1], torch.tensor([[1] + [0] * 299]), 0.9, 0.9, whiten=True)
+    torch.library.opcheck(torch.ops.fastrl.gae.default, (r, v, m, None, 0.9, 0.8, None, "skip", 0.0, 1.0, True))
+
+
+def test_bad_input_section_of_the_issue():
+    """Issue 3's Bad input list, each case a clear error (the documented results are tested above:
+    NaN/Inf propagate, an all-masked batch with unbiased whitening raises ValueError as verl)."""
+    r, v = torch.zeros(2, 3), torch.zeros(2, 3)
+    nan_mask = torch.tensor([[1.0, float("nan"), 0.0], [1.0, 1.0, 1.0]])
+    with pytest.raises(RuntimeError, match=r"`mask` must hold only 0 and 1, got nan at flat index 1"):
+        fastrl.credit.gae(r, v, nan_mask, 0.9, 0.9)
+    with pytest.raises(RuntimeError, match=r"`mask` must hold only 0 and 1, got nan"):
+        fastrl.credit.discounted_returns(r, nan_mask, 0.9)
+    with pytest.raises(RuntimeError, match=r"`dones` must hold only 0 and 1, got nan"):
+        fastrl.credit.gae(r, v, torch.ones(2, 3), 0.9, 0.9, dones=nan_mask)
+    with pytest.raises(ValueError, match="at least 2 elements where `mask` is 1, got 0"):
+        fastrl.credit.gae(r, v, torch.zeros(2, 3), 0.9, 0.9, whiten=True)
+    cu = torch.tensor([0, 4, 3, 6])
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        fastrl.credit.gae(torch.zeros(6), torch.zeros(6), torch.ones(6), 0.9, 0.9, cu_seqlens=cu)
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        fastrl.credit.implicit_rewards(torch.zeros(6), torch.zeros(6), 0.1, cu_seqlens=cu)
+    with pytest.raises(RuntimeError, match=r"`turn_gamma` must lie in \[0, 1\], got nan"):
+        fastrl.credit.gae(r, v, torch.ones(2, 3), 0.9, 0.9, turn_gamma=float("nan"))

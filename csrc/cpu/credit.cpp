@@ -56,28 +56,58 @@ constexpr int64_t kChunk = int64_t{1} << 16;  // masked_moments chunk (fixed: de
 }  // namespace
 
 template <typename scalar_t, typename mask_t, typename acc_t>
-int64_t gae(const scalar_t* rewards, const scalar_t* values, const mask_t* mask, Rows rows,
-            double gamma, double lam, acc_t* adv, acc_t* ret) {
-  const acc_t g = static_cast<acc_t>(gamma);
-  const acc_t gl = static_cast<acc_t>(gamma * lam);
+int64_t gae(const scalar_t* rewards, const scalar_t* values, const mask_t* mask, const bool* dones,
+            Rows rows, double gamma, double lam, credit::GaeMode mode, double turn_gamma,
+            double turn_lam, acc_t* adv, acc_t* ret, credit::Moments* row_moments) {
+  const credit::GaeCoefs<acc_t> k{static_cast<acc_t>(gamma), static_cast<acc_t>(gamma * lam),
+                                  static_cast<acc_t>(turn_gamma),
+                                  static_cast<acc_t>(turn_gamma * turn_lam)};
+  const bool dense = mode == credit::GaeMode::kDense;
   std::atomic<int64_t> bad{-1};
   at::parallel_for(0, rows.num_rows, row_grain(rows), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t begin = row_begin(rows, b);
       acc_t carry = 0, nv = 0;
+      bool pending = false;  // a done flag seen on non-step positions since the last step
       for (int64_t i = row_end(rows, b) - 1; i >= begin; --i) {
         int bit = mask_bit(mask[i]);
         if (bit < 0) {  // reported (the op raises); keep scanning for the smallest bad index
           record_min(bad, i);
           bit = 0;
         }
-        const acc_t v = static_cast<acc_t>(values[i]);
-        const Affine<acc_t> f =
-            credit::gae_step(static_cast<acc_t>(rewards[i]), v, nv, bit == 1, g, gl);
-        carry = credit::apply(f, carry);
-        nv = credit::next_value(bit == 1, v, nv);
+        const bool done = dones != nullptr && dones[i];
+        const acc_t v_raw = static_cast<acc_t>(values[i]);
+        acc_t v = v_raw;
+        if (bit == 1 || dense) {  // a step position (dense: r and v zeroed where masked)
+          const acc_t r = bit == 1 ? static_cast<acc_t>(rewards[i]) : acc_t(0);
+          v = bit == 1 ? v_raw : acc_t(0);
+          carry = credit::apply(credit::gae_turn_step(r, v, nv, done || pending, k), carry);
+          nv = v;
+          pending = false;
+        } else {
+          if (mode == credit::GaeMode::kReset) carry = nv = 0;  // skip: carry and nv pass through
+          pending = pending || done;
+        }
         adv[i] = carry;
         ret[i] = carry + v;
+      }
+      if (row_moments != nullptr) {  // the row's advantages are still in cache: no extra pass
+        const int64_t end = row_end(rows, b);
+        double count = 0.0, sum = 0.0, m2 = 0.0;
+        for (int64_t i = begin; i < end; ++i) {
+          if (mask_bit(mask[i]) == 1) {
+            count += 1.0;
+            sum += static_cast<double>(adv[i]);
+          }
+        }
+        const double mean = count > 0.0 ? sum / count : 0.0;
+        for (int64_t i = begin; i < end; ++i) {
+          if (mask_bit(mask[i]) == 1) {
+            const double d = static_cast<double>(adv[i]) - mean;
+            m2 += d * d;
+          }
+        }
+        row_moments[b] = credit::Moments{count, mean, m2};
       }
     }
   });
@@ -275,6 +305,45 @@ int64_t segment_reduce_grad(const out_t* grad, const scalar_t* x, const mask_t* 
   return bad.load();
 }
 
+template <typename scalar_t, typename mask_t, typename acc_t>
+int64_t implicit_rewards(const scalar_t* logp, const scalar_t* ref, const mask_t* mask,
+                         const bool* step_ends, Rows rows, double beta, acc_t* out) {
+  const acc_t bt = static_cast<acc_t>(beta);
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, rows.num_rows, row_grain(rows), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double sum = 0.0;
+      int64_t last = -1;  // the open step's last valid token (-1: no open step)
+      for (int64_t i = row_begin(rows, b), end = row_end(rows, b); i < end; ++i) {
+        int bit = mask ? mask_bit(mask[i]) : 1;
+        if (bit < 0) {  // reported (the op raises); keep scanning for the smallest bad index
+          record_min(bad, i);
+          bit = 0;
+        }
+        const acc_t r = bit == 1 ? credit::implicit_reward(static_cast<acc_t>(logp[i]),
+                                                           static_cast<acc_t>(ref[i]), bt)
+                                 : acc_t(0);
+        if (step_ends == nullptr) {
+          out[i] = r;
+          continue;
+        }
+        out[i] = 0;
+        if (bit == 1) {
+          sum += static_cast<double>(r);
+          last = i;
+        }
+        if (step_ends[i] && last >= 0) {
+          out[last] = static_cast<acc_t>(sum);
+          sum = 0.0;
+          last = -1;
+        }
+      }
+      if (step_ends != nullptr && last >= 0) out[last] = static_cast<acc_t>(sum);
+    }
+  });
+  return bad.load();
+}
+
 #define FASTRL_INSTANTIATE_KL(T, A, O)                                                           \
   template void kl_penalty<T, A, O>(const T*, const T*, int64_t, credit::KlKind,                 \
                                     credit::KlConvention, O*);                                   \
@@ -290,14 +359,17 @@ FASTRL_INSTANTIATE_KL(c10::BFloat16, float, float)
 #undef FASTRL_INSTANTIATE_KL
 
 #define FASTRL_INSTANTIATE_MASKED(T, M, A)                                                          \
-  template int64_t gae<T, M, A>(const T*, const T*, const M*, Rows, double, double, A*, A*);        \
+  template int64_t gae<T, M, A>(const T*, const T*, const M*, const bool*, Rows, double, double,   \
+                                credit::GaeMode, double, double, A*, A*, credit::Moments*);      \
   template int64_t discounted_returns<T, M, A>(const T*, const M*, Rows, double,                    \
                                                credit::ReturnsMode, A*);                            \
   template int64_t masked_moments<T, M>(const T*, const M*, int64_t, credit::Moments*);       \
   template int64_t token_rewards<T, M, A>(const T*, const M*, const T*, Rows, double, A*);      \
   template int64_t segment_reduce<T, M, A>(const T*, const M*, Rows, credit::SegmentReduce, A*); \
   template int64_t segment_reduce_grad<T, M, A>(const A*, const T*, const M*, Rows,              \
-                                                credit::SegmentReduce, T*);
+                                                credit::SegmentReduce, T*);                      \
+  template int64_t implicit_rewards<T, M, A>(const T*, const T*, const M*, const bool*, Rows,     \
+                                             double, A*);
 #define FASTRL_INSTANTIATE(T, A)                  \
   FASTRL_INSTANTIATE_MASKED(T, bool, A)           \
   FASTRL_INSTANTIATE_MASKED(T, uint8_t, A)        \

@@ -22,10 +22,15 @@ struct Rows {
 // Each returns -1, or the smallest flat index whose mask value is neither 0 nor 1 (the outputs
 // are then unspecified).
 
-// verl GAE (fastrl/credit.h) per row: adv[i], ret[i] at every position i.
+// GAE (fastrl/credit.h) per row in credit::GaeMode `mode`, with turn ends at dones[i] (nullptr:
+// none; see credit::GaeCoefs): adv[i], ret[i] at every position i. gamma * lam and
+// turn_gamma * turn_lam are multiplied in double and rounded once to acc_t (verl's order).
+// row_moments (nullptr: not wanted) receives each row's credit::Moments of adv over its valid
+// tokens, computed right after the row while it is in cache (fused whitening: no statistics pass).
 template <typename scalar_t, typename mask_t, typename acc_t>
-int64_t gae(const scalar_t* rewards, const scalar_t* values, const mask_t* mask, Rows rows,
-            double gamma, double lam, acc_t* adv, acc_t* ret);
+int64_t gae(const scalar_t* rewards, const scalar_t* values, const mask_t* mask, const bool* dones,
+            Rows rows, double gamma, double lam, credit::GaeMode mode, double turn_gamma,
+            double turn_lam, acc_t* adv, acc_t* ret, credit::Moments* row_moments);
 
 // Discounted returns-to-go per row in one of the credit::ReturnsMode semantics.
 template <typename scalar_t, typename mask_t, typename acc_t>
@@ -68,6 +73,15 @@ int64_t segment_reduce(const scalar_t* x, const mask_t* mask, Rows rows, credit:
 template <typename scalar_t, typename mask_t, typename out_t>
 int64_t segment_reduce_grad(const out_t* grad, const scalar_t* x, const mask_t* mask, Rows rows,
                             credit::SegmentReduce op, scalar_t* grad_x);
+
+// PRIME implicit rewards per row (rows in parallel, each walked once in order): r_i =
+// credit::implicit_reward(logp[i], ref[i], beta) at valid tokens (mask == nullptr: all valid), 0 at
+// masked ones. With step_ends (nullptr: per token), each step's r summed in fp64 is written at the
+// step's last valid token and 0 elsewhere; a flag on a masked token closes the step at the valid
+// token before it, and the tokens after a row's last flag form a final step.
+template <typename scalar_t, typename mask_t, typename acc_t>
+int64_t implicit_rewards(const scalar_t* logp, const scalar_t* ref, const mask_t* mask,
+                         const bool* step_ends, Rows rows, double beta, acc_t* out);
 
 }  // namespace cpu
 }  // namespace fastrl

@@ -41,18 +41,35 @@ __device__ __forceinline__ bool is_valid<bool>(bool m) {
   return m;
 }
 
-// The value of the latest valid position seen in scan order (= the nearest one to the right).
+// Row b's token range: padded [b * row_len, (b+1) * row_len), or packed [cu_seqlens[b],
+// cu_seqlens[b+1]) clamped to [0, num_tokens] (unchecked on the device; a decreasing pair is empty).
+__device__ __forceinline__ void row_range(const int64_t* __restrict__ cu_seqlens, int64_t b,
+                                          int64_t row_len, int64_t num_tokens, int64_t& begin,
+                                          int64_t& end) {
+  begin = b * row_len;
+  end = (b + 1) * row_len;
+  if (cu_seqlens != nullptr) {
+    begin = min(max(cu_seqlens[b], int64_t{0}), num_tokens);
+    end = max(min(cu_seqlens[b + 1], num_tokens), begin);
+  }
+}
+
+// Summary of a span of positions as seen from its left: the value at its leftmost step position
+// (has: there is one; kReset: a masked position counts as a step of value 0) and whether a done
+// flag sits on a non-step position left of it (pend: a turn end pending for the step before).
 template <typename A>
 struct NextValue {
   bool has;
+  bool pend;
   A value;
 };
 
+// Scan order is right to left: `a` summarizes the positions right of `b`.
 struct LatestValid {
   template <typename A>
   __device__ __forceinline__ NextValue<A> operator()(const NextValue<A>& a,
                                                      const NextValue<A>& b) const {
-    return b.has ? b : a;
+    return b.has ? b : NextValue<A>{a.has, a.pend || b.pend, a.value};
   }
 };
 
@@ -78,10 +95,11 @@ struct RunningPrefix {
 template <bool kGae, typename T, typename M>
 __global__ void __launch_bounds__(kBlock)
     scan_kernel(const T* __restrict__ rewards, const T* __restrict__ values,
-                const M* __restrict__ mask, const int64_t* __restrict__ cu_seqlens,
-                int64_t num_rows, int64_t row_len, int64_t num_tokens,
-                typename CreditAcc<T>::type gamma, typename CreditAcc<T>::type gamma_lam,
-                ReturnsMode mode, typename CreditAcc<T>::type* __restrict__ out0,
+                const M* __restrict__ mask, const bool* __restrict__ dones,
+                const int64_t* __restrict__ cu_seqlens, int64_t num_rows, int64_t row_len,
+                int64_t num_tokens, credit::GaeCoefs<typename CreditAcc<T>::type> coefs,
+                credit::GaeMode gae_mode, ReturnsMode mode,
+                typename CreditAcc<T>::type* __restrict__ out0,
                 typename CreditAcc<T>::type* __restrict__ out1) {
   using A = typename CreditAcc<T>::type;
   using AffineScan = cub::BlockScan<Affine<A>, kBlock>;
@@ -96,49 +114,60 @@ __global__ void __launch_bounds__(kBlock)
   const int tid = static_cast<int>(threadIdx.x);
 
   for (int64_t b = blockIdx.x; b < num_rows; b += gridDim.x) {  // block-uniform
-    int64_t begin = b * row_len, end = (b + 1) * row_len;
-    if (cu_seqlens != nullptr) {
-      begin = min(max(cu_seqlens[b], int64_t{0}), num_tokens);
-      end = max(min(cu_seqlens[b + 1], num_tokens), begin);
-    }
+    int64_t begin, end;
+    row_range(cu_seqlens, b, row_len, num_tokens, begin, end);
     RunningPrefix<Affine<A>, Compose> affine_prefix{credit::identity<A>()};
-    RunningPrefix<NextValue<A>, LatestValid> next_prefix{NextValue<A>{false, A(0)}};
+    RunningPrefix<NextValue<A>, LatestValid> next_prefix{NextValue<A>{false, false, A(0)}};
     for (int64_t tile_end = end; tile_end > begin; tile_end -= kScanTile) {
       const int len = static_cast<int>(min(static_cast<int64_t>(kScanTile), tile_end - begin));
       for (int k = tid; k < len; k += kBlock) {  // reversed, coalesced
         const int64_t pos = tile_end - 1 - k;
         s_r[k] = to_acc(rewards[pos]);
         if (kGae) s_v[k] = to_acc(values[pos]);
-        s_m[k] = is_valid(mask[pos]) ? 1 : 0;
+        s_m[k] = (is_valid(mask[pos]) ? 1 : 0) | (kGae && dones != nullptr && dones[pos] ? 2 : 0);
       }
       __syncthreads();
 
-      bool in[kItems], valid[kItems];
+      bool in[kItems], valid[kItems], done[kItems], step[kItems];
       A r[kItems], v[kItems];
       Affine<A> f[kItems];
+      const bool dense = gae_mode == credit::GaeMode::kDense;
 #pragma unroll
       for (int j = 0; j < kItems; ++j) {
         const int k = tid * kItems + j;
         in[j] = k < len;
-        valid[j] = in[j] && s_m[k] != 0;
-        r[j] = in[j] ? s_r[k] : A(0);
-        v[j] = (kGae && in[j]) ? s_v[k] : A(0);
+        valid[j] = in[j] && (s_m[k] & 1) != 0;
+        done[j] = in[j] && (s_m[k] & 2) != 0;
+        step[j] = valid[j] || (kGae && dense && in[j]);
+        r[j] = valid[j] ? s_r[k] : A(0);
+        // GAE: the raw value (returns = A + v at skip/reset gaps); dense zeroes masked values
+        v[j] = (kGae && in[j] && (valid[j] || !dense)) ? s_v[k] : A(0);
       }
       if (kGae) {
         NextValue<A> nv[kItems];
 #pragma unroll
-        for (int j = 0; j < kItems; ++j) nv[j] = NextValue<A>{valid[j], v[j]};
+        for (int j = 0; j < kItems; ++j) {
+          const bool reset_gap = in[j] && !step[j] && gae_mode == credit::GaeMode::kReset;
+          nv[j] = NextValue<A>{step[j] || reset_gap, in[j] && !step[j] && done[j],
+                               step[j] ? v[j] : A(0)};
+        }
         NextScan(temp.next).ExclusiveScan(nv, nv, LatestValid(), next_prefix);
         __syncthreads();  // temp is reused by the affine scan
 #pragma unroll
         for (int j = 0; j < kItems; ++j) {
-          f[j] = in[j] ? credit::gae_step(r[j], v[j], nv[j].value, valid[j], gamma, gamma_lam)
-                       : credit::identity<A>();
+          if (!in[j]) {
+            f[j] = credit::identity<A>();
+          } else if (step[j]) {
+            f[j] = credit::gae_turn_step(r[j], v[j], nv[j].value, done[j] || nv[j].pend, coefs);
+          } else {
+            f[j] = credit::gae_gap_step<A>(gae_mode);
+          }
         }
       } else {
 #pragma unroll
         for (int j = 0; j < kItems; ++j) {
-          f[j] = in[j] ? credit::returns_step(r[j], valid[j], gamma, mode) : credit::identity<A>();
+          f[j] = in[j] ? credit::returns_step(r[j], valid[j], coefs.gamma, mode)
+                       : credit::identity<A>();
         }
       }
       AffineScan(temp.affine).InclusiveScan(f, f, Compose(), affine_prefix);
@@ -232,11 +261,8 @@ __global__ void __launch_bounds__(kBlock)
   __shared__ int64_t s_last;
   const int tid = static_cast<int>(threadIdx.x);
   for (int64_t b = blockIdx.x; b < num_rows; b += gridDim.x) {  // block-uniform
-    int64_t begin = b * row_len, end = (b + 1) * row_len;
-    if (cu_seqlens != nullptr) {
-      begin = min(max(cu_seqlens[b], int64_t{0}), num_tokens);
-      end = max(min(cu_seqlens[b + 1], num_tokens), begin);
-    }
+    int64_t begin, end;
+    row_range(cu_seqlens, b, row_len, num_tokens, begin, end);
     int64_t last = -1;  // the row's last valid position
     for (int64_t i = begin + tid; i < end; i += kBlock) {
       if (is_valid(mask[i])) last = i;
@@ -254,6 +280,78 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
+// ------------------------------------------------------------------------- segment reductions
+
+struct RowSummary {
+  double sum;
+  double count;
+  int64_t last;  // the last valid position, -1 if none
+};
+
+struct MergeSummary {
+  __device__ __forceinline__ RowSummary operator()(const RowSummary& a, const RowSummary& b) const {
+    return RowSummary{a.sum + b.sum, a.count + b.count, a.last > b.last ? a.last : b.last};
+  }
+};
+
+template <typename M>
+__device__ __forceinline__ bool is_valid_at(const M* mask, int64_t i) {
+  return mask == nullptr || is_valid(mask[i]);
+}
+
+// The row's (sum, count, last) over its valid tokens, known to every thread of the block: each
+// thread sums a fixed strided subset, cub merges the partials in a fixed tree (deterministic).
+template <typename T, typename M, typename Reduce>
+__device__ RowSummary row_summary(const T* __restrict__ x, const M* __restrict__ mask,
+                                  int64_t begin, int64_t end, typename Reduce::TempStorage& temp,
+                                  RowSummary& shared) {
+  RowSummary part{0.0, 0.0, -1};
+  for (int64_t i = begin + threadIdx.x; i < end; i += kBlock) {
+    if (is_valid_at(mask, i)) {
+      part.sum += static_cast<double>(to_acc(x[i]));
+      part.count += 1.0;
+      part.last = i;
+    }
+  }
+  const RowSummary total = Reduce(temp).Reduce(part, MergeSummary());
+  if (threadIdx.x == 0) shared = total;
+  __syncthreads();
+  const RowSummary out = shared;
+  __syncthreads();  // temp and shared are reused by the next row
+  return out;
+}
+
+// kGrad false: out[b] = credit::segment_value; true: grad_x (credit::segment_grad times grad[b]).
+template <bool kGrad, typename T, typename M>
+__global__ void __launch_bounds__(kBlock)
+    segment_kernel(const typename CreditAcc<T>::type* __restrict__ grad, const T* __restrict__ x,
+                   const M* __restrict__ mask, const int64_t* __restrict__ cu_seqlens,
+                   int64_t num_rows, int64_t row_len, int64_t num_tokens, credit::SegmentReduce op,
+                   typename CreditAcc<T>::type* __restrict__ out, T* __restrict__ grad_x) {
+  using A = typename CreditAcc<T>::type;
+  using Reduce = cub::BlockReduce<RowSummary, kBlock>;
+  __shared__ typename Reduce::TempStorage temp;
+  __shared__ RowSummary shared;
+  for (int64_t b = blockIdx.x; b < num_rows; b += gridDim.x) {  // block-uniform
+    int64_t begin, end;
+    row_range(cu_seqlens, b, row_len, num_tokens, begin, end);
+    const RowSummary s = row_summary<T, M, Reduce>(x, mask, begin, end, temp, shared);
+    if (!kGrad) {
+      if (threadIdx.x == 0) {
+        const double last = s.last >= 0 ? static_cast<double>(to_acc(x[s.last])) : 0.0;
+        out[b] = static_cast<A>(credit::segment_value(op, s.sum, s.count, last));
+      }
+      continue;
+    }
+    const double g = static_cast<double>(grad[b]);
+    const double f = s.count > 0.0 ? credit::segment_grad(op, s.sum, s.count, false) : 0.0;
+    for (int64_t i = begin + threadIdx.x; i < end; i += kBlock) {
+      const double fi = op == credit::SegmentReduce::kLast ? (i == s.last ? 1.0 : 0.0) : f;
+      grad_x[i] = store_as<T>(static_cast<A>(is_valid_at(mask, i) ? g * fi : 0.0));
+    }
+  }
+}
+
 bool bad_sizes(int64_t num_rows, int64_t row_len, int64_t num_tokens, const int64_t* cu_seqlens) {
   if (num_rows < 0 || row_len < 0 || num_tokens < 0) return true;
   return cu_seqlens == nullptr && num_rows * row_len != num_tokens;
@@ -266,16 +364,19 @@ int grid_for(int64_t num_rows) {
 }  // namespace
 
 template <typename T, typename M>
-cudaError_t launch_gae(const T* rewards, const T* values, const M* mask, const int64_t* cu_seqlens,
-                       int64_t num_rows, int64_t row_len, int64_t num_tokens, double gamma,
-                       double lam, typename CreditAcc<T>::type* adv,
+cudaError_t launch_gae(const T* rewards, const T* values, const M* mask, const bool* dones,
+                       const int64_t* cu_seqlens, int64_t num_rows, int64_t row_len,
+                       int64_t num_tokens, double gamma, double lam, credit::GaeMode mode,
+                       double turn_gamma, double turn_lam, typename CreditAcc<T>::type* adv,
                        typename CreditAcc<T>::type* ret, cudaStream_t stream) {
   using A = typename CreditAcc<T>::type;
   if (bad_sizes(num_rows, row_len, num_tokens, cu_seqlens)) return cudaErrorInvalidValue;
   if (num_rows == 0) return cudaSuccess;
+  const credit::GaeCoefs<A> coefs{static_cast<A>(gamma), static_cast<A>(gamma * lam),
+                                  static_cast<A>(turn_gamma), static_cast<A>(turn_gamma * turn_lam)};
   scan_kernel<true, T, M><<<grid_for(num_rows), kBlock, 0, stream>>>(
-      rewards, values, mask, cu_seqlens, num_rows, row_len, num_tokens, static_cast<A>(gamma),
-      static_cast<A>(gamma * lam), ReturnsMode::kSkip, adv, ret);
+      rewards, values, mask, dones, cu_seqlens, num_rows, row_len, num_tokens, coefs, mode,
+      ReturnsMode::kSkip, adv, ret);
   return cudaGetLastError();
 }
 
@@ -287,9 +388,10 @@ cudaError_t launch_discounted_returns(const T* rewards, const M* mask, const int
   using A = typename CreditAcc<T>::type;
   if (bad_sizes(num_rows, row_len, num_tokens, cu_seqlens)) return cudaErrorInvalidValue;
   if (num_rows == 0) return cudaSuccess;
+  const credit::GaeCoefs<A> coefs{static_cast<A>(gamma), A(0), A(0), A(0)};  // gamma only
   scan_kernel<false, T, M><<<grid_for(num_rows), kBlock, 0, stream>>>(
-      rewards, nullptr, mask, cu_seqlens, num_rows, row_len, num_tokens, static_cast<A>(gamma),
-      A(0), mode, out, nullptr);
+      rewards, nullptr, mask, nullptr, cu_seqlens, num_rows, row_len, num_tokens, coefs,
+      credit::GaeMode::kSkip, mode, out, nullptr);
   return cudaGetLastError();
 }
 
@@ -331,6 +433,30 @@ cudaError_t launch_token_rewards(const T* scores, const M* mask, const T* kl,
   return cudaGetLastError();
 }
 
+template <typename T, typename M>
+cudaError_t launch_segment_reduce(const T* x, const M* mask, const int64_t* cu_seqlens,
+                                  int64_t num_rows, int64_t row_len, int64_t num_tokens,
+                                  credit::SegmentReduce op, typename CreditAcc<T>::type* out,
+                                  cudaStream_t stream) {
+  if (bad_sizes(num_rows, row_len, num_tokens, cu_seqlens)) return cudaErrorInvalidValue;
+  if (num_rows == 0) return cudaSuccess;
+  segment_kernel<false, T, M><<<grid_for(num_rows), kBlock, 0, stream>>>(
+      nullptr, x, mask, cu_seqlens, num_rows, row_len, num_tokens, op, out, nullptr);
+  return cudaGetLastError();
+}
+
+template <typename T, typename M>
+cudaError_t launch_segment_reduce_grad(const typename CreditAcc<T>::type* grad, const T* x,
+                                       const M* mask, const int64_t* cu_seqlens, int64_t num_rows,
+                                       int64_t row_len, int64_t num_tokens,
+                                       credit::SegmentReduce op, T* grad_x, cudaStream_t stream) {
+  if (bad_sizes(num_rows, row_len, num_tokens, cu_seqlens)) return cudaErrorInvalidValue;
+  if (num_rows == 0) return cudaSuccess;
+  segment_kernel<true, T, M><<<grid_for(num_rows), kBlock, 0, stream>>>(
+      grad, x, mask, cu_seqlens, num_rows, row_len, num_tokens, op, nullptr, grad_x);
+  return cudaGetLastError();
+}
+
 #define FASTRL_INSTANTIATE_KL(T, A, O)                                                          \
   template cudaError_t launch_kl_penalty<T, A, O>(const T*, const T*, int64_t, credit::KlKind,  \
                                                   credit::KlConvention, O*, cudaStream_t);      \
@@ -347,16 +473,23 @@ FASTRL_INSTANTIATE_KL(__nv_bfloat16, float, float)
 #undef FASTRL_INSTANTIATE_KL
 
 #define FASTRL_INSTANTIATE(T, M)                                                                \
-  template cudaError_t launch_gae<T, M>(const T*, const T*, const M*, const int64_t*, int64_t,  \
-                                        int64_t, int64_t, double, double, CreditAcc<T>::type*,  \
-                                        CreditAcc<T>::type*, cudaStream_t);                     \
+  template cudaError_t launch_gae<T, M>(const T*, const T*, const M*, const bool*,             \
+                                        const int64_t*, int64_t, int64_t, int64_t, double,      \
+                                        double, credit::GaeMode, double, double,                \
+                                        CreditAcc<T>::type*, CreditAcc<T>::type*, cudaStream_t); \
   template cudaError_t launch_discounted_returns<T, M>(const T*, const M*, const int64_t*,      \
                                                        int64_t, int64_t, int64_t, double,       \
                                                        ReturnsMode, CreditAcc<T>::type*,        \
                                                        cudaStream_t);                           \
   template cudaError_t launch_token_rewards<T, M>(const T*, const M*, const T*, const int64_t*, \
                                                   int64_t, int64_t, int64_t, double,            \
-                                                  CreditAcc<T>::type*, cudaStream_t);
+                                                  CreditAcc<T>::type*, cudaStream_t);           \
+  template cudaError_t launch_segment_reduce<T, M>(const T*, const M*, const int64_t*, int64_t, \
+                                                   int64_t, int64_t, credit::SegmentReduce,     \
+                                                   CreditAcc<T>::type*, cudaStream_t);          \
+  template cudaError_t launch_segment_reduce_grad<T, M>(                                        \
+      const CreditAcc<T>::type*, const T*, const M*, const int64_t*, int64_t, int64_t, int64_t, \
+      credit::SegmentReduce, T*, cudaStream_t);
 #define FASTRL_INSTANTIATE_MASKS(T) \
   FASTRL_INSTANTIATE(T, bool)       \
   FASTRL_INSTANTIATE(T, uint8_t)    \

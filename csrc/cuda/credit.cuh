@@ -38,12 +38,14 @@ constexpr int kScanTile = 1024;  // tokens per block-wide scan step
 
 // rewards, values, mask: [num_tokens] (padded [num_rows, row_len] contiguous when cu_seqlens is
 // nullptr, else packed rows given by cu_seqlens[num_rows + 1], int64, on the device).
-// Writes adv and ret (credit.h GAE) at every position. Returns cudaErrorInvalidValue for bad
-// sizes, else the launch error. No workspace.
+// Writes adv and ret (credit.h GAE in credit::GaeMode `mode`, turn ends at dones[i] != 0, dones
+// may be nullptr) at every position. Returns cudaErrorInvalidValue for bad sizes, else the launch
+// error. No workspace.
 template <typename T, typename M>
-cudaError_t launch_gae(const T* rewards, const T* values, const M* mask, const int64_t* cu_seqlens,
-                       int64_t num_rows, int64_t row_len, int64_t num_tokens, double gamma,
-                       double lam, typename CreditAcc<T>::type* adv,
+cudaError_t launch_gae(const T* rewards, const T* values, const M* mask, const bool* dones,
+                       const int64_t* cu_seqlens, int64_t num_rows, int64_t row_len,
+                       int64_t num_tokens, double gamma, double lam, credit::GaeMode mode,
+                       double turn_gamma, double turn_lam, typename CreditAcc<T>::type* adv,
                        typename CreditAcc<T>::type* ret, cudaStream_t stream);
 
 // Discounted returns in credit::ReturnsMode `mode`, same layout and contract as launch_gae.
@@ -73,17 +75,39 @@ cudaError_t launch_token_rewards(const T* scores, const M* mask, const T* kl,
                                  int64_t num_tokens, double kl_coef,
                                  typename CreditAcc<T>::type* out, cudaStream_t stream);
 
+// credit::segment_value per row (mask may be nullptr: every token valid), same layout and contract
+// as launch_gae: one block per row, fp64 per-thread partial sums merged by a fixed-shape block
+// reduction (deterministic; the summation order differs from the CPU's token order by rounding).
+template <typename T, typename M>
+cudaError_t launch_segment_reduce(const T* x, const M* mask, const int64_t* cu_seqlens,
+                                  int64_t num_rows, int64_t row_len, int64_t num_tokens,
+                                  credit::SegmentReduce op, typename CreditAcc<T>::type* out,
+                                  cudaStream_t stream);
+
+// grad_x[i] = grad[b] * credit::segment_grad(...) at valid tokens of row b, 0 at masked ones.
+template <typename T, typename M>
+cudaError_t launch_segment_reduce_grad(const typename CreditAcc<T>::type* grad, const T* x,
+                                       const M* mask, const int64_t* cu_seqlens, int64_t num_rows,
+                                       int64_t row_len, int64_t num_tokens,
+                                       credit::SegmentReduce op, T* grad_x, cudaStream_t stream);
+
 #define FASTRL_DECLARE_CREDIT(T, M)                                                            \
-  extern template cudaError_t launch_gae<T, M>(const T*, const T*, const M*, const int64_t*,  \
-                                               int64_t, int64_t, int64_t, double, double,     \
-                                               CreditAcc<T>::type*, CreditAcc<T>::type*,      \
-                                               cudaStream_t);                                  \
+  extern template cudaError_t launch_gae<T, M>(                                               \
+      const T*, const T*, const M*, const bool*, const int64_t*, int64_t, int64_t, int64_t,    \
+      double, double, credit::GaeMode, double, double, CreditAcc<T>::type*,                    \
+      CreditAcc<T>::type*, cudaStream_t);                                                      \
   extern template cudaError_t launch_discounted_returns<T, M>(                                \
       const T*, const M*, const int64_t*, int64_t, int64_t, int64_t, double,                   \
       credit::ReturnsMode, CreditAcc<T>::type*, cudaStream_t);                                \
   extern template cudaError_t launch_token_rewards<T, M>(                                     \
       const T*, const M*, const T*, const int64_t*, int64_t, int64_t, int64_t, double,         \
-      CreditAcc<T>::type*, cudaStream_t);
+      CreditAcc<T>::type*, cudaStream_t);                                                      \
+  extern template cudaError_t launch_segment_reduce<T, M>(                                    \
+      const T*, const M*, const int64_t*, int64_t, int64_t, int64_t, credit::SegmentReduce,    \
+      CreditAcc<T>::type*, cudaStream_t);                                                      \
+  extern template cudaError_t launch_segment_reduce_grad<T, M>(                               \
+      const CreditAcc<T>::type*, const T*, const M*, const int64_t*, int64_t, int64_t, int64_t, \
+      credit::SegmentReduce, T*, cudaStream_t);
 #define FASTRL_DECLARE_CREDIT_MASKS(T)  \
   FASTRL_DECLARE_CREDIT(T, bool)        \
   FASTRL_DECLARE_CREDIT(T, uint8_t)     \

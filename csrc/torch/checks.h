@@ -36,4 +36,27 @@ inline void check_same_size0(const at::Tensor& t, const char* name, const at::Te
               " entries but `", ref_name, "` has ", ref.size(0));
 }
 
+// Masks may be bool, uint8, int32, int64, float32 or float64 (what trainers pass); kernels are
+// templated on the mask type, so no converted copy is made.
+inline void check_mask_dtype(const at::Tensor& mask) {
+  const auto s = mask.scalar_type();
+  TORCH_CHECK(s == at::kBool || s == at::kByte || s == at::kInt || s == at::kLong ||
+                  s == at::kFloat || s == at::kDouble,
+              "fastrl: `mask` must be bool, uint8, int32, int64, float32 or float64, got ", s);
+}
+
 }  // namespace fastrl
+
+// Runs the lambda __VA_ARGS__ with `mask_t` bound to the C++ type of a mask checked by
+// check_mask_dtype.
+#define FASTRL_DISPATCH_MASK(mask_type, ...)                                          \
+  [&] {                                                                               \
+    switch (mask_type) {                                                              \
+      case at::kBool: { using mask_t = bool; return __VA_ARGS__(); }                  \
+      case at::kByte: { using mask_t = uint8_t; return __VA_ARGS__(); }               \
+      case at::kInt: { using mask_t = int32_t; return __VA_ARGS__(); }                \
+      case at::kLong: { using mask_t = int64_t; return __VA_ARGS__(); }               \
+      case at::kFloat: { using mask_t = float; return __VA_ARGS__(); }                \
+      default: { using mask_t = double; return __VA_ARGS__(); }                       \
+    }                                                                                 \
+  }()

@@ -5,13 +5,16 @@
 //   masked_whiten             verl's masked_whiten, statistics in fp64
 //   kl_penalty(_backward)     per-token KL estimators (verl / OpenRLHF conventions), elementwise
 //   token_rewards             outcome score at the last valid token minus kl_coef * kl
-//   segment_reduce(_backward) token -> sequence sum / mean / geomean / last (CPU only so far)
+//   gae                       + turn ends (`dones`), modes skip (verl) / reset / dense (OpenRLHF)
+//   segment_reduce(_backward) token -> sequence sum / mean / geomean / last
+//   implicit_rewards          PRIME's beta * log-ratio per token or per step (CPU only so far)
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "cpu/credit.h"
 #include "torch/checks.h"
@@ -49,13 +52,6 @@ void check_same_shape(const at::Tensor& t, const char* name, const at::Tensor& r
               ref_name, "` has shape ", ref.sizes());
 }
 
-void check_mask_dtype(const at::Tensor& mask) {
-  const auto s = mask.scalar_type();
-  TORCH_CHECK(s == at::kBool || s == at::kByte || s == at::kInt || s == at::kLong ||
-                  s == at::kFloat || s == at::kDouble,
-              "fastrl: `mask` must be bool, uint8, int32, int64, float32 or float64, got ", s);
-}
-
 void check_unit_interval(double x, const char* name) {
   TORCH_CHECK(x >= 0.0 && x <= 1.0, "fastrl: `", name, "` must lie in [0, 1], got ", x);
 }
@@ -65,6 +61,14 @@ ReturnsMode parse_mode(const std::string& s) {
   if (s == "reset") return ReturnsMode::kReset;
   if (s == "cumsum") return ReturnsMode::kCumsum;
   TORCH_CHECK(false, "fastrl: `mode` must be one of 'skip', 'reset', 'cumsum'; got '", s, "'");
+}
+
+credit::GaeMode parse_gae_mode(c10::string_view mode) {
+  const std::string s(mode);
+  if (s == "skip") return credit::GaeMode::kSkip;
+  if (s == "reset") return credit::GaeMode::kReset;
+  if (s == "dense") return credit::GaeMode::kDense;
+  TORCH_CHECK_VALUE(false, "fastrl: gae `mode` must be one of 'skip', 'reset', 'dense'; got '", s, "'");
 }
 
 // The accumulation/output dtype of a token op: float64 for float64 inputs, float32 otherwise.
@@ -105,18 +109,6 @@ void raise_bad_mask(int64_t bad, const at::Tensor& mask) {
               bad < 0 ? 0.0 : mask.reshape({-1})[bad].item<double>(), " at flat index ", bad);
 }
 
-#define FASTRL_DISPATCH_MASK(mask_type, ...)                                          \
-  [&] {                                                                               \
-    switch (mask_type) {                                                              \
-      case at::kBool: { using mask_t = bool; return __VA_ARGS__(); }                  \
-      case at::kByte: { using mask_t = uint8_t; return __VA_ARGS__(); }               \
-      case at::kInt: { using mask_t = int32_t; return __VA_ARGS__(); }                \
-      case at::kLong: { using mask_t = int64_t; return __VA_ARGS__(); }               \
-      case at::kFloat: { using mask_t = float; return __VA_ARGS__(); }                \
-      default: { using mask_t = double; return __VA_ARGS__(); }                       \
-    }                                                                                 \
-  }()
-
 struct TokenInputs {
   at::Tensor rewards, values, mask;  // contiguous; values undefined for returns
   cpu::Rows rows;
@@ -141,6 +133,42 @@ TokenInputs prepare_tokens(const at::Tensor& rewards, const c10::optional<at::Te
   in.rewards = rewards.to(dtype).contiguous();
   in.mask = mask.contiguous();
   return in;
+}
+
+// Optional per-token flags (turn ends, step ends) as a contiguous bool tensor (undefined when not
+// given). Same shape and device as `ref`; 0/1 values checked on the CPU (on CUDA nonzero = done, as for
+// the mask: a check would need a host sync).
+at::Tensor prepare_flags(const c10::optional<at::Tensor>& flags, const char* name,
+                         const at::Tensor& ref, const char* ref_name) {
+  if (!flags.has_value()) return at::Tensor();
+  const at::Tensor& d = *flags;
+  check_same_shape(d, name, ref, ref_name);
+  check_same_device(d, name, ref, ref_name);
+  const auto s = d.scalar_type();
+  TORCH_CHECK(s == at::kBool || s == at::kByte || s == at::kInt || s == at::kLong ||
+                  s == at::kFloat || s == at::kDouble,
+              "fastrl: `", name, "` must be bool, uint8, int32, int64, float32 or float64, got ", s);
+  if (s == at::kBool) return d.contiguous();
+  if (d.device().is_cpu()) {
+    const at::Tensor bad = at::logical_and(d.ne(0), d.ne(1));
+    if (bad.any().item<bool>()) {
+      const int64_t i = bad.reshape({-1}).nonzero()[0][0].item<int64_t>();
+      TORCH_CHECK(false, "fastrl: `", name, "` must hold only 0 and 1, got ",
+                  d.reshape({-1})[i].item<double>(), " at flat index ", i);
+    }
+  }
+  return d.ne(0).contiguous();
+}
+
+const bool* flags_ptr(const at::Tensor& flags) {
+  return flags.defined() ? flags.data_ptr<bool>() : nullptr;
+}
+
+void check_gae_args(double gamma, double lam, double turn_gamma, double turn_lam) {
+  check_unit_interval(gamma, "gamma");
+  check_unit_interval(lam, "lam");
+  check_unit_interval(turn_gamma, "turn_gamma");
+  check_unit_interval(turn_lam, "turn_lam");
 }
 
 // ------------------------------------------------------------------------------ KL penalty
@@ -320,27 +348,44 @@ at::Tensor token_rewards_cpu(const at::Tensor& scores, const at::Tensor& mask,
 
 // ---------------------------------------------------------------------------------------- CPU
 
+std::tuple<double, double, double> whiten_coefficients(const credit::Moments& m, bool shift_mean,
+                                                       bool unbiased, double eps);
+
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                            const at::Tensor& mask,
                                            const c10::optional<at::Tensor>& cu_seqlens,
-                                           double gamma, double lam) {
-  check_unit_interval(gamma, "gamma");
-  check_unit_interval(lam, "lam");
+                                           double gamma, double lam,
+                                           const c10::optional<at::Tensor>& dones,
+                                           c10::string_view mode, double turn_gamma,
+                                           double turn_lam, bool whiten) {
+  check_gae_args(gamma, lam, turn_gamma, turn_lam);
+  const credit::GaeMode gm = parse_gae_mode(mode);
   TokenInputs in = prepare_tokens(rewards, values, mask, cu_seqlens);
+  const at::Tensor done = prepare_flags(dones, "dones", mask, "mask");
   const auto opts = in.rewards.options().dtype(acc_dtype(in.rewards.scalar_type()));
   at::Tensor adv = empty_streaming_output(in.rewards.sizes(), opts);
   at::Tensor ret = empty_streaming_output(in.rewards.sizes(), opts);
+  std::vector<credit::Moments> rows(whiten ? static_cast<size_t>(in.rows.num_rows) : 0);
   int64_t bad = -1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.rewards.scalar_type(), "fastrl::gae", [&] {
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
     FASTRL_DISPATCH_MASK(in.mask.scalar_type(), [&] {
       bad = cpu::gae<scalar_t, mask_t, acc_t>(
           in.rewards.data_ptr<scalar_t>(), in.values.data_ptr<scalar_t>(),
-          in.mask.data_ptr<mask_t>(), in.rows, gamma, lam, adv.data_ptr<acc_t>(),
-          ret.data_ptr<acc_t>());
+          in.mask.data_ptr<mask_t>(), flags_ptr(done), in.rows, gamma, lam, gm, turn_gamma,
+          turn_lam, adv.data_ptr<acc_t>(), ret.data_ptr<acc_t>(), whiten ? rows.data() : nullptr);
     });
   });
   raise_bad_mask(bad, in.mask);
+  if (whiten) {  // verl's masked_whiten(adv, mask) from the per-row moments, merged in row order
+    credit::Moments m = credit::moments_empty();
+    for (const auto& row : rows) m = credit::moments_merge(m, row);
+    const auto coef = whiten_coefficients(m, /*shift_mean=*/true, /*unbiased=*/true, 1e-8);
+    AT_DISPATCH_FLOATING_TYPES(adv.scalar_type(), "fastrl::gae_whiten", [&] {
+      cpu::affine_transform<scalar_t>(adv.data_ptr<scalar_t>(), adv.numel(), std::get<0>(coef),
+                                      std::get<1>(coef), std::get<2>(coef), adv.data_ptr<scalar_t>());
+    });
+  }
   return {adv, ret};
 }
 
@@ -469,6 +514,19 @@ SegmentInputs prepare_segment(const at::Tensor& x, const c10::optional<at::Tenso
   return in;
 }
 
+// prepare_segment plus the checks of the backward's incoming gradient ([B], x's device).
+SegmentInputs prepare_segment_backward(const at::Tensor& grad, const at::Tensor& x,
+                                       const c10::optional<at::Tensor>& mask,
+                                       const c10::optional<at::Tensor>& cu_seqlens,
+                                       c10::string_view reduce) {
+  SegmentInputs in = prepare_segment(x, mask, cu_seqlens, reduce);
+  check_dim(grad, "grad", 1);
+  TORCH_CHECK(grad.size(0) == in.rows.num_rows, "fastrl: `grad` has ", grad.size(0),
+              " entries but there are ", in.rows.num_rows, " rows");
+  check_same_device(grad, "grad", x, "x");
+  return in;
+}
+
 // Calls f with mask_t bound to the mask's type (bool when there is no mask: a null pointer).
 #define FASTRL_DISPATCH_OPT_MASK(mask, ...)                                         \
   [&] {                                                                             \
@@ -506,11 +564,7 @@ at::Tensor segment_reduce_backward_cpu(const at::Tensor& grad, const at::Tensor&
                                        const c10::optional<at::Tensor>& mask,
                                        const c10::optional<at::Tensor>& cu_seqlens,
                                        c10::string_view reduce) {
-  SegmentInputs in = prepare_segment(x, mask, cu_seqlens, reduce);
-  check_dim(grad, "grad", 1);
-  TORCH_CHECK(grad.size(0) == in.rows.num_rows, "fastrl: `grad` has ", grad.size(0),
-              " entries but there are ", in.rows.num_rows, " rows");
-  check_same_device(grad, "grad", x, "x");
+  SegmentInputs in = prepare_segment_backward(grad, x, mask, cu_seqlens, reduce);
   at::Tensor grad_x = empty_streaming_output(in.x.sizes(), in.x.options());
   int64_t bad = -1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(),
@@ -527,16 +581,59 @@ at::Tensor segment_reduce_backward_cpu(const at::Tensor& grad, const at::Tensor&
   return grad_x;
 }
 
+// ----------------------------------------------------------------------------- implicit rewards
+
+at::Tensor implicit_rewards_cpu(const at::Tensor& logp, const at::Tensor& ref_logp,
+                                const c10::optional<at::Tensor>& mask,
+                                const c10::optional<at::Tensor>& cu_seqlens,
+                                const c10::optional<at::Tensor>& step_ends, double beta) {
+  check_floating(logp, "logp");
+  check_floating(ref_logp, "ref_logp");
+  check_same_shape(ref_logp, "ref_logp", logp, "logp");
+  check_same_device(ref_logp, "ref_logp", logp, "logp");
+  TORCH_CHECK_VALUE(std::isfinite(beta), "fastrl: `beta` must be finite, got ", beta);
+  const cpu::Rows rows = token_rows(logp, "logp", cu_seqlens);
+  at::Tensor m;
+  if (mask.has_value()) {
+    check_same_shape(*mask, "mask", logp, "logp");
+    check_same_device(*mask, "mask", logp, "logp");
+    check_mask_dtype(*mask);
+    m = mask->contiguous();
+  }
+  const at::Tensor ends = prepare_flags(step_ends, "step_ends", logp, "logp");
+  const auto dtype = at::promote_types(logp.scalar_type(), ref_logp.scalar_type());
+  const at::Tensor lp = logp.to(dtype).contiguous(), rf = ref_logp.to(dtype).contiguous();
+  at::Tensor out = empty_streaming_output(lp.sizes(), lp.options().dtype(acc_dtype(dtype)));
+  int64_t bad = -1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastrl::implicit_rewards", [&] {
+    using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    FASTRL_DISPATCH_OPT_MASK(m, [&] {
+      bad = cpu::implicit_rewards<scalar_t, mask_t, acc_t>(
+          lp.data_ptr<scalar_t>(), rf.data_ptr<scalar_t>(), opt_mask_ptr<mask_t>(m),
+          flags_ptr(ends), rows, beta, out.data_ptr<acc_t>());
+    });
+  });
+  if (bad >= 0) raise_bad_mask(bad, m);
+  return out;
+}
+
 // --------------------------------------------------------------------------------------- CUDA
 
 #ifdef FASTRL_WITH_CUDA
+at::Tensor masked_whiten_cuda(const at::Tensor& x, const at::Tensor& mask, bool shift_mean,
+                              bool unbiased, double eps);
+
 std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,
                                             const at::Tensor& mask,
                                             const c10::optional<at::Tensor>& cu_seqlens,
-                                            double gamma, double lam) {
-  check_unit_interval(gamma, "gamma");
-  check_unit_interval(lam, "lam");
+                                            double gamma, double lam,
+                                            const c10::optional<at::Tensor>& dones,
+                                            c10::string_view mode, double turn_gamma,
+                                            double turn_lam, bool whiten) {
+  check_gae_args(gamma, lam, turn_gamma, turn_lam);
+  const credit::GaeMode gm = parse_gae_mode(mode);
   TokenInputs in = prepare_tokens(rewards, values, mask, cu_seqlens);
+  const at::Tensor done = prepare_flags(dones, "dones", mask, "mask");
   const c10::cuda::CUDAGuard guard(in.rewards.device());
   const auto opts = in.rewards.options().dtype(acc_dtype(in.rewards.scalar_type()));
   at::Tensor adv = at::empty(in.rewards.sizes(), opts), ret = at::empty(in.rewards.sizes(), opts);
@@ -548,12 +645,13 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
       err = cuda::launch_gae<cuda_t, mask_t>(
           reinterpret_cast<const cuda_t*>(in.rewards.data_ptr<scalar_t>()),
           reinterpret_cast<const cuda_t*>(in.values.data_ptr<scalar_t>()),
-          in.mask.data_ptr<mask_t>(), in.rows.cu_seqlens, in.rows.num_rows, in.rows.row_len,
-          in.rewards.numel(), gamma, lam, adv.data_ptr<acc_t>(), ret.data_ptr<acc_t>(),
-          stream_of(in.rewards));
+          in.mask.data_ptr<mask_t>(), flags_ptr(done), in.rows.cu_seqlens, in.rows.num_rows,
+          in.rows.row_len, in.rewards.numel(), gamma, lam, gm, turn_gamma, turn_lam,
+          adv.data_ptr<acc_t>(), ret.data_ptr<acc_t>(), stream_of(in.rewards));
     });
   });
   C10_CUDA_CHECK(err);
+  if (whiten) adv = masked_whiten_cuda(adv, in.mask, true, true, 1e-8);  // not fused on CUDA yet
   return {adv, ret};
 }
 
@@ -676,6 +774,52 @@ at::Tensor token_rewards_cuda(const at::Tensor& scores, const at::Tensor& mask,
   C10_CUDA_CHECK(err);
   return out;
 }
+
+// Mask values and cu_seqlens are not checked on CUDA (cuda/credit.cuh).
+at::Tensor segment_reduce_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& mask,
+                               const c10::optional<at::Tensor>& cu_seqlens, c10::string_view reduce) {
+  SegmentInputs in = prepare_segment(x, mask, cu_seqlens, reduce);
+  const c10::cuda::CUDAGuard guard(in.x.device());
+  at::Tensor out = at::empty({in.rows.num_rows}, in.x.options().dtype(acc_dtype(in.x.scalar_type())));
+  cudaError_t err = cudaSuccess;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "fastrl::segment_reduce", [&] {
+    using cuda_t = typename CudaScalar<scalar_t>::type;
+    using acc_t = typename cuda::CreditAcc<cuda_t>::type;
+    FASTRL_DISPATCH_OPT_MASK(in.mask, [&] {
+      err = cuda::launch_segment_reduce<cuda_t, mask_t>(
+          reinterpret_cast<const cuda_t*>(in.x.data_ptr<scalar_t>()), opt_mask_ptr<mask_t>(in.mask),
+          in.rows.cu_seqlens, in.rows.num_rows, in.rows.row_len, in.x.numel(), in.op,
+          out.data_ptr<acc_t>(), stream_of(in.x));
+    });
+  });
+  C10_CUDA_CHECK(err);
+  return out;
+}
+
+at::Tensor segment_reduce_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                        const c10::optional<at::Tensor>& mask,
+                                        const c10::optional<at::Tensor>& cu_seqlens,
+                                        c10::string_view reduce) {
+  SegmentInputs in = prepare_segment_backward(grad, x, mask, cu_seqlens, reduce);
+  const c10::cuda::CUDAGuard guard(in.x.device());
+  at::Tensor grad_x = at::empty(in.x.sizes(), in.x.options());
+  cudaError_t err = cudaSuccess;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(),
+                                  "fastrl::segment_reduce_backward", [&] {
+    using cuda_t = typename CudaScalar<scalar_t>::type;
+    using acc_t = typename cuda::CreditAcc<cuda_t>::type;
+    const at::Tensor g = grad.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    FASTRL_DISPATCH_OPT_MASK(in.mask, [&] {
+      err = cuda::launch_segment_reduce_grad<cuda_t, mask_t>(
+          g.data_ptr<acc_t>(), reinterpret_cast<const cuda_t*>(in.x.data_ptr<scalar_t>()),
+          opt_mask_ptr<mask_t>(in.mask), in.rows.cu_seqlens, in.rows.num_rows, in.rows.row_len,
+          in.x.numel(), in.op, reinterpret_cast<cuda_t*>(grad_x.data_ptr<scalar_t>()),
+          stream_of(in.x));
+    });
+  });
+  C10_CUDA_CHECK(err);
+  return grad_x;
+}
 #endif
 
 }  // namespace
@@ -683,7 +827,9 @@ at::Tensor token_rewards_cuda(const at::Tensor& scores, const at::Tensor& mask,
 TORCH_LIBRARY_FRAGMENT(fastrl, m) {
   m.def("broadcast_to_tokens(Tensor values, Tensor mask) -> Tensor");
   m.def(
-      "gae(Tensor rewards, Tensor values, Tensor mask, Tensor? cu_seqlens, float gamma, float lam)"
+      "gae(Tensor rewards, Tensor values, Tensor mask, Tensor? cu_seqlens, float gamma, float lam,"
+      " Tensor? dones=None, str mode='skip', float turn_gamma=0.0, float turn_lam=1.0,"
+      " bool whiten=False)"
       " -> (Tensor advantages, Tensor returns)");
   m.def(
       "discounted_returns(Tensor rewards, Tensor mask, Tensor? cu_seqlens, float gamma, str mode)"
@@ -701,6 +847,9 @@ TORCH_LIBRARY_FRAGMENT(fastrl, m) {
   m.def(
       "segment_reduce_backward(Tensor grad, Tensor x, Tensor? mask, Tensor? cu_seqlens, str reduce)"
       " -> Tensor");
+  m.def(
+      "implicit_rewards(Tensor logp, Tensor ref_logp, Tensor? mask, Tensor? cu_seqlens,"
+      " Tensor? step_ends, float beta) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastrl, CPU, m) {
@@ -712,8 +861,9 @@ TORCH_LIBRARY_IMPL(fastrl, CPU, m) {
   m.impl("kl_penalty", &kl_penalty_cpu);
   m.impl("kl_penalty_backward", &kl_penalty_backward_cpu);
   m.impl("token_rewards", &token_rewards_cpu);
-  m.impl("segment_reduce", &segment_reduce_cpu);  // CPU only for now (no CUDA kernel yet)
+  m.impl("segment_reduce", &segment_reduce_cpu);
   m.impl("segment_reduce_backward", &segment_reduce_backward_cpu);
+  m.impl("implicit_rewards", &implicit_rewards_cpu);  // CPU only for now (no CUDA kernel yet)
 }
 
 TORCH_LIBRARY_IMPL(fastrl, CUDA, m) {
@@ -726,6 +876,8 @@ TORCH_LIBRARY_IMPL(fastrl, CUDA, m) {
   m.impl("kl_penalty", &kl_penalty_cuda);
   m.impl("kl_penalty_backward", &kl_penalty_backward_cuda);
   m.impl("token_rewards", &token_rewards_cuda);
+  m.impl("segment_reduce", &segment_reduce_cuda);
+  m.impl("segment_reduce_backward", &segment_reduce_backward_cuda);
 #endif
 }
 

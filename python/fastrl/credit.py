@@ -6,7 +6,8 @@ remove-padding, OpenRLHF packing), where ``mask`` is ``[N]`` too. A mask is bool
 int64, float32 or float64 holding only 0 and 1.
 
 * :func:`gae` -- generalized advantage estimation, verl's multi-turn semantics (masked tokens are
-  transparent), one compiled backward scan per row.
+  transparent), a reset or OpenRLHF's dense convention as options, turn ends (``dones``) with a
+  turn-level gamma/lambda; one compiled backward scan per row.
 * :func:`discounted_returns` -- reward-to-go: verl REINFORCE++'s skip, a reset, or ReMax's cumsum.
 * :func:`masked_mean`, :func:`masked_var`, :func:`masked_whiten` -- verl's token-weighted batch
   statistics, fp64 accumulation, deterministic.
@@ -14,7 +15,9 @@ int64, float32 or float64 holding only 0 and 1.
 * :func:`kl_penalty` -- per-token KL estimators (k1/abs/k2/k3) in verl's or OpenRLHF's convention,
   differentiable (closed-form gradient).
 * :func:`segment_reduce` -- token -> sequence reductions (sum, mean, GSPO's geometric-mean ratio,
-  last valid token), differentiable in the token values (CPU kernel; no CUDA kernel yet).
+  last valid token), differentiable in the token values.
+* :func:`implicit_rewards` -- PRIME's implicit process rewards ``beta * (logp - ref_logp)`` per token
+  or summed per step at the step's last token (CPU kernel; no CUDA kernel yet).
 * :func:`token_rewards` -- the outcome score at each row's last valid token minus ``kl_coef * kl``
   (OpenRLHF ``compute_reward`` / TRL PPO), one pass.
 
@@ -28,7 +31,8 @@ On the CPU, ``gae`` and ``discounted_returns`` on float32 inputs are bitwise ver
 operations in the same order). On CUDA they are a block-wide scan over affine pairs: equal to the
 CPU results up to float rounding (re-associated products; tested to ``rtol = atol = 1e-5`` on
 unit-scale rewards), and bitwise reproducible run to run. CUDA does not check mask values or
-``cu_seqlens`` (that would need a host sync); the CPU raises for bad ones.
+``cu_seqlens`` or ``dones``/``step_ends`` flags (that would need a host sync: a nonzero value counts
+as 1); the CPU raises for bad ones.
 """
 from __future__ import annotations
 
@@ -38,9 +42,10 @@ from fastrl import _extension
 from fastrl.reference import credit as _ref
 
 __all__ = ["broadcast_to_tokens", "gae", "discounted_returns", "masked_mean", "masked_var", "masked_whiten",
-           "kl_penalty", "token_rewards", "segment_reduce"]
+           "kl_penalty", "token_rewards", "segment_reduce", "implicit_rewards"]
 
 RETURNS_MODES = _ref.RETURNS_MODES
+GAE_MODES = _ref.GAE_MODES
 KL_KINDS = _ref.KL_KINDS
 KL_CONVENTIONS = _ref.KL_CONVENTIONS
 SEGMENT_REDUCTIONS = _ref.SEGMENT_REDUCTIONS
@@ -70,41 +75,82 @@ def broadcast_to_tokens(values: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float, *,
-        cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized advantage estimation with verl 0.9.1's masked-token semantics.
+        cu_seqlens: torch.Tensor | None = None, dones: torch.Tensor | None = None, mode: str = "skip",
+        turn_gamma: float = 0.0, turn_lam: float | None = None,
+        whiten: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation; verl 0.9.1's masked-token semantics by default, turn ends for
+    multi-turn credit, OpenRLHF's convention as ``mode="dense"``.
 
-    Per row, for t from the row's end down to its start (``nv_t``: the value at the next position
-    after t whose mask is 1, or 0 if there is none)::
+    Per row, for t from the row's end down to its start (``nv_t``: the value at the next *step*
+    position after t, 0 if there is none)::
 
-        delta_t = r_t + gamma * nv_t - v_t
-        A_t     = delta_t + gamma * lam * A_{t+1}    if mask_t == 1
-                = A_{t+1}                            if mask_t == 0   (value and lambda-carry skip it)
+        delta_t = r_t + g_t * nv_t - v_t
+        A_t     = delta_t + g_t * l_t * A_{t+1}      at a step position
         R_t     = A_t + v_t                          (every position)
 
-    so masked tokens inside a row (multi-turn observations) are transparent, a masked token carries
-    the advantage of the next valid one, and trailing padding gets ``A = 0``, ``R = v``: every
-    position equals verl's ``compute_gae_advantage_return`` before its whitening (apply
-    :func:`masked_whiten` for that, as :mod:`fastrl.integrations.verl` does).
+    with ``(g_t, l_t) = (gamma, lam)``, or ``(turn_gamma, turn_lam)`` where a turn ends at t.
+
+    ``mode`` says what a masked position (``mask_t == 0``) is:
+
+    * ``"skip"`` (verl 0.9.1 ``compute_gae_advantage_return`` before its whitening): not a step, and
+      transparent -- value and lambda-carry skip it, so it outputs the advantage of the next valid
+      token (multi-turn observation spans); trailing padding gets ``A = 0``, ``R = v``.
+    * ``"reset"``: not a step; the recurrence restarts below it (carry and next value 0): masked
+      positions output ``A = 0``, ``R = v``, and a masked span ends the episode.
+    * ``"dense"`` (OpenRLHF ``get_advantages_and_returns``): every position is a step, with ``r`` and
+      ``v`` zeroed where the mask is 0 (``nv_t`` is then the next position's masked value) and
+      ``R_t = A_t + mask_t * v_t``.
+
+    ``dones`` (turn-level credit for multi-turn rollouts): a 0/1 flag per token, ``mask``'s shape.
+    A flag on a step position t ends a turn at t; a flag on a non-step position ends the turn at the
+    nearest step position before it (so a flag anywhere in an observation span ends the preceding
+    response's turn). At a turn end the step uses ``turn_gamma`` and ``turn_lam`` (default: ``lam``):
+
+    * ``turn_gamma = 0`` (default): a hard reset -- no bootstrap from the next turn's value and no
+      advantage carried across the boundary (each turn its own episode, value-terminated);
+    * ``gamma = lam = 1`` with ``turn_gamma, turn_lam < 1``: turn-level discounting -- tokens inside
+      a turn are undiscounted and each turn boundary discounts by ``turn_gamma`` and mixes by
+      ``turn_lam`` (GAE over turns, with turn-level rewards placed at turn ends).
+
+    Without ``dones`` the results are bitwise those of the plain call.
+
+    ``whiten=True`` returns the advantages whitened as verl does before returning them:
+    ``masked_whiten(A, mask)`` (``shift_mean=True``, unbiased, ``eps=1e-8``; fewer than 2 valid
+    tokens raise ``ValueError``); the returns stay unwhitened (verl computes them first). On the CPU
+    the scan emits each row's fp64 moments of ``A`` while the row is still in cache and they are
+    merged in row order, so the statistics pass over ``A`` and ``mask`` disappears (equal to
+    :func:`masked_whiten` up to fp64 rounding of the merge order; deterministic). On CUDA it is the
+    scan followed by :func:`masked_whiten` (not fused yet).
 
     Args:
         rewards, values: ``[B, T]`` (padded) or ``[N]`` (packed), floating; promoted to a common dtype.
         mask: same shape, 0/1.
         gamma, lam: discount and GAE lambda, in [0, 1].
         cu_seqlens: ``int64[B+1]`` row offsets for the packed layout (0, non-decreasing, ending at N).
+        dones: optional 0/1 turn-end flags, ``mask``'s shape (bool, uint8, int32, int64, float32, float64).
+        mode: ``"skip"``, ``"reset"`` or ``"dense"``.
+        turn_gamma, turn_lam: in [0, 1]; used only at turn ends.
+        whiten: whiten the advantages (verl's ``masked_whiten``), fused into the scan on the CPU.
 
     Returns:
         ``(advantages, returns)``, the inputs' shape, float64 for float64 inputs else float32
         (accumulated in that type). Not differentiable (no_grad math in every trainer).
-        Extra memory: none beyond the outputs.
+        Extra memory: none beyond the outputs (plus a bool copy of a non-bool ``dones``).
+        NaN/Inf in a step's inputs propagate to the positions before it in the row, as in verl.
 
     >>> r = torch.tensor([[0.0, 0.0, 1.0, 0.0]]); v = torch.tensor([[0.5, 0.5, 0.5, 0.0]])
     >>> m = torch.tensor([[1, 0, 1, 0]])
     >>> fastrl.credit.gae(r, v, m, gamma=1.0, lam=1.0)
     (tensor([[0.5000, 0.5000, 0.5000, 0.0000]]), tensor([[1., 1., 1., 0.]]))
+    >>> fastrl.credit.gae(r, v, m, gamma=1.0, lam=1.0, dones=torch.tensor([[0, 1, 0, 0]]))  # turn ends at t=0
+    (tensor([[-0.5000,  0.5000,  0.5000,  0.0000]]), tensor([[0., 1., 1., 0.]]))
     """
+    turn_lam = lam if turn_lam is None else turn_lam
     if _extension.use_reference():
-        return _ref.gae(rewards, values, mask, gamma, lam, cu_seqlens=cu_seqlens)
-    return torch.ops.fastrl.gae(rewards, values, mask, cu_seqlens, float(gamma), float(lam))
+        return _ref.gae(rewards, values, mask, gamma, lam, cu_seqlens=cu_seqlens, dones=dones, mode=mode,
+                        turn_gamma=turn_gamma, turn_lam=turn_lam, whiten=whiten)
+    return torch.ops.fastrl.gae(rewards, values, mask, cu_seqlens, float(gamma), float(lam), dones, mode,
+                                float(turn_gamma), float(turn_lam), bool(whiten))
 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, *, mode: str = "skip",
@@ -289,11 +335,11 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1", *,
 
 
 def token_rewards(scores: torch.Tensor, mask: torch.Tensor, *, kl: torch.Tensor | None = None,
-                  kl_coef: float = 0.0, clip: float | None = None,
+                  kl_coef: float = 0.0, clip: float | tuple[float, float] | None = None,
                   cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Token-level rewards from outcome scores, OpenRLHF ``compute_reward`` / TRL PPO style::
 
-        r[b, t] = (clamp(scores[b], -clip, clip) if t is row b's last valid token else 0)
+        r[b, t] = (clamp(scores[b], lo, hi) if t is row b's last valid token else 0)
                   - kl_coef * kl[b, t]        at tokens with mask 1
         r[b, t] = 0                           at tokens with mask 0
 
@@ -306,8 +352,9 @@ def token_rewards(scores: torch.Tensor, mask: torch.Tensor, *, kl: torch.Tensor 
         mask: ``[B, T]`` 0/1 (padded), or ``[N]`` with ``cu_seqlens`` (packed rows).
         kl: optional per-token KL, ``mask``'s shape (e.g. :func:`kl_penalty`); ``None`` = no penalty.
         kl_coef: >= 0 (OpenRLHF silently turns a negative one into 0; here it is an error).
-        clip: > 0 or ``None``: the scores are clipped to ``[-clip, clip]`` first (OpenRLHF's
-            ``reward_clip_range = (-clip, clip)``).
+        clip: ``None``, ``c > 0`` (``[lo, hi] = [-c, c]``) or a ``(lo, hi)`` pair, ``lo <= hi``:
+            the scores are clipped to ``[lo, hi]`` first (OpenRLHF's ``reward_clip_range``, which
+            may be asymmetric).
         cu_seqlens: ``int64[B+1]`` row offsets for the packed layout.
 
     Returns:
@@ -322,6 +369,9 @@ def token_rewards(scores: torch.Tensor, mask: torch.Tensor, *, kl: torch.Tensor 
     """
     if _extension.use_reference():
         return _ref.token_rewards(scores, mask, kl=kl, kl_coef=kl_coef, clip=clip, cu_seqlens=cu_seqlens)
+    if isinstance(clip, (tuple, list)):  # a range: clamp the [B] scores here, the op clips symmetrically
+        lo, hi = _ref.clip_range(clip)
+        scores, clip = scores.clamp(min=lo, max=hi), None
     return torch.ops.fastrl.token_rewards(scores, mask, kl, cu_seqlens, float(kl_coef),
                                           None if clip is None else float(clip))
 
@@ -353,8 +403,9 @@ def segment_reduce(x: torch.Tensor, mask: torch.Tensor | None = None, *, cu_seql
         ``[B]``, float64 for float64 ``x`` else float32, accumulated in fp64 in token order (rows in
         parallel; deterministic whatever the thread count). Differentiable in ``x`` (a compiled
         backward: ``g * mask`` for sum, ``g * mask / n_b`` for mean, ``g * out_b * mask / n_b`` for
-        geomean, ``g`` at the last valid token for last; 0 for an empty row). CPU only for now: a
-        CUDA tensor raises ``NotImplementedError`` (``FASTRL_BACKEND=reference`` runs it in torch).
+        geomean, ``g`` at the last valid token for last; 0 for an empty row). On CUDA: one block
+        per row, fp64 partial sums merged in a fixed order (deterministic; equal to the CPU's up
+        to fp64 rounding); mask values and ``cu_seqlens`` are not checked there (no host sync).
 
     >>> x = torch.tensor([[0.1, 0.3, 9.0], [-0.2, 0.0, 0.0]]); m = torch.tensor([[1, 1, 0], [1, 0, 0]])
     >>> fastrl.credit.segment_reduce(x, m, reduce="mean")
@@ -364,10 +415,52 @@ def segment_reduce(x: torch.Tensor, mask: torch.Tensor | None = None, *, cu_seql
     """
     if _extension.use_reference():
         return _ref.segment_reduce(x, mask, cu_seqlens=cu_seqlens, reduce=reduce)
-    if x.device.type != "cpu":
-        raise NotImplementedError(f"fastrl: segment_reduce has no {x.device.type.upper()} kernel yet (CPU only); "
-                                  "move the tensors to the CPU or set FASTRL_BACKEND=reference")
     return torch.ops.fastrl.segment_reduce(x, mask, cu_seqlens, reduce)
+
+
+def implicit_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float, *, mask: torch.Tensor | None = None,
+                     cu_seqlens: torch.Tensor | None = None, step_ends: torch.Tensor | None = None) -> torch.Tensor:
+    """PRIME's implicit process rewards: ``r_t = beta * (logp_t - ref_logp_t)`` per token, or summed
+    per reasoning step and placed at the step's last token, ready as the ``rewards`` of :func:`gae`
+    or :func:`discounted_returns` (add the outcome score with :func:`token_rewards`).
+
+    Without ``step_ends``: ``r_t`` at valid tokens, 0 at masked ones. With ``step_ends`` (0/1 flags,
+    1 on a step's last token)::
+
+        out[e_k] = sum_{t in step k, mask_t = 1} r_t     at e_k, the last valid token of step k
+        out[t]   = 0                                      everywhere else
+
+    A flag on a masked token closes the step at the valid token before it; the tokens after a
+    row's last flag form a final step ending at the row's last valid token (so all-zero
+    ``step_ends`` is PRIME's whole-response granularity: the row sum at its last valid token); a
+    step with no valid token writes nothing.
+
+    Args:
+        logp, ref_logp: ``[B, T]`` (padded) or ``[N]`` (packed, with ``cu_seqlens``), floating.
+        beta: finite (PRIME: 0.05).
+        mask: 0/1, ``logp``'s shape, or None (every token valid).
+        cu_seqlens: ``int64[B+1]`` row offsets for the packed layout.
+        step_ends: 0/1 flags, ``logp``'s shape, or None (per-token rewards).
+
+    Returns:
+        ``logp``'s shape, float64 for float64 inputs else float32: ``r_t`` computed in that type
+        (``d = logp - ref_logp`` first, then ``beta * d``), step sums accumulated in fp64 in token
+        order and rounded once. Not differentiable (a reward; PRIME's PRM loss differentiates the
+        log-ratio sum, :func:`segment_reduce`). CPU kernel; CUDA tensors raise
+        ``NotImplementedError`` (``FASTRL_BACKEND=reference`` runs it in torch).
+
+    >>> lp = torch.tensor([[-1.0, -2.0, -0.5, -1.0]]); ref = torch.tensor([[-1.5, -1.0, -0.5, -2.0]])
+    >>> fastrl.credit.implicit_rewards(lp, ref, 0.1)
+    tensor([[ 0.0500, -0.1000,  0.0000,  0.1000]])
+    >>> fastrl.credit.implicit_rewards(lp, ref, 0.1, step_ends=torch.tensor([[0, 1, 0, 0]]))
+    tensor([[ 0.0000, -0.0500,  0.0000,  0.1000]])
+    """
+    if _extension.use_reference():
+        return _ref.implicit_rewards(logp, ref_logp, beta, mask=mask, cu_seqlens=cu_seqlens, step_ends=step_ends)
+    if logp.device.type != "cpu":
+        raise NotImplementedError(f"fastrl: implicit_rewards has no {logp.device.type.upper()} kernel yet (CPU only); "
+                                  "move the tensors to the CPU or set FASTRL_BACKEND=reference")
+    return torch.ops.fastrl.implicit_rewards(logp, ref_logp, mask, cu_seqlens, step_ends, float(beta))
 
 
 # ----------------------------------------------------------------------------------- fake kernels
@@ -394,7 +487,8 @@ def _token_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if common == torch.float64 else torch.float32
 
 
-def _gae_fake(rewards, values, mask, cu_seqlens, gamma, lam):
+def _gae_fake(rewards, values, mask, cu_seqlens, gamma, lam, dones=None, mode="skip", turn_gamma=0.0, turn_lam=1.0,
+              whiten=False):
     dtype = _token_dtype(rewards.dtype, values.dtype)
     return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape, dtype=dtype)
 
@@ -439,6 +533,10 @@ def _token_rewards_fake(scores, mask, kl, cu_seqlens, kl_coef, clip):
     return mask.new_empty(mask.shape, dtype=_token_dtype(*dtypes))
 
 
+def _implicit_fake(logp, ref_logp, mask, cu_seqlens, step_ends, beta):
+    return logp.new_empty(logp.shape, dtype=_token_dtype(logp.dtype, ref_logp.dtype))
+
+
 def _segment_fake(x, mask, cu_seqlens, reduce):
     rows = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     return x.new_empty((rows,), dtype=_token_dtype(x.dtype))
@@ -476,3 +574,4 @@ if _extension._C is not None:
     torch.library.register_fake("fastrl::segment_reduce")(_segment_fake)
     torch.library.register_fake("fastrl::segment_reduce_backward")(_segment_backward_fake)
     torch.library.register_autograd("fastrl::segment_reduce", _segment_backward, setup_context=_segment_setup)
+    torch.library.register_fake("fastrl::implicit_rewards")(_implicit_fake)

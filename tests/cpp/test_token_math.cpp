@@ -60,6 +60,64 @@ void test_gae_row_matches_recurrence() {
   }
 }
 
+// GAE with turn ends and a gap mode, by the header's steps: (a) sequentially equals the textbook
+// recurrence with per-position (gamma, lambda) written out, and (b) composing the row's maps in two
+// chunks (what the CUDA tile scan does) gives the same advantages up to rounding.
+void test_gae_turn_steps() {
+  const std::vector<double> r = {0.1, -0.2, 0.0, 0.3, 1.0, 0.0, 0.5};
+  const std::vector<double> v = {0.5, 0.4, 9.0, 0.2, 0.1, 7.0, 0.3};
+  const std::vector<bool> valid = {true, true, false, true, true, false, true};
+  const std::vector<bool> done = {false, false, true, true, false, false, false};  // t=2 masked: ends t=1
+  const double gamma = 0.9, lam = 0.8, tg = 0.5, tl = 0.6;
+  const fastrl::credit::GaeCoefs<double> k{gamma, gamma * lam, tg, tg * tl};
+  const int T = static_cast<int>(r.size());
+  for (auto mode : {fastrl::credit::GaeMode::kSkip, fastrl::credit::GaeMode::kReset}) {
+    const bool reset = mode == fastrl::credit::GaeMode::kReset;
+    std::vector<double> expect(T), got(T);
+    double nv = 0.0, carry = 0.0;
+    bool pending = false;
+    for (int t = T - 1; t >= 0; --t) {  // written out
+      if (valid[t]) {
+        const bool end = done[t] || pending;
+        const double g = end ? tg : gamma, l = end ? tl : lam;
+        carry = r[t] + g * nv - v[t] + g * l * carry;
+        nv = v[t];
+        pending = false;
+      } else {
+        if (reset) carry = nv = 0.0;
+        pending = pending || done[t];
+      }
+      expect[t] = carry;
+    }
+    std::vector<fastrl::credit::Affine<double>> f(T);
+    nv = 0.0;
+    carry = 0.0;
+    pending = false;
+    for (int t = T - 1; t >= 0; --t) {  // the header's steps
+      if (valid[t]) {
+        f[t] = fastrl::credit::gae_turn_step(r[t], v[t], nv, done[t] || pending, k);
+        nv = v[t];
+        pending = false;
+      } else {
+        f[t] = fastrl::credit::gae_gap_step<double>(mode);
+        if (reset) nv = 0.0;
+        pending = pending || done[t];
+      }
+      carry = fastrl::credit::apply(f[t], carry);
+      CHECK_NEAR(carry, expect[t], 1e-12);
+    }
+    // two chunks: [4, T) composed, then [0, 4) continued from the chunk's composite
+    auto right = fastrl::credit::identity<double>();
+    for (int t = T - 1; t >= 4; --t) right = fastrl::credit::then(right, f[t]);
+    auto acc = right;
+    for (int t = 3; t >= 0; --t) {
+      acc = fastrl::credit::then(acc, f[t]);
+      CHECK_NEAR(acc.d, expect[t], 1e-12);
+    }
+  }
+  CHECK(fastrl::credit::implicit_reward(-1.0f, -1.5f, 0.1f) == 0.1f * 0.5f);
+}
+
 fastrl::logprobs::SoftmaxState single(float z) {
   fastrl::logprobs::SoftmaxState st;
   st.m = z;
@@ -144,6 +202,7 @@ void test_grad_z_matches_finite_differences() {
 int main() {
   test_affine_composition_is_associative();
   test_gae_row_matches_recurrence();
+  test_gae_turn_steps();
   test_online_softmax_merge();
   test_grad_z_matches_finite_differences();
   return check_summary("test_token_math");

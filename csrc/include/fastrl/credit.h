@@ -72,6 +72,47 @@ FASTRL_HOST_DEVICE A next_value(bool valid, A v, A next_value_after) {
   return valid ? v : next_value_after;
 }
 
+// GAE modes: what a masked position (mask_t == 0) does.
+enum class GaeMode : int32_t {
+  // verl: masked tokens are transparent (value and lambda-carry skip them).
+  kSkip = 0,
+  // A masked token ends the episode: the carry and the next value restart from 0 below it; masked
+  // positions output A = 0 (R = v).
+  kReset = 1,
+  // OpenRLHF get_advantages_and_returns: every position is a step, with r and v zeroed where the
+  // mask is 0 and the next value taken from the next position (masked or not); R = A + mask * v.
+  kDense = 2,
+};
+
+// Turn boundaries (the `dones` input). The step positions of a row are its valid tokens (kSkip,
+// kReset) or all of its positions (kDense). A done flag on a step position t ends a turn at t; a
+// done flag on a non-step position ends the turn at the nearest step position before it (a flag
+// anywhere in an observation span ends the turn of the response before it). At a turn end the step
+// uses (turn_gamma, turn_gamma * turn_lam) in place of (gamma, gamma * lam):
+//   delta_t = r_t + turn_gamma * nv_t - v_t,   A_t = delta_t + turn_gamma * turn_lam * A_{t+1}
+// so turn_gamma = 0 cuts the recurrence (no bootstrap and no advantage carried across turns) and
+// gamma = lam = 1 with turn_gamma, turn_lam < 1 discounts per turn instead of per token.
+template <typename A>
+struct GaeCoefs {
+  A gamma, gamma_lam;            // inside a turn
+  A turn_gamma, turn_gamma_lam;  // at a turn end
+};
+
+// The step of step position t; `turn_end` = done_t or a done flag pending from the non-step
+// positions right after t.
+template <typename A>
+FASTRL_HOST_DEVICE Affine<A> gae_turn_step(A r, A v, A next_value, bool turn_end,
+                                           const GaeCoefs<A>& k) {
+  return turn_end ? gae_step(r, v, next_value, true, k.turn_gamma, k.turn_gamma_lam)
+                  : gae_step(r, v, next_value, true, k.gamma, k.gamma_lam);
+}
+
+// The step of a non-step position (kSkip: identity, kReset: restart from 0).
+template <typename A>
+FASTRL_HOST_DEVICE Affine<A> gae_gap_step(GaeMode mode) {
+  return mode == GaeMode::kReset ? Affine<A>{A(0), A(0)} : identity<A>();
+}
+
 // ----------------------------------------------------------------------------- discounted returns
 
 enum class ReturnsMode : int32_t {
@@ -264,6 +305,13 @@ FASTRL_HOST_DEVICE A token_reward(bool valid, bool last, A score, A kl_coef, A k
   return valid ? (last ? score - penalty : A(0) - penalty) : A(0);  // 0 - p: +0 when p = 0
 }
 
+
+// ------------------------------------------------------------------------------ implicit rewards
+// PRIME's implicit process reward of token t: beta * (logp_t - ref_t), d computed in A first.
+template <typename A>
+FASTRL_HOST_DEVICE A implicit_reward(A logp, A ref, A beta) {
+  return mul_rn(beta, logp - ref);
+}
 
 // ------------------------------------------------------------------------------ segment reductions
 // Token -> sequence reductions over the valid tokens of a row, fp64 accumulation in token order:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 RETURNS_MODES = ("skip", "reset", "cumsum")
+GAE_MODES = ("skip", "reset", "dense")
 KL_KINDS = {  # convention -> estimator names (verl's also take a "+" suffix)
     "verl": ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl"),
     "openrlhf": ("k1", "k2", "k3"),
@@ -38,24 +39,48 @@ def _unpad(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     return torch.cat([x[b, :n] for b, n in enumerate(lengths)]) if lengths else x.new_zeros(0)
 
 
-def gae(rewards, values, mask, gamma: float, lam: float, *, cu_seqlens=None):
-    """verl 0.9.1 GAE (before its whitening): ``(advantages, returns)`` at every position."""
-    if cu_seqlens is not None:
-        adv, ret = gae(_pad(rewards, cu_seqlens), _pad(values, cu_seqlens), _pad(mask, cu_seqlens),
-                       gamma, lam)
+def gae(rewards, values, mask, gamma: float, lam: float, *, cu_seqlens=None, dones=None, mode: str = "skip",
+        turn_gamma: float = 0.0, turn_lam: float | None = None, whiten: bool = False):
+    """GAE (see :func:`fastrl.credit.gae`): verl 0.9.1's loop (before its whitening) for ``mode="skip"``
+    without ``dones``; ``(advantages, returns)`` at every position, the advantages then whitened by
+    :func:`masked_whiten` when ``whiten``."""
+    if whiten:
+        adv, ret = gae(rewards, values, mask, gamma, lam, cu_seqlens=cu_seqlens, dones=dones, mode=mode,
+                       turn_gamma=turn_gamma, turn_lam=turn_lam)
+        return masked_whiten(adv, mask), ret
+    if mode not in GAE_MODES:
+        raise ValueError(f"fastrl: gae `mode` must be one of {GAE_MODES}, got {mode!r}")
+    turn_lam = lam if turn_lam is None else turn_lam
+    if cu_seqlens is not None:  # padding after a row's end: masked, no done (dense: zero steps, no effect)
+        adv, ret = gae(_pad(rewards, cu_seqlens), _pad(values, cu_seqlens), _pad(mask, cu_seqlens), gamma, lam,
+                       dones=None if dones is None else _pad(dones, cu_seqlens), mode=mode,
+                       turn_gamma=turn_gamma, turn_lam=turn_lam)
         return _unpad(adv, cu_seqlens), _unpad(ret, cu_seqlens)
     dtype = _acc_dtype(torch.promote_types(rewards.dtype, values.dtype))
     r, v, m = rewards.to(dtype), values.to(dtype), mask.bool()
+    d = torch.zeros_like(m) if dones is None else dones.bool()
     B, T = r.shape
-    nv = r.new_zeros(B)
-    carry = r.new_zeros(B)
-    adv = r.new_zeros(B, T)
+    # (gamma, gamma * lam) inside a turn and at a turn end, each product rounded once (verl's order)
+    g, gl, tg, tgl = (torch.tensor(x, dtype=dtype) for x in (gamma, gamma * lam, turn_gamma, turn_gamma * turn_lam))
+    zero = r.new_zeros(())
+    nv, carry = r.new_zeros(B), r.new_zeros(B)
+    pending = torch.zeros(B, dtype=torch.bool)
+    adv, ret = r.new_zeros(B, T), r.new_zeros(B, T)
     for t in reversed(range(T)):
-        delta = r[:, t] + gamma * nv - v[:, t]
-        carry = torch.where(m[:, t], delta + gamma * lam * carry, carry)
-        nv = torch.where(m[:, t], v[:, t], nv)
+        valid = m[:, t]
+        step = torch.ones_like(valid) if mode == "dense" else valid
+        rt = torch.where(valid, r[:, t], zero)
+        vt = torch.where(valid, v[:, t], zero) if mode == "dense" else v[:, t]
+        cut = d[:, t] | pending
+        delta = (rt + torch.where(cut, tg, g) * nv) - vt
+        new = delta + torch.where(cut, tgl, gl) * carry
+        gap = carry if mode != "reset" else zero  # a non-step position: skip passes through, reset restarts
+        carry = torch.where(step, new, gap)
+        nv = torch.where(step, vt, nv if mode != "reset" else zero)
+        pending = ~step & (pending | d[:, t])
         adv[:, t] = carry
-    return adv, adv + v
+        ret[:, t] = carry + vt
+    return adv, ret
 
 
 def discounted_returns(rewards, mask, gamma: float, *, mode: str = "skip", cu_seqlens=None):
@@ -163,7 +188,8 @@ def token_rewards(scores, mask, *, kl=None, kl_coef: float = 0.0, clip=None, cu_
         return _unpad(out, cu_seqlens)
     dtype = _acc_dtype(scores.dtype if kl is None else torch.promote_types(scores.dtype, kl.dtype))
     m = mask.bool()
-    r = scores if clip is None else scores.clamp(min=-clip, max=clip)
+    lo, hi = clip_range(clip)
+    r = scores if lo is None else scores.clamp(min=lo, max=hi)
     last_reward = torch.zeros(m.shape, dtype=dtype)
     if m.shape[1] > 0:  # rows without a valid token: the score lands on a masked position, dropped below
         last = m.shape[1] - 1 - m.long().fliplr().argmax(dim=1, keepdim=True)
@@ -207,3 +233,45 @@ def segment_reduce(x, mask=None, *, cu_seqlens=None, reduce: str = "sum"):
         picked = x64.gather(-1, last.clamp(min=0)) if T > 0 else x64.new_zeros(m.shape[0], 1)
         out = torch.where(last >= 0, picked, 0.0).squeeze(-1)
     return out.to(out_dtype)
+
+
+def clip_range(clip):
+    """``clip`` (``None``, ``c > 0`` or a ``(lo, hi)`` pair with ``lo <= hi``) as ``(lo, hi)``."""
+    if clip is None:
+        return None, None
+    if isinstance(clip, (tuple, list)):
+        if len(clip) != 2 or not clip[0] <= clip[1]:
+            raise ValueError(f"fastrl: `clip` as a range must be (lo, hi) with lo <= hi, got {clip!r}")
+        return float(clip[0]), float(clip[1])
+    if not clip > 0:
+        raise ValueError(f"fastrl: `clip` must be > 0 (scores are clipped to [-clip, clip]), a (lo, hi) pair "
+                         f"or None, got {clip!r}")
+    return -float(clip), float(clip)
+
+
+def implicit_rewards(logp, ref_logp, beta: float, *, mask=None, cu_seqlens=None, step_ends=None):
+    """PRIME implicit rewards (see :func:`fastrl.credit.implicit_rewards`): per-token
+    ``beta * (logp - ref_logp)`` in fp32 (fp64 for fp64 inputs), step sums in fp64, by explicit loops."""
+    if mask is None:
+        mask = torch.ones(logp.shape, dtype=torch.bool, device=logp.device)
+    if cu_seqlens is not None:
+        out = implicit_rewards(_pad(logp, cu_seqlens), _pad(ref_logp, cu_seqlens), beta, mask=_pad(mask, cu_seqlens),
+                               step_ends=None if step_ends is None else _pad(step_ends, cu_seqlens))
+        return _unpad(out, cu_seqlens)
+    acc = _acc_dtype(torch.promote_types(logp.dtype, ref_logp.dtype))
+    m = mask.bool()
+    tok = torch.where(m, (logp.to(acc) - ref_logp.to(acc)) * beta, 0.0)
+    if step_ends is None:
+        return tok
+    ends = step_ends.bool()
+    out = torch.zeros_like(tok)
+    for b in range(tok.shape[0]):
+        total, last = 0.0, -1
+        for t in range(tok.shape[1]):
+            if m[b, t]:
+                total, last = total + float(tok[b, t]), t
+            if ends[b, t] and last >= 0:
+                out[b, last], total, last = total, 0.0, -1
+        if last >= 0:
+            out[b, last] = total
+    return out
