@@ -1,0 +1,58 @@
+// CUDA kernels of the best-of-N / selection family: torch-free launch functions (raw device
+// pointers, sizes, a caller-allocated workspace, a stream). csrc/torch/selection.cpp checks and
+// dispatches.
+//
+// Same result as fastrl::cpu::best_of_n, bitwise (the top-k order of fastrl/selection.h is total,
+// so it does not depend on the order members are visited in). No floating-point atomics, no host
+// synchronization. One difference, because a device-side check cannot raise without a host sync:
+// a sample whose group id lies outside [0, num_groups) is ignored, where the CPU op raises.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "fastrl/selection.h"
+
+namespace fastrl {
+namespace cuda {
+
+// Largest num_groups best_of_n takes on CUDA (group ids are sorted as 32-bit keys).
+constexpr int64_t kMaxSelectionGroups = 2147483646;
+
+// Bytes of device workspace launch_best_of_n needs (call with the launch's device current);
+// 0 if the size query failed (the launch then returns that error).
+size_t best_of_n_workspace_bytes(int64_t num_samples, int64_t num_groups, int64_t k);
+
+// scores[num_samples] (float, double, __half, __nv_bfloat16), group_ids[num_samples] int64 in any
+// order. Writes out[num_groups * k] (row g: group g's top-k sample indices, best first, -1
+// padding). Returns cudaErrorInvalidValue for bad sizes or a short workspace, else the first
+// launch error.
+//
+// Pipeline: (1) keys = group ids (out-of-range ids get the sentinel key num_groups), values =
+// sample indices; (2) cub radix sort of the pairs over the low bits only (LSD: stable, so each
+// group's members are contiguous, in index order); (3) one thread per group finds its segment by
+// binary search and runs the bounded top-k insert over it. Extra memory: the workspace, about
+// 24 * num_samples + 8 * num_groups * k bytes plus cub's sort storage. Time: the sort, then
+// O(n_g * k) per group on one thread (fine for the usual groups of 4-64 samples; one huge group
+// is serial).
+template <typename T>
+cudaError_t launch_best_of_n(const T* scores, const int64_t* group_ids, int64_t num_samples,
+                             int64_t num_groups, int64_t k, bool largest, int64_t* out,
+                             void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+#define FASTRL_DECLARE_LAUNCH(T)                                                               \
+  extern template cudaError_t launch_best_of_n<T>(const T*, const int64_t*, int64_t, int64_t, \
+                                                  int64_t, bool, int64_t*, void*, size_t,     \
+                                                  cudaStream_t);
+FASTRL_DECLARE_LAUNCH(float)
+FASTRL_DECLARE_LAUNCH(double)
+FASTRL_DECLARE_LAUNCH(__half)
+FASTRL_DECLARE_LAUNCH(__nv_bfloat16)
+#undef FASTRL_DECLARE_LAUNCH
+
+}  // namespace cuda
+}  // namespace fastrl

@@ -1,0 +1,607 @@
+"""Best-of-N over groups: segmented top-k, preference pairs, group filters, a quantile mask, exact
+pass@k / best@k / worst@k / maj@k estimators and per-group resampling.
+
+Samples belong to groups (one prompt's completions) through ``group_ids: int64[B]`` in any order
+and any group sizes, as in :func:`fastrl.group_advantages`: ids lie in ``[0, num_groups)``;
+``num_groups`` defaults to ``group_ids.max() + 1`` (a host sync on CUDA: pass it to avoid that).
+Per-group outputs have one row per group id, in id order; an id with no sample is an empty group.
+
+    >>> import torch
+    >>> from fastrl.sampling.groups import best_of_n, pass_at_k
+    >>> scores = torch.tensor([0.2, 0.9, 0.5, 0.1, 0.7])
+    >>> ids = torch.tensor([0, 0, 1, 1, 0])
+    >>> best_of_n(scores, ids, k=2)                    # per group: best two sample indices
+    tensor([[1, 4],
+            [2, 3]])
+    >>> pass_at_k(scores > 0.6, ids, [1, 2])           # group 0: 2 of 3 correct; group 1: none
+    tensor([[0.6667, 1.0000],
+            [0.0000, 0.0000]], dtype=torch.float64)
+
+:func:`best_of_n` is a compiled op (C++ on the CPU, CUDA kernels on the GPU), and so are
+:func:`best_at_k` / :func:`worst_at_k` on the CPU. The others (and best/worst@k on CUDA) are
+vectorized PyTorch over a padded ``[G, max n]`` layout of the groups (no Python loop over groups
+or samples), except :func:`maj_at_k` (an exact dynamic program per group, in Python); host syncs
+are listed in each docstring.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fastrl import _extension
+from fastrl.advantages import group_advantages
+from fastrl.reference import selection as _ref
+
+__all__ = [
+    "best_of_n",
+    "select_pairs",
+    "filter_groups",
+    "quantile_mask",
+    "pass_at_k",
+    "best_at_k",
+    "worst_at_k",
+    "maj_at_k",
+    "resample",
+]
+
+PAIR_MODES = ("best_worst", "best_random", "all_pairs")
+RESAMPLE_METHODS = ("multinomial", "systematic")
+
+
+# ------------------------------------------------------------------------------------- validation
+
+
+def _tensor(fn: str, name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fastrl.sampling.{fn}: `{name}` must be a torch tensor, got {type(t).__name__}")
+    return t
+
+
+def _like(fn: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """Checks that ``t`` has the shape and device of ``ref``."""
+    if t.shape != ref.shape:
+        raise ValueError(f"fastrl.sampling.{fn}: `{name}` must have the shape of `{ref_name}` {tuple(ref.shape)}, "
+                         f"got {tuple(t.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"fastrl.sampling.{fn}: `{name}` is on {t.device} but `{ref_name}` is on {ref.device}")
+
+
+def _grouped(fn: str, name: str, x, group_ids, num_groups, *, floating: bool = True) -> int:
+    """Checks a per-sample ``x[B]`` and its ``group_ids[B]``; returns the number of groups."""
+    x, group_ids = _tensor(fn, name, x), _tensor(fn, "group_ids", group_ids)
+    if x.dim() != 1:
+        raise ValueError(f"fastrl.sampling.{fn}: `{name}` must be 1-D [B], got shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise ValueError(f"fastrl.sampling.{fn}: `{name}` must be a float tensor, got {x.dtype}")
+    if group_ids.dtype != torch.int64:
+        raise ValueError(f"fastrl.sampling.{fn}: `group_ids` must be int64, got {group_ids.dtype}")
+    _like(fn, "group_ids", group_ids, name, x)
+    if num_groups is None:
+        return int(group_ids.max()) + 1 if group_ids.numel() else 0
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 0:
+        raise ValueError(f"fastrl.sampling.{fn}: `num_groups` must be an int >= 0, got {num_groups!r}")
+    return num_groups
+
+
+def _check_id_range(fn: str, group_ids: torch.Tensor, G: int) -> None:
+    """Raises for an id outside [0, G) (one host sync)."""
+    if group_ids.numel() and bool(((group_ids < 0) | (group_ids >= G)).any()):
+        bad = int(((group_ids < 0) | (group_ids >= G)).int().argmax())
+        raise ValueError(f"fastrl.sampling.{fn}: `group_ids` must lie in [0, num_groups={G}), got "
+                         f"group_ids[{bad}] = {int(group_ids[bad])}")
+
+
+def _ks(fn: str, k) -> tuple[list[int], bool]:
+    """(list of k, whether a single int was given)."""
+    single = isinstance(k, int) and not isinstance(k, bool)
+    ks = [k] if single else list(k) if isinstance(k, (list, tuple)) else None
+    if not ks or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in ks):
+        raise ValueError(f"fastrl.sampling.{fn}: `k` must be an int >= 1 or a non-empty list of them, got {k!r}")
+    return ks, single
+
+
+# ------------------------------------------------------------------------------------- best_of_n
+
+
+def best_of_n(scores: torch.Tensor, group_ids: torch.Tensor, k: int = 1, *, largest: bool = True,
+              num_groups: int | None = None) -> torch.Tensor:
+    r"""The ``k`` best samples of every group: ``int64[G, k]`` sample indices, best first.
+
+    Row ``g`` lists group ``g``'s members by decreasing score (increasing with ``largest=False``),
+    equal scores by increasing sample index. NaN scores are never selected; ``+-inf`` are ordinary
+    values. A group with fewer than ``k`` non-NaN members (including an empty group, or ``k``
+    larger than every group) is padded with ``-1``: a documented result, not an error.
+
+    One pass over the samples, no sort of the batch. CPU: each thread walks a chunk of the samples
+    into its own bounded top-k list per group, then the lists are merged per group (extra memory
+    ``threads * G * k * 16`` bytes, capped at 64 MiB). CUDA: a radix sort of the group ids (32-bit
+    keys), then one thread per group over its segment (``~24 B + 8 G k`` bytes of workspace).
+    The result is bitwise the same on both and for any thread count. Out-of-range ids raise on the
+    CPU; on CUDA (no host sync) such samples are ignored.
+
+    Args:
+        scores: ``[B]`` float scores (any float dtype), CPU or CUDA.
+        group_ids: ``int64[B]``, any order.
+        k: number of samples per group, ``>= 1``.
+        largest: best = highest score (``False``: lowest, the "worst of N").
+        num_groups: ``G`` (default ``group_ids.max() + 1``).
+
+    >>> best_of_n(torch.tensor([1., 3., float("nan"), 3.]), torch.tensor([0, 0, 1, 0]), k=2)
+    tensor([[ 1,  3],
+            [-1, -1]])
+    """
+    G = _grouped("best_of_n", "scores", scores, group_ids, num_groups)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"fastrl.sampling.best_of_n: `k` must be an int >= 1, got {k!r}")
+    if _extension.use_reference():
+        return _ref.best_of_n(scores, group_ids, k, largest=largest, num_groups=G)
+    return torch.ops.fastrl.best_of_n(scores, group_ids, G, k, bool(largest))
+
+
+if _extension._C is not None:
+    @torch.library.register_fake("fastrl::best_of_n")
+    def _best_of_n_fake(scores, group_ids, num_groups, k, largest):
+        return group_ids.new_empty((num_groups, k))
+
+    @torch.library.register_fake("fastrl::expected_best_of_k")
+    def _expected_best_of_k_fake(scores, group_ids, num_groups, ks, replacement, largest):
+        return scores.new_empty((num_groups, len(ks)), dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------- padded group layout
+
+
+class _Layout:
+    """Groups laid out as rows of a padded ``[G, m]`` matrix (``m`` = largest group).
+
+    ``order``: sample indices sorted by (group, key) — by group then sample index when no key;
+    ``row``/``col``: where each sorted sample sits; ``count[G]``; ``valid[G, m]``: a real member.
+    Building it costs two stable sorts (one without a key) and one host sync (``m``).
+    """
+
+    def __init__(self, group_ids: torch.Tensor, G: int, key: torch.Tensor | None = None):
+        dev = group_ids.device
+        order = torch.arange(group_ids.numel(), device=dev)
+        if key is not None:
+            order = torch.argsort(key, stable=True)
+        order = order[torch.argsort(group_ids[order], stable=True)]
+        self.order = order
+        self.row = group_ids[order]
+        self.count = torch.bincount(group_ids, minlength=G) if G else torch.zeros(0, dtype=torch.int64, device=dev)
+        start = torch.cumsum(self.count, 0) - self.count
+        self.col = torch.arange(order.numel(), device=dev) - start[self.row]
+        self.m = int(self.count.max()) if G and order.numel() else 0
+        self.G = G
+        self.valid = torch.arange(self.m, device=dev) < self.count[:, None]
+
+    def pad(self, values: torch.Tensor, fill) -> torch.Tensor:
+        """``[G, m]`` matrix of ``values[order]`` (per sample, original order), ``fill`` elsewhere."""
+        out = torch.full((self.G, self.m), fill, dtype=values.dtype, device=values.device)
+        out[self.row, self.col] = values[self.order]
+        return out
+
+
+# ------------------------------------------------------------------------------------ pairs
+
+
+def select_pairs(scores: torch.Tensor, group_ids: torch.Tensor, *, mode: str = "best_worst",
+                 margin: float = 0.0, generator: torch.Generator | None = None,
+                 num_groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""(chosen, rejected) sample-index pairs within groups, for online DPO / preference data.
+
+    A pair ``(c, r)`` always satisfies ``scores[c] - scores[r] > margin`` (strictly; NaN scores
+    never pair). Modes:
+
+    * ``"best_worst"``: per group, its best sample vs its worst (ties: lower index, as
+      :func:`best_of_n`). Returns ``[G]`` and ``[G]``; ``-1`` in both where the group has no pair.
+    * ``"best_random"``: its best sample vs a uniformly random member ``r`` with
+      ``s_best - s_r > margin`` (drawn with ``generator``). ``[G]`` each, ``-1`` where none.
+    * ``"all_pairs"``: every ordered pair ``(c, r)`` of a group with ``s_c - s_r > margin``, ordered
+      by group, then ``c``, then ``r``. ``[P]`` each; builds a ``sum_g n_g^2`` candidate list.
+
+    Host syncs: ``"best_random"`` two (id range check, largest group size), ``"all_pairs"`` three
+    (the same and the number of candidates).
+
+    >>> s, ids = torch.tensor([1., 3., 2., 5., 5.]), torch.tensor([0, 0, 0, 1, 1])
+    >>> select_pairs(s, ids)
+    (tensor([ 1, -1]), tensor([ 0, -1]))
+    >>> select_pairs(s, ids, mode="all_pairs")
+    (tensor([1, 1, 2]), tensor([0, 2, 0]))
+    """
+    G = _grouped("select_pairs", "scores", scores, group_ids, num_groups)
+    if mode not in PAIR_MODES:
+        raise ValueError(f"fastrl.sampling.select_pairs: `mode` must be one of {PAIR_MODES}, got {mode!r}")
+    if not isinstance(margin, (int, float)) or not margin >= 0:
+        raise ValueError(f"fastrl.sampling.select_pairs: `margin` must be a float >= 0, got {margin!r}")
+    x = scores.double()
+    if mode == "all_pairs":
+        return _all_pairs(x, group_ids, G, float(margin))
+    if mode == "best_random":
+        _check_id_range("select_pairs", group_ids, G)
+    if x.numel() == 0:
+        none = torch.full((G,), -1, dtype=torch.int64, device=x.device)
+        return none, none.clone()
+    best = best_of_n(scores, group_ids, 1, num_groups=G)[:, 0]
+    best_val = x[best.clamp(min=0)]
+    if mode == "best_worst":
+        other = best_of_n(scores, group_ids, 1, largest=False, num_groups=G)[:, 0]
+        ok = (best >= 0) & (best_val - x[other.clamp(min=0)] > margin)
+    else:
+        lay = _Layout(group_ids, G)
+        member = lay.pad(torch.arange(x.numel(), device=x.device), -1)
+        eligible = lay.valid & (best_val[:, None] - lay.pad(x, float("nan")) > margin)
+        n_elig = eligible.sum(1)
+        u = torch.rand(G, generator=generator, dtype=torch.float64, device=x.device)
+        pick = (u * n_elig).long()  # the pick-th eligible member, in sample order
+        rank = torch.cumsum(eligible.long(), 1) - 1
+        hit = eligible & (rank == pick[:, None])
+        other = (member * hit).sum(1)
+        ok = n_elig > 0
+    minus = torch.full_like(best, -1)
+    return torch.where(ok, best, minus), torch.where(ok, other, minus)
+
+
+def _all_pairs(x: torch.Tensor, group_ids: torch.Tensor, G: int, margin: float):
+    dev = x.device
+    _check_id_range("select_pairs", group_ids, G)
+    lay = _Layout(group_ids, G)
+    n = lay.count[lay.row]  # per sorted sample: its group's size = its number of candidates
+    c_pos = torch.repeat_interleave(torch.arange(lay.order.numel(), device=dev), n)
+    first = torch.cumsum(n, 0) - n  # where each sorted sample's candidate run starts
+    start = c_pos - lay.col[c_pos]  # sorted position of the group's first member
+    r_pos = start + torch.arange(c_pos.numel(), device=dev) - first[c_pos]
+    c, r = lay.order[c_pos], lay.order[r_pos]
+    keep = x[c] - x[r] > margin
+    return c[keep], r[keep]
+
+
+# ------------------------------------------------------------------------------------- filters
+
+
+def filter_groups(scores: torch.Tensor, group_ids: torch.Tensor, *, min_std: float = 0.0,
+                  unbiased: bool = False, keep_singletons: bool = True, min_mean: float | None = None,
+                  max_mean: float | None = None, num_groups: int | None = None):
+    r"""Keep masks of DAPO's dynamic sampling: drop groups whose scores do not vary.
+
+    A group is kept when ``std_g > min_std``, or it has a single member and ``keep_singletons``
+    (DAPO's rule in verl's recipe: ``np.std(vals) > 0 or len(vals) == 1``; ``np.std`` is the biased
+    std, hence ``unbiased=False``). Optional pass-rate bounds keep only groups with
+    ``min_mean <= mean_g <= max_mean``. Empty groups and groups with a NaN score are dropped.
+    Statistics are :func:`fastrl.group_advantages`' fp64 two-pass ones: a constant group has std
+    exactly 0. No host sync (beyond ``num_groups=None``).
+
+    Returns:
+        ``(keep_samples: bool[B], keep_groups: bool[G])``; ``keep_samples = keep_groups[group_ids]``.
+
+    >>> filter_groups(torch.tensor([1., 1., 0., 1., 5.]), torch.tensor([0, 0, 1, 1, 2]))
+    (tensor([False, False,  True,  True,  True]), tensor([False,  True,  True]))
+    """
+    G = _grouped("filter_groups", "scores", scores, group_ids, num_groups)
+    for name, val in (("min_std", min_std), ("min_mean", min_mean), ("max_mean", max_mean)):
+        if val is not None and (not isinstance(val, (int, float)) or val != val):
+            raise ValueError(f"fastrl.sampling.filter_groups: `{name}` must be a float, got {val!r}")
+    if min_std < 0:
+        raise ValueError(f"fastrl.sampling.filter_groups: `min_std` must be >= 0, got {min_std}")
+    _, st = group_advantages(scores, group_ids, scale="none", unbiased=unbiased, num_groups=G,
+                             return_stats=True)
+    finite_mean = ~torch.isnan(st.mean)
+    keep = (st.std > min_std) | ((st.count == 1) & keep_singletons & finite_mean)
+    if min_mean is not None:
+        keep &= st.mean >= min_mean
+    if max_mean is not None:
+        keep &= st.mean <= max_mean
+    ok = (group_ids >= 0) & (group_ids < G)
+    return keep[group_ids.clamp(0, max(G - 1, 0))] & ok if G else ok, keep
+
+
+def quantile_mask(x: torch.Tensor, mask: torch.Tensor, q: float):
+    r"""Tokens at or above the ``q``-quantile of all masked tokens: ``(x >= t) & mask``.
+
+    ``t = torch.quantile(x[mask], q)`` exactly (linear interpolation between the order statistics
+    ``floor(p)`` and ``ceil(p)``, ``p = q (n - 1)``, computed as torch does), but with
+    :func:`torch.kthvalue` selections instead of a sort, so it works above torch.quantile's 2^24
+    element limit (there ``p`` is computed in fp64). This is TRL's ``get_high_entropy_mask``
+    (single process) for ``x = entropies``: half-precision inputs are compared in fp32 as TRL does.
+    A NaN among the masked values makes ``t`` NaN (as torch.quantile) and the mask all False;
+    no masked token: ``t`` is NaN and the mask all False (TRL's empty case).
+
+    Args:
+        x: any shape, float.  mask: same shape, bool or 0/1.  q: in ``[0, 1]``.
+
+    Returns:
+        ``(bool mask of x's shape, t: 0-d tensor)``. One host sync (the number of masked tokens).
+
+    >>> quantile_mask(torch.tensor([[0.1, 0.9, 0.5], [0.7, 0.3, 0.2]]), torch.tensor([[1, 1, 1], [1, 1, 0]]), 0.5)
+    (tensor([[False,  True,  True],
+            [ True, False, False]]), tensor(0.5000))
+    """
+    x, mask = _tensor("quantile_mask", "x", x), _tensor("quantile_mask", "mask", mask)
+    if not x.is_floating_point():
+        raise ValueError(f"fastrl.sampling.quantile_mask: `x` must be a float tensor, got {x.dtype}")
+    _like("quantile_mask", "mask", mask, "x", x)
+    if not isinstance(q, (int, float)) or isinstance(q, bool) or not 0.0 <= q <= 1.0:
+        raise ValueError(f"fastrl.sampling.quantile_mask: `q` must be a float in [0, 1], got {q!r}")
+    m = mask.bool()
+    xv = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    vals = xv[m]
+    n = vals.numel()
+    if n == 0:
+        return torch.zeros_like(m), torch.tensor(float("nan"), dtype=xv.dtype, device=x.device)
+    if n <= 1 << 24:  # torch.quantile's rank arithmetic, in the values' dtype
+        pos = torch.tensor(q, dtype=xv.dtype) * (n - 1)
+        lo = int(pos.floor())
+        frac = pos - lo
+        hi = int(pos.ceil())
+    else:
+        p = q * (n - 1)
+        lo, hi = int(p // 1), int(-(-p // 1))
+        frac = torch.tensor(p - lo, dtype=xv.dtype)
+    v_lo = torch.kthvalue(vals, lo + 1).values
+    v_hi = v_lo if hi == lo else torch.kthvalue(vals, hi + 1).values
+    t = torch.lerp(v_lo, v_hi, frac.to(x.device))
+    t = torch.where(torch.isnan(vals).any(), float("nan"), t)
+    return (xv >= t) & m, t
+
+
+# ---------------------------------------------------------------------------------- estimators
+
+
+def pass_at_k(correct: torch.Tensor, group_ids: torch.Tensor, k, *, num_groups: int | None = None):
+    r"""Unbiased pass@k per group (Chen et al. 2021): ``1 - C(n - c, k) / C(n, k)``.
+
+    ``n``: the group's size, ``c``: its number of correct samples. Computed in fp64 as the product
+    ``C(n-c, k)/C(n, k) = prod_{i<k} (n - c - i) / (n - i)`` (every factor in [0, 1]: no huge
+    binomials, no cancellation). ``k > n`` is undefined: NaN (an empty group is NaN for every k).
+
+    Args:
+        correct: ``[B]`` bool, or numbers (nonzero = correct).
+        group_ids: ``int64[B]``, any order.
+        k: an int or a list of ints ``>= 1``, all computed in one call.
+
+    Returns:
+        ``float64[G]`` for an int ``k``, ``float64[G, len(k)]`` for a list.
+        One host sync (the id range check).
+
+    >>> pass_at_k(torch.tensor([True, False, False, True]), torch.tensor([0, 0, 0, 1]), [1, 2])
+    tensor([[0.3333, 0.6667],
+            [1.0000,    nan]], dtype=torch.float64)
+    """
+    G = _grouped("pass_at_k", "correct", correct, group_ids, num_groups, floating=False)
+    ks, single = _ks("pass_at_k", k)
+    _check_id_range("pass_at_k", group_ids, G)
+    dev = correct.device
+    n = torch.bincount(group_ids, minlength=G)
+    c = torch.zeros(G, dtype=torch.int64, device=dev).index_add_(0, group_ids, (correct != 0).long())
+    i = torch.arange(max(ks), device=dev)
+    num = (n - c)[:, None] - i
+    den = n[:, None] - i
+    factor = torch.where(num > 0, num.double() / den.clamp(min=1).double(), 0.0)
+    miss = torch.cumprod(factor, 1)[:, [v - 1 for v in ks]]
+    kt = torch.tensor(ks, device=dev)
+    out = torch.where(kt <= n[:, None], 1.0 - miss, float("nan"))
+    return out[:, 0] if single else out
+
+
+def best_at_k(scores: torch.Tensor, group_ids: torch.Tensor, k, *, replacement: bool = False,
+              num_groups: int | None = None):
+    r"""Exact expected maximum of ``k`` draws from each group: best@k without bootstrapping.
+
+    With the group's scores sorted ``x_(1) <= ... <= x_(n)``::
+
+        without replacement (default):  E[max] = sum_i C(i-1, k-1) / C(n, k) * x_(i)
+        with replacement:               E[max] = sum_i ((i/n)^k - ((i-1)/n)^k) * x_(i)
+
+    The first is the mean of ``max`` over all ``C(n, k)`` k-subsets; its weights are computed
+    stably in fp64 by the recurrence ``w_n = k/n``, ``w_i = w_{i+1} (i - k + 1) / i`` (factors in
+    [0, 1]: no binomial is formed). ``k > n`` is undefined there: NaN. The second is the limit of verl's
+    ``bootstrap_metric(vals, k, [np.max])`` mean as its ``n_bootstrap`` grows: verl draws
+    ``n_bootstrap`` k-tuples *with* replacement and averages their max, an unbiased Monte-Carlo
+    estimate of this value (standard error ``std / sqrt(n_bootstrap)``); any ``k`` is valid.
+    Ties do not matter (order statistics). A NaN score makes its group NaN.
+
+    Args:
+        scores: ``[B]`` float scores.  group_ids: ``int64[B]``.  k: int or list of ints ``>= 1``.
+
+    CPU: one compiled pass (a counting sort of the values by group, then per group, in parallel,
+    a sort and the weighted sums; O(B log n) time, O(B) extra memory). CUDA:
+    vectorized PyTorch over a padded ``[G, max n]`` matrix per k (host syncs: the id range check
+    and the largest group size).
+
+    Returns:
+        ``float64[G]`` (int ``k``) or ``float64[G, len(k)]``.
+
+    >>> best_at_k(torch.tensor([1., 2., 3.]), torch.tensor([0, 0, 0]), [1, 2, 3])
+    tensor([[2.0000, 2.6667, 3.0000]], dtype=torch.float64)
+    """
+    return _expected_max("best_at_k", scores, group_ids, k, replacement, num_groups, 1.0)
+
+
+def _expected_max(fn: str, scores, group_ids, k, replacement: bool, num_groups, sign: float):
+    """``sign * best_at_k(sign * scores)``, with ``fn`` named in error messages: the compiled op on
+    the CPU, the vectorized PyTorch path elsewhere (and under ``FASTRL_BACKEND=reference``)."""
+    G = _grouped(fn, "scores", scores, group_ids, num_groups)
+    ks, single = _ks(fn, k)
+    _check_id_range(fn, group_ids, G)
+    if scores.device.type == "cpu" and not _extension.use_reference():
+        out = torch.ops.fastrl.expected_best_of_k(scores, group_ids, G, ks, bool(replacement), sign > 0)
+        return out[:, 0] if single else out
+    return _expected_max_torch(scores, group_ids, ks, single, replacement, G, sign)
+
+
+def _expected_max_torch(scores, group_ids, ks: list[int], single: bool, replacement: bool, G: int,
+                        sign: float):
+    """The vectorized PyTorch path of :func:`_expected_max` over the padded layout."""
+    x = scores.double() * sign
+    lay = _Layout(group_ids, G, key=x)
+    vals = lay.pad(x, 0.0)  # ascending within each row; NaN last
+    n = lay.count[:, None].double()
+    i = torch.arange(1, lay.m + 1, device=x.device, dtype=torch.float64)
+    cols = []
+    for kk in ks:  # len(k) iterations, each over the whole batch
+        if replacement:
+            w = (i / n) ** kk - ((i - 1) / n) ** kk
+        else:
+            factor = torch.where(i < n, ((i - kk + 1) / i).clamp(min=0.0), torch.where(i == n, kk / n, 1.0))
+            w = torch.cumprod(factor.flip(1), 1).flip(1)
+        w = torch.where(lay.valid, w, 0.0)
+        est = torch.where(w > 0, w * vals, 0.0).sum(1)
+        if not replacement:
+            est = torch.where(lay.count >= kk, est, float("nan"))
+        cols.append(torch.where(lay.count > 0, est, float("nan")))
+    out = torch.stack(cols, 1) * sign if G else x.new_zeros((0, len(ks)))
+    return out[:, 0] if single else out
+
+
+def worst_at_k(scores: torch.Tensor, group_ids: torch.Tensor, k, *, replacement: bool = False,
+               num_groups: int | None = None):
+    r"""Exact expected minimum of ``k`` draws from each group: ``-best_at_k(-scores)``, i.e.
+    ``sum_i C(n-i, k-1)/C(n, k) x_(i)`` without replacement. Same arguments, outputs and relation
+    to verl's bootstrap (its ``np.min`` column) as :func:`best_at_k`.
+
+    >>> worst_at_k(torch.tensor([1., 2., 3.]), torch.tensor([0, 0, 0]), 2)
+    tensor([1.3333], dtype=torch.float64)
+    """
+    return _expected_max("worst_at_k", scores, group_ids, k, replacement, num_groups, -1.0)
+
+
+def maj_at_k(answer_ids: torch.Tensor, correct: torch.Tensor, group_ids: torch.Tensor, k, *,
+             num_groups: int | None = None):
+    r"""Exact expected correctness of a majority vote over a uniformly random k-subset of each
+    group (drawn without replacement), for every ``k`` in a list.
+
+    A k-subset votes for the answer id drawn most often; when several answers tie for the most
+    votes, one of them is picked uniformly at random (so a tie counts the fraction of tied answers
+    that are correct). ``correct`` must agree within an answer id (it is the answer's correctness).
+    The expectation over all ``C(n, k)`` subsets is computed by a dynamic program over the group's
+    distinct answers (multivariate hypergeometric counts), per vote count ``t`` of the winner::
+
+        sum_t sum_{a, b >= 1 answers... } P(a correct and b wrong answers get exactly t votes, all
+        others fewer) * a / (a + b)
+
+    exactly in fp64 (no sampling). ``k > n``: NaN.
+
+    Args:
+        answer_ids: ``int64[B]`` answer of each sample (equal ids = equal answers).
+        correct: ``[B]`` bool or numbers (nonzero = correct).
+        group_ids: ``int64[B]``.  k: int or list of ints ``>= 1``.
+
+    Returns:
+        ``float64[G]`` (int ``k``) or ``float64[G, len(k)]``. Runs on the CPU (inputs are copied
+        there): cost per group O(k^2 A^3) for A distinct answers, a Python loop over groups —
+        an evaluation metric, not a hot-path op.
+
+    >>> maj_at_k(torch.tensor([7, 7, 3]), torch.tensor([1, 1, 0]), torch.tensor([0, 0, 0]), [1, 3])
+    tensor([[0.6667, 1.0000]], dtype=torch.float64)
+    """
+    G = _grouped("maj_at_k", "answer_ids", answer_ids, group_ids, num_groups, floating=False)
+    _grouped("maj_at_k", "correct", correct, group_ids, G, floating=False)
+    if answer_ids.dtype != torch.int64:
+        raise ValueError(f"fastrl.sampling.maj_at_k: `answer_ids` must be int64, got {answer_ids.dtype}")
+    ks, single = _ks("maj_at_k", k)
+    _check_id_range("maj_at_k", group_ids, G)
+    g, a, c = group_ids.cpu(), answer_ids.cpu(), (correct != 0).cpu()
+    keys = torch.stack([g, a], 1)
+    uniq, inv = torch.unique(keys, dim=0, return_inverse=True)
+    sizes = torch.bincount(inv, minlength=uniq.shape[0])
+    n_corr = torch.zeros(uniq.shape[0], dtype=torch.int64).index_add_(0, inv, c.long())
+    if bool(((n_corr != 0) & (n_corr != sizes)).any()):
+        bad = int(uniq[((n_corr != 0) & (n_corr != sizes)).int().argmax(), 1])
+        raise ValueError(f"fastrl.sampling.maj_at_k: `correct` must be the same for every sample with the same "
+                         f"answer id within a group; answer id {bad} has both")
+    out = torch.full((G, len(ks)), float("nan"), dtype=torch.float64)
+    per_group: dict[int, list[tuple[int, bool]]] = {}
+    for (gg, _), m, nc in zip(uniq.tolist(), sizes.tolist(), n_corr.tolist()):
+        per_group.setdefault(gg, []).append((m, nc > 0))
+    for gg, answers in per_group.items():
+        for j, kk in enumerate(ks):
+            out[gg, j] = _maj_expectation(answers, kk)
+    out = out.to(answer_ids.device)
+    return out[:, 0] if single else out
+
+
+def _maj_expectation(answers: list[tuple[int, bool]], k: int) -> float:
+    """Exact E[majority correct] of a k-subset of a group whose answers have the given
+    (size, correct) classes; uniform tie-break."""
+    from math import comb
+
+    n = sum(m for m, _ in answers)
+    if k > n:
+        return float("nan")
+    total = 0.0
+    for t in range(1, k + 1):
+        # dp[(s, a, b)]: number of ways (product of C(m, count)) to draw s samples from the answers
+        # seen so far with every count <= t, a correct and b wrong answers at exactly t.
+        dp: dict[tuple[int, int, int], int] = {(0, 0, 0): 1}
+        for m, ok in answers:
+            nxt: dict[tuple[int, int, int], int] = {}
+            for (s, a, b), ways in dp.items():
+                for cnt in range(0, min(m, t, k - s) + 1):
+                    key = (s + cnt, a + (cnt == t and ok), b + (cnt == t and not ok))
+                    nxt[key] = nxt.get(key, 0) + ways * comb(m, cnt)
+            dp = nxt
+        total += sum(ways * a / (a + b) for (s, a, b), ways in dp.items() if s == k and a + b > 0 and a)
+    return total / comb(n, k)
+
+
+# ---------------------------------------------------------------------------------- resampling
+
+
+def resample(weights: torch.Tensor, group_ids: torch.Tensor, n: int, *, method: str = "multinomial",
+             generator: torch.Generator | None = None, num_groups: int | None = None) -> torch.Tensor:
+    r"""Draw ``n`` sample indices per group with probability ``w_i / sum_g w`` (with replacement).
+
+    * ``"multinomial"``: ``n`` independent categorical draws per group.
+    * ``"systematic"``: one uniform ``u_g``; the draws are the members whose cumulative-weight
+      interval holds ``(u_g + j) / n``, ``j < n`` (lower variance: a member of probability ``p`` is
+      drawn ``floor(n p)`` or ``ceil(n p)`` times). Zero-weight members are never drawn.
+
+    Members are taken in sample-index order; the same ``generator`` state gives the same draws.
+
+    Args:
+        weights: ``[B]`` float, finite, ``>= 0``, with a positive sum in every non-empty group.
+        group_ids: ``int64[B]``.  n: draws per group, ``>= 1``.
+
+    Returns:
+        ``int64[G, n]`` sample indices (``-1`` rows for groups with no sample). Host syncs: the
+        weight and id checks and the largest group size.
+
+    Raises:
+        ValueError: negative / NaN / inf weights, or a group whose weights are all zero.
+
+    >>> resample(torch.tensor([0., 1., 3., 1.]), torch.tensor([0, 0, 0, 1]), 4, method="systematic",
+    ...          generator=torch.Generator().manual_seed(0))
+    tensor([[1, 2, 2, 2],
+            [3, 3, 3, 3]])
+    """
+    G = _grouped("resample", "weights", weights, group_ids, num_groups)
+    if method not in RESAMPLE_METHODS:
+        raise ValueError(f"fastrl.sampling.resample: `method` must be one of {RESAMPLE_METHODS}, got {method!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"fastrl.sampling.resample: `n` must be an int >= 1, got {n!r}")
+    _check_id_range("resample", group_ids, G)
+    w = weights.double()
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError("fastrl.sampling.resample: `weights` must be finite and >= 0 (got a negative, NaN or inf weight)")
+    lay = _Layout(group_ids, G)
+    W = lay.pad(w, 0.0)
+    total = W.sum(1)
+    dead = (lay.count > 0) & (total <= 0)
+    if bool(dead.any()):
+        raise ValueError(f"fastrl.sampling.resample: every weight of group {int(dead.int().argmax())} is zero; "
+                         "each non-empty group needs a positive weight")
+    empty = lay.count == 0
+    member = lay.pad(torch.arange(w.numel(), device=w.device), -1)
+    if lay.m == 0:
+        return torch.full((G, n), -1, dtype=torch.int64, device=w.device)
+    W[:, 0] = torch.where(empty, 1.0, W[:, 0])  # any valid row for empty groups (output -1 below)
+    if method == "multinomial":
+        cols = torch.multinomial(W, n, replacement=True, generator=generator)
+    else:
+        u = torch.rand((G, 1), generator=generator, dtype=torch.float64, device=w.device)
+        points = (u + torch.arange(n, device=w.device, dtype=torch.float64)) / n * W.sum(1, keepdim=True)
+        cdf = torch.cumsum(W, 1)
+        last = torch.where(W > 0, torch.arange(lay.m, device=w.device), 0).amax(1, keepdim=True)
+        cols = torch.minimum(torch.searchsorted(cdf, points, right=True), last)
+    out = member.gather(1, cols)
+    return torch.where(empty[:, None], -1, out)

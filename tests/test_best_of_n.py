@@ -1,0 +1,520 @@
+"""Best-of-N family (fastrl.sampling.groups): the compiled best_of_n vs its brute-force reference,
+pairs, filters, the quantile mask, exact pass@k / best@k / worst@k / maj@k vs enumeration of all
+k-subsets, resampling, bad input, opcheck, determinism."""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import fastrl
+from fastrl.reference import selection as ref
+from fastrl.sampling.groups import (best_at_k, best_of_n, filter_groups, maj_at_k, pass_at_k, quantile_mask,
+                                    resample, select_pairs, worst_at_k)
+
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else [])
+NAN = float("nan")
+
+
+def ragged(gen, num_groups, max_size, *, levels=4, nan_frac=0.0, min_size=1):
+    """Shuffled groups of random sizes; integer-valued scores in [0, levels) so ties are common."""
+    sizes = torch.randint(min_size, max_size + 1, (num_groups,), generator=gen)
+    ids = torch.repeat_interleave(torch.arange(num_groups), sizes)
+    scores = torch.randint(0, levels, (ids.numel(),), generator=gen).double() * 0.5 - 0.3
+    scores[torch.rand(ids.numel(), generator=gen) < nan_frac] = NAN
+    perm = torch.randperm(ids.numel(), generator=gen)
+    return scores[perm], ids[perm]
+
+
+# ------------------------------------------------------------------------------------ best_of_n
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("largest", [True, False])
+def test_best_of_n_matches_reference(device, dtype, k, largest):
+    gen = torch.Generator().manual_seed(100 * k + largest)
+    scores, ids = ragged(gen, 40, 7, nan_frac=0.1)
+    scores = scores.to(dtype)
+    got = best_of_n(scores.to(device), ids.to(device), k, largest=largest, num_groups=43)  # 3 empty groups
+    want = ref.best_of_n(scores, ids, k, largest=largest, num_groups=43)
+    assert got.dtype == torch.int64 and got.shape == (43, k)
+    assert torch.equal(got.cpu(), want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(num_groups=st.integers(1, 30), max_size=st.integers(1, 12), k=st.integers(1, 14),
+       levels=st.integers(1, 50), nan_frac=st.sampled_from([0.0, 0.3]), seed=st.integers(0, 2**31 - 1))
+def test_best_of_n_hypothesis(num_groups, max_size, k, levels, nan_frac, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scores, ids = ragged(gen, num_groups, max_size, levels=levels, nan_frac=nan_frac)
+    for largest in (True, False):
+        assert torch.equal(best_of_n(scores, ids, k, largest=largest, num_groups=num_groups),
+                           ref.best_of_n(scores, ids, k, largest=largest, num_groups=num_groups))
+
+
+def test_best_of_n_by_hand_ties_nan_inf():
+    s = torch.tensor([2.0, NAN, 5.0, 5.0, float("inf"), -float("inf"), 1.0])
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    assert best_of_n(s, ids, 3).tolist() == [[2, 3, 0], [4, 5, -1], [6, -1, -1]]
+    assert best_of_n(s, ids, 2, largest=False).tolist() == [[0, 2], [5, 4], [6, -1]]
+    assert best_of_n(s, ids).tolist() == [[2], [4], [6]]  # num_groups defaults to max + 1
+
+
+def test_best_of_n_edges():
+    e = torch.empty(0)
+    ei = torch.empty(0, dtype=torch.int64)
+    assert best_of_n(e, ei, 2).shape == (0, 2)
+    assert best_of_n(e, ei, 2, num_groups=3).tolist() == [[-1, -1]] * 3
+    s = torch.tensor([NAN, NAN])
+    assert best_of_n(s, torch.tensor([0, 0]), 1).tolist() == [[-1]]  # all-NaN group: nothing to select
+    # k larger than every group: documented -1 padding
+    assert best_of_n(torch.tensor([1.0, 2.0]), torch.tensor([0, 1]), 4).tolist() == [[0, -1, -1, -1], [1, -1, -1, -1]]
+
+
+def test_best_of_n_noncontiguous_and_unmodified():
+    gen = torch.Generator().manual_seed(3)
+    scores, ids = ragged(gen, 30, 6)
+    wide = torch.stack([scores, scores + 1], 1)
+    s0, i0 = wide.clone(), ids.clone()
+    assert torch.equal(best_of_n(wide[:, 1], ids, 3), best_of_n(wide[:, 1].contiguous(), ids, 3))
+    assert torch.equal(wide, s0) and torch.equal(ids, i0)
+
+
+def test_best_of_n_deterministic_across_thread_counts_and_batch_invariant():
+    gen = torch.Generator().manual_seed(5)
+    scores, ids = ragged(gen, 5000, 16, levels=3, nan_frac=0.05)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = best_of_n(scores, ids, 4, num_groups=5000)
+        torch.set_num_threads(max(2, before))
+        many = best_of_n(scores, ids, 4, num_groups=5000)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)
+    assert torch.equal(many, ref.best_of_n(scores, ids, 4, num_groups=5000))  # > 1 chunk table merged
+    # a group's selection does not depend on the other groups of the batch
+    keep = ids < 100
+    sub = best_of_n(scores[keep], ids[keep], 4, num_groups=100)
+    pos = torch.nonzero(keep)[:, 0]
+    assert torch.equal(torch.where(sub >= 0, pos[sub.clamp(min=0)], -1), one[:100])
+
+
+def test_best_of_n_reference_backend_gives_the_same_result(monkeypatch):
+    gen = torch.Generator().manual_seed(13)
+    scores, ids = ragged(gen, 25, 6, nan_frac=0.1)
+    fast = best_of_n(scores, ids, 3, largest=False)
+    monkeypatch.setattr(fastrl._extension, "BACKEND", "reference")
+    assert torch.equal(best_of_n(scores, ids, 3, largest=False), fast)
+
+
+def test_best_of_n_opcheck():
+    gen = torch.Generator().manual_seed(6)
+    scores, ids = ragged(gen, 12, 5)
+    for k, largest in ((1, True), (3, False)):
+        torch.library.opcheck(torch.ops.fastrl.best_of_n.default, (scores.float(), ids, 12, k, largest))
+
+
+def test_best_of_n_torch_compile_has_no_graph_break():
+    gen = torch.Generator().manual_seed(7)
+    scores, ids = ragged(gen, 12, 5)
+    fn = torch.compile(lambda s, i: best_of_n(s, i, 2, num_groups=12), fullgraph=True, backend="eager")
+    assert torch.equal(fn(scores, ids), best_of_n(scores, ids, 2, num_groups=12))
+
+
+@pytest.mark.parametrize("args, kwargs, exc, match", [
+    ((torch.ones(3), torch.zeros(3, dtype=torch.int64), 0), {}, ValueError, "`k` must be an int >= 1, got 0"),
+    ((torch.ones(3), torch.zeros(3, dtype=torch.int64), -2), {}, ValueError, "`k`"),
+    ((torch.ones(3), torch.zeros(3, dtype=torch.int64), 1.5), {}, ValueError, "`k`"),
+    ((torch.ones(3), torch.zeros(3, dtype=torch.int32)), {}, ValueError, "`group_ids` must be int64, got torch.int32"),
+    ((torch.ones(3), torch.zeros(2, dtype=torch.int64)), {}, ValueError, r"`group_ids` must have the shape of `scores` \(3,\), got \(2,\)"),
+    ((torch.ones(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)), {}, ValueError, "float tensor, got torch.int64"),
+    ((torch.ones(2, 2), torch.zeros(2, dtype=torch.int64)), {}, ValueError, r"1-D \[B\], got shape \(2, 2\)"),
+    ((torch.ones(3), torch.tensor([0, 5, 1])), {"num_groups": 2}, RuntimeError, r"\[0, num_groups=2\), got group_ids\[1\] = 5"),
+    ((torch.ones(3), torch.tensor([0, -1, 1])), {}, RuntimeError, r"got group_ids\[1\] = -1"),
+    ((torch.ones(3), torch.tensor([0, 0, 0])), {"num_groups": 0}, RuntimeError, "`num_groups` is 0 but there are 3"),
+    (([1.0], torch.tensor([0])), {}, TypeError, "`scores` must be a torch tensor"),
+])
+def test_best_of_n_bad_input(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        best_of_n(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------ pairs
+
+
+def test_select_pairs_best_worst_and_all_pairs_match_reference():
+    gen = torch.Generator().manual_seed(8)
+    scores, ids = ragged(gen, 30, 6, levels=5, nan_frac=0.1)
+    for margin in (0.0, 0.6):
+        c, r = select_pairs(scores, ids, margin=margin, num_groups=31)
+        best = ref.best_of_n(scores, ids, 1, num_groups=31)[:, 0]
+        worst = ref.best_of_n(scores, ids, 1, largest=False, num_groups=31)[:, 0]
+        x = scores.double()
+        ok = (best >= 0) & (x[best.clamp(min=0)] - x[worst.clamp(min=0)] > margin)
+        assert torch.equal(c, torch.where(ok, best, -1)) and torch.equal(r, torch.where(ok, worst, -1))
+        c, r = select_pairs(scores, ids, mode="all_pairs", margin=margin)
+        wc, wr = ref.all_pairs(scores, ids, margin, 30)
+        assert c.tolist() == wc and r.tolist() == wr
+
+
+def test_select_pairs_best_random_is_valid_reproducible_and_uniform():
+    # 3000 copies of one group [3, 1, 2, 1, 3, nan] (indices 0..5): chosen = 0 (best, lower index),
+    # rejected uniform over the members strictly below 3: indices 1, 2, 3
+    G = 3000
+    group = torch.tensor([3.0, 1.0, 2.0, 1.0, 3.0, NAN])
+    scores = group.repeat(G)
+    ids = torch.arange(G).repeat_interleave(6)
+    c1, r1 = select_pairs(scores, ids, mode="best_random", generator=torch.Generator().manual_seed(0))
+    c2, r2 = select_pairs(scores, ids, mode="best_random", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(c1, c2) and torch.equal(r1, r2)
+    assert torch.equal(c1 % 6, torch.zeros(G, dtype=torch.int64)) and torch.equal(c1 // 6, torch.arange(G))
+    assert torch.equal(r1 // 6, torch.arange(G))
+    counts = torch.bincount(r1 % 6, minlength=6).double()
+    assert counts[[0, 4, 5]].sum() == 0
+    chi2 = float(((counts[1:4] - G / 3) ** 2 / (G / 3)).sum())
+    assert chi2 < 13.8  # chi-square, 2 dof, p = 0.001
+    # margin: only index 1 and 3 (score 1) are more than 1.5 below the best
+    _, r = select_pairs(scores, ids, mode="best_random", margin=1.5, generator=torch.Generator().manual_seed(1))
+    assert set((r % 6).tolist()) == {1, 3}
+    # a constant group has no pair
+    c, r = select_pairs(torch.tensor([1.0, 1.0]), torch.tensor([0, 0]), mode="best_random")
+    assert c.tolist() == [-1] and r.tolist() == [-1]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mode="random"), "`mode` must be one of"),
+    (dict(margin=-1.0), "`margin` must be a float >= 0, got -1.0"),
+])
+def test_select_pairs_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        select_pairs(torch.ones(2), torch.tensor([0, 0]), **kwargs)
+
+
+# ------------------------------------------------------------------------------------ filters
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(min_std=0.3), dict(unbiased=True, keep_singletons=False),
+                                    dict(min_mean=0.15, max_mean=0.75)])
+def test_filter_groups_matches_numpy_rule(kwargs):
+    gen = torch.Generator().manual_seed(9)
+    scores, ids = ragged(gen, 60, 5, levels=3, nan_frac=0.02)
+    keep_s, keep_g = filter_groups(scores, ids, num_groups=62, **kwargs)
+    want = []
+    for g in range(62):
+        v = scores[ids == g].numpy()
+        if v.size == 0 or np.isnan(v).any():
+            want.append(False)
+            continue
+        std = np.std(v, ddof=1) if kwargs.get("unbiased") and v.size > 1 else np.std(v) if v.size > 1 else np.nan
+        keep = bool(std > kwargs.get("min_std", 0.0)) or (v.size == 1 and kwargs.get("keep_singletons", True))
+        keep &= v.mean() >= kwargs.get("min_mean", -np.inf) and v.mean() <= kwargs.get("max_mean", np.inf)
+        want.append(keep)
+    assert keep_g.tolist() == want
+    assert torch.equal(keep_s, keep_g[ids])
+
+
+def test_filter_groups_constant_group_is_dropped_exactly():
+    s = torch.full((4,), 0.1)  # 0.1 is not dyadic: a naive std leaves rounding noise
+    keep_s, keep_g = filter_groups(s, torch.tensor([0, 0, 0, 0]))
+    assert keep_g.tolist() == [False] and keep_s.tolist() == [False] * 4
+    with pytest.raises(ValueError, match="`min_std` must be >= 0"):
+        filter_groups(s, torch.zeros(4, dtype=torch.int64), min_std=-1.0)
+
+
+# ------------------------------------------------------------------------------------ quantile
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("q", [0.0, 0.2, 0.5, 0.77, 0.9, 1.0])
+def test_quantile_mask_equals_torch_quantile(dtype, q):
+    gen = torch.Generator().manual_seed(int(q * 100))
+    for n in (1, 2, 7, 1000):
+        x = torch.randn(n, 13, generator=gen, dtype=dtype)
+        m = torch.rand(n, 13, generator=gen) < 0.6
+        m[0, 0] = True
+        got, t = quantile_mask(x, m, q)
+        want_t = torch.quantile(x[m], q)
+        assert torch.equal(t, want_t)
+        assert torch.equal(got, (x >= want_t) & m)
+
+
+def test_quantile_mask_matches_trl_high_entropy_mask():
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    accel = types.SimpleNamespace(pad_across_processes=lambda t, dim, pad_index: t, gather=lambda t: t)
+    fake = types.SimpleNamespace(accelerator=accel)
+    gen = torch.Generator().manual_seed(10)
+    ent = torch.rand(8, 50, generator=gen, dtype=torch.float64).float() * 3
+    mask = (torch.arange(50)[None] < torch.randint(1, 50, (8, 1), generator=gen)).long()
+    for q in (0.2, 0.8):
+        assert torch.equal(quantile_mask(ent, mask, q)[0], GRPOTrainer.get_high_entropy_mask(fake, ent, mask, q))
+    assert torch.equal(quantile_mask(ent, torch.zeros_like(mask), 0.5)[0],
+                       GRPOTrainer.get_high_entropy_mask(fake, ent, torch.zeros_like(mask), 0.5))
+
+
+def test_quantile_mask_nan_empty_half_and_bad_input():
+    x = torch.tensor([1.0, NAN, 3.0])
+    got, t = quantile_mask(x, torch.tensor([True, True, False]), 0.5)
+    assert torch.isnan(t) and not got.any()
+    got, t = quantile_mask(x, torch.tensor([True, False, True]), 0.5)  # the NaN is not masked
+    assert t.item() == 2.0 and got.tolist() == [False, False, True]
+    got, t = quantile_mask(x, torch.zeros(3, dtype=torch.bool), 0.5)
+    assert torch.isnan(t) and not got.any()
+    h = torch.tensor([0.5, 0.25, 1.0], dtype=torch.bfloat16)
+    got, t = quantile_mask(h, torch.ones(3), 0.5)
+    assert t.dtype == torch.float32 and t.item() == 0.5 and got.tolist() == [True, False, True]
+    for q in (-0.1, 1.5, NAN, True):
+        with pytest.raises(ValueError, match="`q` must be a float in \\[0, 1\\]"):
+            quantile_mask(x, torch.ones(3), q)
+    with pytest.raises(ValueError, match=r"`mask` must have the shape of `x` \(3,\), got \(2,\)"):
+        quantile_mask(x, torch.ones(2), 0.5)
+    with pytest.raises(ValueError, match="`x` must be a float tensor"):
+        quantile_mask(torch.ones(3, dtype=torch.int64), torch.ones(3), 0.5)
+
+
+def test_quantile_mask_above_torch_quantile_limit():
+    n = (1 << 24) + 3
+    x = torch.randperm(n, generator=torch.Generator().manual_seed(11)).double()  # values 0..n-1
+    m = torch.ones(n, dtype=torch.bool)
+    with pytest.raises(RuntimeError):
+        torch.quantile(x, 0.5)
+    got, t = quantile_mask(x, m, 0.3)
+    p = 0.3 * (n - 1)  # sorted values are 0..n-1: the quantile is p itself (interpolated)
+    assert abs(t.item() - p) < 1e-6
+    assert int(got.sum()) == n - int(np.ceil(p))
+
+
+# ------------------------------------------------------------------------------------ estimators
+
+
+def small_groups(seed, num_groups=12, max_size=7, levels=3):
+    gen = torch.Generator().manual_seed(seed)
+    return ragged(gen, num_groups, max_size, levels=levels)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pass_at_k_equals_enumeration(seed):
+    scores, ids = small_groups(seed)
+    correct = scores > 0.0
+    ks = [1, 2, 3, 5, 7]
+    got = pass_at_k(correct, ids, ks, num_groups=13)  # group 12 is empty: NaN
+    assert got.dtype == torch.float64 and got.shape == (13, 5)
+    for j, k in enumerate(ks):
+        want = ref.pass_at_k(correct, ids, k, num_groups=13)
+        torch.testing.assert_close(got[:, j], want, rtol=1e-14, atol=1e-15, equal_nan=True)
+    # numbers: nonzero = correct
+    torch.testing.assert_close(pass_at_k(correct.float(), ids, 2), got[:12, 1], rtol=0, atol=0, equal_nan=True)
+    assert pass_at_k(correct, ids, 3).shape == (12,)
+
+
+def test_pass_at_k_large_groups_stable():
+    # n = 1000, c = 1: pass@k = k/n exactly; binomials this large overflow a naive ratio
+    correct = torch.zeros(1000, dtype=torch.bool)
+    correct[17] = True
+    got = pass_at_k(correct, torch.zeros(1000, dtype=torch.int64), [1, 10, 500, 1000])
+    torch.testing.assert_close(got, torch.tensor([[0.001, 0.01, 0.5, 1.0]], dtype=torch.float64), rtol=1e-13, atol=0)
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def estimator_path(request, monkeypatch):
+    """best_at_k / worst_at_k run the compiled op on the CPU; "torch" forces the vectorized PyTorch
+    path (what CUDA tensors and FASTRL_BACKEND=reference run)."""
+    if request.param == "torch":
+        monkeypatch.setattr(fastrl._extension, "BACKEND", "reference")
+    return request.param
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_best_and_worst_at_k_equal_enumeration(seed, estimator_path):
+    scores, ids = small_groups(seed, levels=4)
+    scores = scores + torch.rand(scores.shape, generator=torch.Generator().manual_seed(seed)) * (seed > 0)
+    ks = [1, 2, 4, 7]
+    best = best_at_k(scores, ids, ks, num_groups=13)
+    worst = worst_at_k(scores, ids, ks, num_groups=13)
+    for j, k in enumerate(ks):
+        torch.testing.assert_close(best[:, j], ref.best_at_k(scores, ids, k, num_groups=13),
+                                   rtol=1e-13, atol=1e-14, equal_nan=True)
+        torch.testing.assert_close(worst[:, j], ref.best_at_k(scores, ids, k, num_groups=13, largest=False),
+                                   rtol=1e-13, atol=1e-14, equal_nan=True)
+
+
+def test_best_at_k_with_replacement_equals_enumeration_of_tuples(estimator_path):
+    scores, ids = small_groups(3, num_groups=6, max_size=5, levels=5)
+    got = best_at_k(scores, ids, [1, 2, 3, 6], replacement=True)
+    for j, k in enumerate([1, 2, 3, 6]):
+        torch.testing.assert_close(got[:, j], ref.best_at_k_with_replacement(scores, ids, k, num_groups=6),
+                                   rtol=1e-13, atol=1e-14)
+    assert not torch.isnan(got).any()  # any k is valid with replacement
+
+
+def test_best_at_k_compiled_and_torch_paths_agree_deterministically(monkeypatch):
+    gen = torch.Generator().manual_seed(14)
+    scores, ids = ragged(gen, 3000, 20, levels=1000, nan_frac=0.002)
+    scores = scores.float()
+    scores[:3] = torch.tensor([float("inf"), -float("inf"), 0.0])
+    ks = [1, 2, 3, 8, 20]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [best_at_k(scores, ids, ks, replacement=r) for r in (False, True)]
+        torch.set_num_threads(max(2, before))
+        many = [best_at_k(scores, ids, ks, replacement=r) for r in (False, True)]
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(fastrl._extension, "BACKEND", "reference")
+    for a, b, r in zip(one, many, (False, True)):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+        torch.testing.assert_close(a, best_at_k(scores, ids, ks, replacement=r), rtol=1e-12, atol=1e-12,
+                                   equal_nan=True)
+
+
+def test_expected_best_of_k_opcheck():
+    gen = torch.Generator().manual_seed(15)
+    scores, ids = ragged(gen, 10, 6, levels=9, min_size=4)
+    for replacement, largest in ((False, True), (True, False)):
+        torch.library.opcheck(torch.ops.fastrl.expected_best_of_k.default,
+                              (scores.float(), ids, 10, [1, 2, 4], replacement, largest))
+
+
+def test_best_at_k_relation_to_verl_bootstrap_metric():
+    """verl's bootstrap mean is a Monte-Carlo estimate of the *with-replacement* expectation: it lies
+    within a few standard errors of best_at_k(replacement=True); the exact without-replacement value
+    (what pass@k-style metrics mean) is larger for k > 1 in a group with distinct scores."""
+    metric_utils = pytest.importorskip("verl.trainer.ppo.metric_utils")
+    vals = [0.1, 0.9, 0.4, 0.4, 0.7, 0.0, 0.25, 1.0]
+    x = torch.tensor(vals, dtype=torch.float64)
+    ids = torch.zeros(8, dtype=torch.int64)
+    for k in (2, 4, 8):
+        (bm, bs), (wm, ws) = metric_utils.bootstrap_metric(vals, k, [np.max, np.min], n_bootstrap=1000, seed=42)
+        se_b, se_w = bs / np.sqrt(1000), ws / np.sqrt(1000)
+        assert abs(bm - best_at_k(x, ids, k, replacement=True).item()) < 4 * se_b
+        assert abs(wm - worst_at_k(x, ids, k, replacement=True).item()) < 4 * se_w
+        assert best_at_k(x, ids, k).item() > best_at_k(x, ids, k, replacement=True).item()
+    assert best_at_k(x, ids, 8).item() == 1.0  # all 8 drawn without replacement: the max itself
+
+
+def test_estimators_nan_k_too_large_and_bad_input(estimator_path):
+    s = torch.tensor([1.0, NAN, 2.0, 3.0])
+    ids = torch.tensor([0, 0, 1, 1])
+    out = best_at_k(s, ids, [1, 2, 3])
+    assert torch.isnan(out[0]).all()  # a NaN score makes its group NaN
+    assert out[1, :2].tolist() == [2.5, 3.0] and torch.isnan(out[1, 2])  # k > n: NaN
+    for fn, args in ((pass_at_k, (s > 1, ids)), (best_at_k, (s, ids)), (worst_at_k, (s, ids))):
+        for k in (0, [], [1, 0], 2.0, [True]):
+            with pytest.raises(ValueError, match="`k` must be an int >= 1 or a non-empty list"):
+                fn(*args, k)
+        with pytest.raises(ValueError, match=r"\[0, num_groups=1\), got group_ids\[2\] = 1"):
+            fn(*args, 1, num_groups=1)
+
+
+# ------------------------------------------------------------------------------------ maj@k
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_maj_at_k_equals_enumeration(seed):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 9, (10,), generator=gen)
+    ids = torch.repeat_interleave(torch.arange(10), sizes)
+    answers = torch.randint(0, 4, (ids.numel(),), generator=gen)
+    correct = answers == 1  # consistent within an answer
+    perm = torch.randperm(ids.numel(), generator=gen)
+    ids, answers, correct = ids[perm], answers[perm], correct[perm]
+    ks = [1, 2, 3, 4, 8]
+    got = maj_at_k(answers, correct, ids, ks)
+    for j, k in enumerate(ks):
+        torch.testing.assert_close(got[:, j], ref.maj_at_k(answers, correct, ids, k, num_groups=10),
+                                   rtol=1e-13, atol=1e-14, equal_nan=True)
+
+
+def test_maj_at_k_ties_and_bad_input():
+    # answers A (correct) x2, B (wrong) x2: k=2 draws AA (1/6), BB (1/6), AB (4/6, a tie: 1/2)
+    got = maj_at_k(torch.tensor([0, 0, 1, 1]), torch.tensor([1, 1, 0, 0]), torch.zeros(4, dtype=torch.int64), 2)
+    torch.testing.assert_close(got, torch.tensor([0.5], dtype=torch.float64))
+    with pytest.raises(ValueError, match="answer id 0 has both"):
+        maj_at_k(torch.tensor([0, 0]), torch.tensor([1, 0]), torch.zeros(2, dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match="`answer_ids` must be int64"):
+        maj_at_k(torch.tensor([0, 0], dtype=torch.int32), torch.tensor([1, 1]), torch.zeros(2, dtype=torch.int64), 1)
+
+
+# ------------------------------------------------------------------------------------ resample
+
+
+@pytest.mark.parametrize("method", ["multinomial", "systematic"])
+def test_resample_distribution_and_reproducibility(method):
+    # 2000 copies of 2 groups: weights [1, 0, 3, 4] and [2, 2]; member frequencies must match w / sum w
+    reps = 2000
+    w1, w2 = torch.tensor([1.0, 0.0, 3.0, 4.0]), torch.tensor([2.0, 2.0])
+    weights = torch.cat([w1, w2]).repeat(reps)
+    ids = torch.tensor([0, 0, 0, 0, 1, 1]).repeat(reps) + 2 * torch.arange(reps).repeat_interleave(6)
+    perm = torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(0))
+    weights, ids = weights[perm], ids[perm]
+    a = resample(weights, ids, 5, method=method, generator=torch.Generator().manual_seed(1))
+    b = resample(weights, ids, 5, method=method, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == (2 * reps, 5)
+    assert torch.equal(ids[a], torch.arange(2 * reps)[:, None].expand(-1, 5))  # draws stay in their group
+    p = ref.resample_probabilities(weights, ids, num_groups=2 * reps)
+    assert float(p[a].min()) > 0  # zero-weight members are never drawn
+    # chi-square on the pooled frequencies of the four members of the first group kind
+    slot = perm % 6  # position of each (shuffled) sample within its group kind
+    counts = torch.bincount(slot[a[0::2]].flatten(), minlength=6)[:4].double()
+    expect = w1 / w1.sum() * counts.sum()
+    nz = expect > 0
+    chi2 = float(((counts[nz] - expect[nz]) ** 2 / expect[nz]).sum())
+    assert chi2 < 13.8  # 2 dof, p = 0.001
+    if method == "systematic":  # each member drawn floor(n p) or ceil(n p) times per group
+        per_group = torch.stack([(slot[a[0::2]] == j).sum(1) for j in range(4)], 1).double()
+        np_ = 5 * w1 / w1.sum()
+        assert bool(((per_group >= np_.floor()) & (per_group <= np_.ceil())).all())
+
+
+def test_resample_empty_group_and_bad_input():
+    out = resample(torch.tensor([1.0, 2.0]), torch.tensor([0, 2]), 3, num_groups=3)
+    assert out[0].tolist() == [0, 0, 0] and out[1].tolist() == [-1, -1, -1] and out[2].tolist() == [1, 1, 1]
+    ids = torch.tensor([0, 0, 1])
+    for w, match in ((torch.tensor([1.0, -1.0, 1.0]), "finite and >= 0"), (torch.tensor([1.0, NAN, 1.0]), "finite"),
+                     (torch.tensor([1.0, float("inf"), 1.0]), "finite"),
+                     (torch.tensor([1.0, 1.0, 0.0]), "every weight of group 1 is zero")):
+        with pytest.raises(ValueError, match=match):
+            resample(w, ids, 2)
+    with pytest.raises(ValueError, match="`n` must be an int >= 1, got 0"):
+        resample(torch.ones(3), ids, 0)
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        resample(torch.ones(3), ids, 2, method="stratified")
+
+
+# ------------------------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and fastrl._extension.cuda_built()), reason="needs a CUDA GPU and the CUDA build")
+@pytest.mark.parametrize("k", [1, 3, 16])
+def test_best_of_n_cuda_is_bitwise_equal_to_cpu(k):
+    gen = torch.Generator().manual_seed(12)
+    scores, ids = ragged(gen, 3000, 16, levels=5, nan_frac=0.05)
+    for largest in (True, False):
+        cpu = best_of_n(scores, ids, k, largest=largest, num_groups=3001)
+        gpu = best_of_n(scores.cuda(), ids.cuda(), k, largest=largest, num_groups=3001)
+        assert torch.equal(cpu, gpu.cpu())
+    bad = ids.clone()
+    bad[0] = -1  # CUDA ignores an out-of-range id instead of raising (no host sync)
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[0] = False
+    gpu = best_of_n(scores.cuda(), bad.cuda(), k, num_groups=3000).cpu()
+    sub = best_of_n(scores[keep], ids[keep], k, num_groups=3000)
+    pos = torch.nonzero(keep)[:, 0]
+    assert torch.equal(gpu, torch.where(sub >= 0, pos[sub.clamp(min=0)], -1))
+
+
+def test_docstring_examples():
+    import doctest
+
+    import fastrl.sampling.groups as groups
+
+    result = doctest.testmod(groups, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 15 and result.failed == 0
