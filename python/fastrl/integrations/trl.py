@@ -35,7 +35,9 @@ differ by at most ``~2 ulp(|mean_g|) / (std_g + 1e-4)`` on top of 1e-6. Binary a
 representable rewards are unaffected. float64 rewards: fp64 statistics, float32 advantages widened
 back to float64 (about 1e-7 relative).
 
-The GRPO loss patch for ``GRPOTrainer`` (``patch_grpo_trainer``) comes with fastrl's loss family.
+:func:`grpo_loss` is ``GRPOTrainer._compute_loss``'s loss math for every ``loss_type`` but
+``vespo`` (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo) on fastrl's fused policy-loss kernel;
+:func:`patch_grpo_trainer` makes ``GRPOTrainer._compute_loss`` use it.
 """
 from __future__ import annotations
 
@@ -211,3 +213,204 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Te
 
 
 __all__ += ["selective_log_softmax", "entropy_from_logits"]
+
+
+# ---------------------------------------------------------------------------------- GRPO loss
+# trl 1.16.0 GRPOTrainer._compute_loss (trl/trainer/grpo_trainer.py), from the per-token log-probs
+# on: the importance ratio (token or sequence level, no log clamp), the loss_type's per-token loss
+# (TRL's two-sided ``delta`` clip included), the vLLM importance-sampling correction, beta * k3 KL
+# (TRL's unclamped estimator), the loss_type's normalizer (gradient accumulation included) and the
+# entropy bonus. Not covered: ``vespo``, ``use_bias_correction_kl``, ``off_policy_mask_threshold`` and
+# ``top_entropy_quantile`` (multiply such 0/1 token masks into ``importance_sampling_ratio``: TRL
+# applies them to the same per-token policy term), and TRL's logging (``_metrics``, ``.item()``).
+
+from fastrl import losses as _losses  # noqa: E402
+
+_TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+_TRL_AGG = {"grpo": "grpo", "sapo": "grpo", "bnpo": "bnpo", "dr_grpo": "dr_grpo", "luspo": "luspo",
+            "dapo": "token-sum", "cispo": "token-sum"}
+
+
+def grpo_loss(per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor | None, advantages: torch.Tensor,
+              mask: torch.Tensor, *, loss_type: str = "dapo", epsilon_low: float = 0.2,
+              epsilon_high: float = 0.2, delta: float | None = None, importance_sampling_level: str = "token",
+              beta: float = 0.0, ref_per_token_logps: torch.Tensor | None = None,
+              sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
+              max_completion_length: int | None = None, num_items_in_batch: torch.Tensor | None = None,
+              num_processes: int = 1, gradient_accumulation_steps: int = 1, steps_per_generation: int = 1,
+              training: bool = True, importance_sampling_ratio: torch.Tensor | None = None,
+              entropies: torch.Tensor | None = None, entropy_coef: float = 0.0):
+    """The loss ``GRPOTrainer._compute_loss`` (trl 1.16.0) returns, and its metrics, in one fused pass.
+
+    Args mirror the trainer's state: ``per_token_logps`` ``[B, T]`` (gets the gradient),
+    ``old_per_token_logps`` (None: ``per_token_logps.detach()``, as TRL), ``advantages`` ``[B]`` or
+    ``[B, T]``, ``mask`` (``completion_mask``, times ``tool_mask`` if any), ``loss_type`` and the
+    ``GRPOConfig`` fields ``epsilon`` (= ``epsilon_low``), ``epsilon_high``, ``delta``,
+    ``importance_sampling_level``, ``beta``, ``sapo_temperature_*``, ``max_completion_length``
+    (dr_grpo; default ``T``), ``steps_per_generation``; ``num_items_in_batch`` (dapo/cispo, a
+    tensor, never synced), ``num_processes``, ``gradient_accumulation_steps`` and ``training`` (the
+    trainer divides by the accumulation steps in train mode only); ``importance_sampling_ratio`` (the
+    vLLM correction, ``[B, T]`` or ``[B, 1]``); ``entropies`` with ``entropy_coef`` (the entropy bonus,
+    a token mean over ``mask`` divided by the accumulation steps, gets a gradient).
+
+    Per token (``r`` = exp(log-ratio), sequence level: exp of its masked row mean)::
+
+        grpo/bnpo/dr_grpo/dapo/luspo  -min(min(r, delta) A, clamp(r, 1 - eps_low, 1 + eps_high) A)
+        cispo                         -sg(min(r, eps_high)) A logp
+        sapo                          -(sigmoid(tau (r - 1)) 4 / tau) A
+
+    times ``importance_sampling_ratio``, plus ``beta * (exp(ref - logp) - (ref - logp) - 1)``; then
+    grpo/sapo: mean over rows of the row means (``/ max(n_b, 1)``); bnpo: ``/ max(N, 1)``; dr_grpo:
+    ``/ (B * max_completion_length)``; luspo: mean over rows of the row sums; each divided by the
+    accumulation steps (train); dapo/cispo: ``sum / (max(num_items_in_batch, 1) / num_processes *
+    accumulation_steps / steps_per_generation)`` (train; eval without the last factor).
+
+    Returns:
+        ``(loss, metrics)``: metrics are detached device tensors with TRL's names for the local
+        batch (TRL gathers them over processes): ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+        ``clip_ratio/region_mean``, ``cispo_clip_ratio``, ``kl`` (beta != 0), ``entropy``; and
+        ``policy_loss`` (TRL's loss before the accumulation division and entropy bonus). Token
+        level averages are token-weighted; TRL weighs sequence-level clip metrics per sequence.
+    """
+    if loss_type not in _TRL_LOSS_TYPES:
+        raise ValueError(f"fastrl: grpo_loss `loss_type` must be one of {', '.join(_TRL_LOSS_TYPES)}; got "
+                         f"{loss_type!r} (vespo is not supported)")
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"Unknown importance sampling level: {importance_sampling_level}. Possible values are "
+                         "'token' and 'sequence'.")
+    if old_per_token_logps is None:
+        old_per_token_logps = per_token_logps.detach()
+    if advantages.dim() == 2 and advantages.shape[1] == 1:
+        advantages = advantages[:, 0]
+    isw = importance_sampling_ratio
+    if isw is not None and isw.shape != per_token_logps.shape:
+        isw = isw.expand_as(per_token_logps)
+    accum = float(gradient_accumulation_steps) if training else 1.0
+    if loss_type == "cispo":  # TRL: clamp(r, max=epsilon_high); r >= 0, so a [0, eps_high] clip
+        clip = dict(kind="cispo", clip_low=1.0, clip_high=epsilon_high - 1.0)
+    elif loss_type == "sapo":
+        clip = dict(kind="sapo", tau_pos=sapo_temperature_pos, tau_neg=sapo_temperature_neg)
+    else:
+        clip = dict(kind="vanilla", clip_low=epsilon_low, clip_high=epsilon_high, delta=delta)
+    loss, m = _losses.policy_loss(
+        per_token_logps, old_per_token_logps, advantages, mask, agg=_TRL_AGG[loss_type],
+        ratio_level=importance_sampling_level, log_ratio_clamp=None, is_weights=isw,
+        ref_logp=ref_per_token_logps if beta != 0.0 else None, kl_coef=beta, kl_kind="k3_unclamped",
+        max_length=max_completion_length if max_completion_length is not None else per_token_logps.shape[-1],
+        **clip)
+    if loss_type in ("dapo", "cispo"):
+        if num_items_in_batch is None:
+            raise ValueError(f"fastrl: grpo_loss loss_type={loss_type!r} needs `num_items_in_batch`")
+        normalizer = torch.as_tensor(num_items_in_batch, device=loss.device).clamp(min=1.0) / num_processes
+        if training:
+            normalizer = normalizer * gradient_accumulation_steps / steps_per_generation
+        loss = loss / normalizer
+        policy_loss = loss.detach()
+    else:
+        policy_loss = loss.detach()
+        loss = loss / accum
+    metrics = {"policy_loss": policy_loss}
+    valid = mask != 0
+    if entropies is not None:
+        n = valid.sum().clamp(min=1)
+        mean_entropy = torch.where(valid, entropies, 0.0).sum() / n
+        if entropy_coef != 0.0:
+            loss = loss - entropy_coef * (mean_entropy / accum)
+        metrics["entropy"] = mean_entropy.detach().float()
+    if beta != 0.0:
+        metrics["kl"] = m["kl_mean"]
+    if loss_type == "cispo":
+        metrics["cispo_clip_ratio"] = m["clip_high_frac"]
+    elif loss_type != "sapo":
+        metrics["clip_ratio/low_mean"] = m["clip_low_frac"]
+        metrics["clip_ratio/high_mean"] = m["clip_high_frac"]
+        metrics["clip_ratio/region_mean"] = m["clip_low_frac"] + m["clip_high_frac"]
+    return loss, metrics
+
+
+__all__ += ["grpo_loss"]
+
+
+def _fused_loss_supported(trainer) -> bool:
+    return (trainer.loss_type in _TRL_LOSS_TYPES and trainer.top_entropy_quantile >= 1.0
+            and trainer.off_policy_mask_threshold is None and not trainer.aux_loss_enabled
+            and not getattr(trainer, "use_adaptive_entropy", False)
+            and not getattr(trainer.args, "use_bias_correction_kl", False))
+
+
+def _fused_compute_loss(self, model, inputs):
+    """GRPOTrainer._compute_loss with the loss math of :func:`grpo_loss` (see :func:`patch_grpo_trainer`)."""
+    if not _fused_loss_supported(self):
+        return type(self)._fastrl_original_compute_loss(self, model, inputs)
+    prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+    extra = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+             "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+    per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
+        model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True, compute_aux_loss=False,
+        **{k: inputs.get(k) for k in extra})
+    mode = "train" if self.model.training else "eval"
+    use_is = self.use_vllm and self.vllm_importance_sampling_correction
+    bonus = self._entropy_bonus_enabled
+    loss, m = grpo_loss(
+        per_token_logps, inputs.get("old_per_token_logps"), inputs["advantages"], mask, loss_type=self.loss_type,
+        epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, delta=self.args.delta,
+        importance_sampling_level=self.importance_sampling_level, beta=self.beta,
+        ref_per_token_logps=inputs.get("ref_per_token_logps"), sapo_temperature_pos=self.args.sapo_temperature_pos,
+        sapo_temperature_neg=self.args.sapo_temperature_neg, max_completion_length=self.max_completion_length,
+        num_items_in_batch=inputs.get("num_items_in_batch"), num_processes=self.accelerator.num_processes,
+        gradient_accumulation_steps=self.current_gradient_accumulation_steps,
+        steps_per_generation=self.args.steps_per_generation, training=mode == "train",
+        importance_sampling_ratio=inputs["importance_sampling_ratio"] if use_is else None, entropies=entropies,
+        entropy_coef=self.entropy_coef if bonus else 0.0)
+    # TRL's logging (its own host syncs, one per metric, as in TRL): global token-weighted means
+    n = (mask != 0).sum().float()
+
+    def log_mean(key, value):
+        totals = self.accelerator.reduce(torch.stack([value.float() * n, n]), reduction="sum")
+        self._metrics[mode][key].append((totals[0] / totals[1].clamp(min=1.0)).item())
+
+    if bonus:
+        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(m["policy_loss"]).nanmean().item())
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+    if self.beta != 0.0:
+        log_mean("kl", m["kl"])
+    log_mean("entropy", m["entropy"])
+    for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio"):
+        if key in m and self.importance_sampling_level == "token":
+            log_mean(key, m[key])
+    return loss
+
+
+def patch_grpo_trainer(trainer_cls=None):
+    """Make ``GRPOTrainer`` (or the given subclass) compute its loss with :func:`grpo_loss`:
+    replaces ``_compute_loss`` on the class (every instance, existing ones included); idempotent.
+    Configurations :func:`grpo_loss` does not cover (``vespo``, ``top_entropy_quantile < 1``,
+    ``off_policy_mask_threshold``, adaptive entropy, router aux loss, ``use_bias_correction_kl``)
+    run TRL's own method. Logged: ``kl``, ``entropy``, the token-level clip ratios, ``policy_loss``
+    and ``entropy_coef`` as TRL logs them; TRL's per-sequence min/max clip metrics and the
+    sequence-level clip ratios are not logged. Returns the patched class; :func:`unpatch_grpo_trainer`
+    restores TRL's method."""
+    if trainer_cls is None:
+        from trl import GRPOTrainer as trainer_cls
+    if "_fastrl_original_compute_loss" not in trainer_cls.__dict__:
+        trainer_cls._fastrl_original_compute_loss = trainer_cls._compute_loss
+        trainer_cls._compute_loss = _fused_compute_loss
+    return trainer_cls
+
+
+def unpatch_grpo_trainer(trainer_cls=None):
+    """Undo :func:`patch_grpo_trainer` on that class (a no-op if it is not patched)."""
+    if trainer_cls is None:
+        from trl import GRPOTrainer as trainer_cls
+    original = trainer_cls.__dict__.get("_fastrl_original_compute_loss")
+    if original is not None:
+        trainer_cls._compute_loss = original
+        del trainer_cls._fastrl_original_compute_loss
+    return trainer_cls
+
+
+__all__ += ["patch_grpo_trainer", "unpatch_grpo_trainer"]

@@ -15,7 +15,12 @@ Same names, signatures and outputs as ``verl.trainer.ppo.core_algos`` (verl 0.9.
 * ``compute_gae_advantage_return`` -- ``"gae"`` (token-level: :func:`fastrl.credit.gae` + whitening)
 * ``compute_reinforce_plus_plus_outcome_advantage`` -- ``"reinforce_plus_plus"`` (token-level)
 
-Each returns ``(advantages, returns)``, both ``[bs, response_length]``, with verl's conventions:
+Policy losses on fastrl.losses' fused kernel (one pass forward, one backward, metrics as device
+tensors): ``compute_policy_loss_{vanilla,gspo,cispo,sapo,gpg,geo_mean,clip_cov,kl_cov}`` (registered
+in verl's ``POLICY_LOSS_REGISTRY`` by :func:`install`), ``agg_loss``, ``compute_entropy_loss``,
+``compute_value_loss``; their differences from verl are listed where they are defined.
+
+Each estimator returns ``(advantages, returns)``, both ``[bs, response_length]``, with verl's conventions:
 the score of a response is ``token_level_rewards.sum(-1)``; the scalar advantage is broadcast over
 the tokens as ``advantage.unsqueeze(-1) * response_mask`` (so masked positions are 0 and the dtype
 is verl's: the advantage is held in the scores' dtype, then type-promoted with the mask's);
@@ -433,13 +438,17 @@ _DIRECT_ATTRS = {"compute_grpo_outcome_advantage": compute_grpo_outcome_advantag
 _MISSING = object()
 _saved_registry: dict[str, Any] = {}
 _saved_attrs: dict[str, Any] = {}
+_saved_policy: dict[str, Any] = {}
 
 
 def install() -> list[str]:
     """Register the fastrl estimators in verl's ``ADV_ESTIMATOR_REGISTRY`` under verl's names,
     replacing verl's entries (set directly: verl's ``register_adv_est`` refuses a replacement), and
     rebind ``core_algos.compute_grpo_outcome_advantage`` (verl's GRPO path calls it directly).
-    Idempotent. Returns the registry names now served by fastrl. :func:`uninstall` undoes it.
+    Also puts the fused policy losses (:data:`POLICY_LOSSES`: vanilla, gspo, cispo, sapo, gpg,
+    geo_mean) into verl's ``POLICY_LOSS_REGISTRY``, which ``get_policy_loss_fn`` (verl's actor loss)
+    reads at every call. Idempotent. Returns the advantage-estimator names now served by fastrl.
+    :func:`uninstall` undoes all of it.
 
     Run it in the process that builds the trainer, before building it (see the module docstring
     for verl's Ray entry point).
@@ -455,6 +464,11 @@ def install() -> list[str]:
         if attr not in _saved_attrs:
             _saved_attrs[attr] = getattr(core_algos, attr, _MISSING)
         setattr(core_algos, attr, fn)
+    policy_registry = core_algos.POLICY_LOSS_REGISTRY
+    for name, fn in POLICY_LOSSES.items():
+        if name not in _saved_policy:
+            _saved_policy[name] = policy_registry.get(name, _MISSING)
+        policy_registry[name] = fn
     return list(ESTIMATORS)
 
 
@@ -476,8 +490,14 @@ def uninstall() -> list[str]:
                 delattr(core_algos, attr)
         else:
             setattr(core_algos, attr, original)
+    for name, original in _saved_policy.items():
+        if original is _MISSING:
+            core_algos.POLICY_LOSS_REGISTRY.pop(name, None)
+        else:
+            core_algos.POLICY_LOSS_REGISTRY[name] = original
     _saved_registry.clear()
     _saved_attrs.clear()
+    _saved_policy.clear()
     return restored
 
 
@@ -545,3 +565,254 @@ def compute_rewards(token_level_scores: torch.Tensor, old_log_prob: torch.Tensor
     Same values as verl's (the same float operations in the same order) and the same dtype."""
     kl = _credit.kl_penalty(old_log_prob, ref_log_prob, "k1")
     return token_level_scores - kl * kl_ratio
+
+
+# ------------------------------------------------------------------------------- policy losses
+# verl 0.9.1 ``core_algos.compute_policy_loss_{vanilla,gspo,cispo,sapo,gpg,geo_mean}``, ``agg_loss``,
+# ``compute_entropy_loss`` and ``compute_value_loss`` with verl's signatures. The policy losses run
+# fastrl.losses.policy_loss: one compiled pass forward (loss + every metric), one backward, instead
+# of verl's ~10 elementwise ops and 3 ``.item()`` host syncs. Differences from verl (honest list):
+#
+# * Metrics come back as detached 0-dim device tensors, not Python floats (no host sync); verl's
+#   ``Metric`` accepts tensors (it calls ``.item()`` itself when it logs).
+# * Sums are fp64 (verl: the inputs' dtype), so losses agree to fp32 rounding (~1e-7 relative),
+#   gradients likewise; clip-fraction metrics use count / n where verl adds 1e-8 to n.
+# * A batch without any valid token gives loss 0 and zero gradient (verl's token-mean: NaN).
+# * Masked positions are never read (verl multiplies by the mask, so a NaN there poisons its loss).
+# * clip_cov draws its dropped tokens from a seeded device generator (verl: unseeded CPU randperm):
+#   equal to verl when every candidate is dropped, otherwise a different, reproducible uniform draw.
+#   kl_cov picks the same top-covariance tokens by a device sort (verl: top-k on the host).
+
+from fastrl import losses as _losses  # noqa: E402
+
+
+def _global_batch(config, loss_agg_mode: str, horizon: int) -> dict:
+    """verl's ``config.global_batch_info`` (dp_size, batch_num_tokens, global_batch_size,
+    loss_scale_factor) as fastrl.losses.policy_loss's num_tokens / num_seqs / scale / max_length,
+    with verl's checks."""
+    info = dict(getattr(config, "global_batch_info", None) or {}) if config is not None else {}
+    return _agg_kwargs(loss_agg_mode, horizon, info.get("dp_size", 1), info.get("batch_num_tokens"),
+                       info.get("global_batch_size"), info.get("loss_scale_factor"))
+
+
+def _agg_kwargs(loss_agg_mode, horizon, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor) -> dict:
+    if loss_agg_mode not in ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+                             "seq-mean-token-sum-norm"):
+        raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
+    dp_size = 1 if dp_size is None else dp_size
+    if dp_size > 1 and loss_agg_mode == "token-mean" and batch_num_tokens is None:
+        raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
+    if dp_size > 1 and loss_agg_mode.startswith("seq-mean") and global_batch_size is None:
+        raise ValueError("global_batch_size is required when dp_size > 1")
+    return dict(agg=loss_agg_mode, num_tokens=batch_num_tokens, num_seqs=global_batch_size, scale=float(dp_size),
+                max_length=loss_scale_factor if loss_scale_factor is not None else horizon)
+
+
+def _clip_range(config) -> tuple[float, float]:
+    low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
+    high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
+    return low, high
+
+
+def _verl_metrics(m: dict, lower: bool = True) -> dict:
+    out = {"actor/pg_clipfrac": m["clipfrac"], "actor/ppo_kl": m["approx_kl"]}
+    if lower:
+        out["actor/pg_clipfrac_lower"] = m["clipfrac_lower"]
+    return out
+
+
+def _policy(kind, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+            **kw):
+    assert config is not None
+    low, high = _clip_range(config)
+    agg = _global_batch(config, loss_agg_mode, log_prob.shape[-1])
+    if kind == "geo_mean":  # verl: torch.mean over the rows, no global batch info
+        agg = dict(agg="token-mean")
+    return _losses.policy_loss(log_prob, old_log_prob, advantages, response_mask, kind=kind, clip_low=low,
+                               clip_high=high, is_weights=rollout_is_weights, **agg, **kw)
+
+
+def compute_policy_loss_vanilla(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                                response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
+                                config: Optional[Any] = None,
+                                rollout_is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's PPO clip: ``ratio = exp(clamp(log_prob - old_log_prob, -20, 20))``, clipped to
+    ``[1 - clip_ratio_low, 1 + clip_ratio_high]``, dual clip at ``config.clip_ratio_c`` (default 3)
+    for A < 0, times ``rollout_is_weights``, aggregated by ``agg_loss`` with
+    ``config.global_batch_info``. Returns ``(pg_loss, {"actor/pg_clipfrac", "actor/ppo_kl",
+    "actor/pg_clipfrac_lower"})`` (metrics as device tensors)."""
+    assert config is not None
+    clip_ratio_c = config.get("clip_ratio_c", 3.0)
+    assert clip_ratio_c > 1.0, (
+        "The lower bound of the clip_ratio_c for dual-clip PPO should be greater than 1.0,"
+        + f" but get the value: {clip_ratio_c}."
+    )
+    loss, m = _policy("vanilla", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                      rollout_is_weights, dual_clip=clip_ratio_c, log_ratio_clamp=20.0)
+    return loss, _verl_metrics(m)
+
+
+def compute_policy_loss_gspo(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                             response_mask: torch.Tensor, loss_agg_mode: str = "seq-mean-token-mean",
+                             config: Optional[Any] = None,
+                             rollout_is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's GSPO: the sequence ratio ``exp(min(mean_t(log_prob - old_log_prob), 10))`` in its
+    stop-gradient token form, PPO-clipped (no dual clip). ``actor/pg_clipfrac_lower`` is 0."""
+    loss, m = _policy("gspo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                      rollout_is_weights)
+    out = _verl_metrics(m)
+    out["actor/pg_clipfrac_lower"] = torch.zeros((), device=loss.device)
+    return loss, out
+
+
+def compute_policy_loss_cispo(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                              response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
+                              config: Optional[Any] = None,
+                              rollout_is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's CISPO: ``-sg(clamp(ratio, 1 - low, 1 + high)) * A * log_prob`` (ratio with the
+    [-20, 20] log clamp); ``actor/pg_clipfrac`` = fraction with a clipped ratio, lower = 0."""
+    loss, m = _policy("cispo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                      rollout_is_weights, log_ratio_clamp=20.0)
+    out = _verl_metrics(m)
+    out["actor/pg_clipfrac_lower"] = torch.zeros((), device=loss.device)
+    return loss, out
+
+
+def compute_policy_loss_sapo(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                             response_mask: torch.Tensor, loss_agg_mode: str = "seq-mean-token-mean",
+                             config: Optional[Any] = None,
+                             rollout_is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's SAPO: ``-(sigmoid(tau (ratio - 1)) * 4 / tau) * A`` with ``tau = config.tau_pos`` where
+    A > 0 else ``config.tau_neg``, always aggregated ``seq-mean-token-mean`` (as verl, whatever
+    ``loss_agg_mode`` says). Clip fractions are 0."""
+    assert config is not None
+    loss, m = _policy("sapo", old_log_prob, log_prob, advantages, response_mask, "seq-mean-token-mean", config,
+                      rollout_is_weights, log_ratio_clamp=20.0, tau_pos=float(config.tau_pos),
+                      tau_neg=float(config.tau_neg))
+    zero = torch.zeros((), device=loss.device)
+    return loss, {"actor/pg_clipfrac": zero, "actor/ppo_kl": m["approx_kl"], "actor/pg_clipfrac_lower": zero}
+
+
+def compute_policy_loss_gpg(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                            response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
+                            config: Optional[Any] = None,
+                            rollout_is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's GPG / REINFORCE: ``-log_prob * A`` (times ``rollout_is_weights``), aggregated; no metrics."""
+    loss, _ = _policy("gpg", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                      rollout_is_weights)
+    return loss, {}
+
+
+def compute_policy_loss_geo_mean(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                                 response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
+                                 config: Optional[Any] = None,
+                                 rollout_is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's GMPO: per row ``-mean(A) * exp(mean(sign(A)-clipped log-ratio))`` (times the geometric
+    mean of ``rollout_is_weights``), averaged over the rows; ``loss_agg_mode`` is unused (as verl)."""
+    loss, m = _policy("geo_mean", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                      rollout_is_weights)
+    return loss, _verl_metrics(m)
+
+
+def _cov_cfg(config, key: str, default: float) -> float:
+    value = getattr(config.policy_loss, key, None)
+    return default if value is None else value
+
+
+def compute_policy_loss_clip_cov(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                                 response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
+                                 config: Optional[Any] = None, rollout_is_weights: torch.Tensor | None = None,
+                                 seed: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's Clip-Cov: PPO clip loss (unclamped ratio) with up to ``max(1, int(clip_cov_ratio * N))``
+    tokens of covariance in ``(clip_cov_lb, clip_cov_ub)`` (not already clipped) dropped. verl draws
+    them with an unseeded CPU ``torch.randperm`` (host sync, not reproducible); here they are drawn on
+    the device from a generator seeded with ``seed`` (same distribution: a uniform subset), so the
+    loss equals verl's whenever there are at most that many candidates and is otherwise a different,
+    reproducible draw. Metrics: ``actor/pg_clipfrac`` (dropped fraction), ``actor/ppo_kl``."""
+    assert config is not None
+    assert config.policy_loss is not None
+    ratio = _cov_cfg(config, "clip_cov_ratio", 0.0002)
+    assert ratio > 0, "clip_ratio should be larger than 0."
+    loss, m = _policy("clip_cov", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                      rollout_is_weights, cov_ratio=ratio, clip_cov_lb=_cov_cfg(config, "clip_cov_lb", 1.0),
+                      clip_cov_ub=_cov_cfg(config, "clip_cov_ub", 5.0), seed=seed)
+    return loss, {"actor/pg_clipfrac": m["clipfrac"], "actor/ppo_kl": m["approx_kl"]}
+
+
+def compute_policy_loss_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                               response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
+                               config: Optional[Any] = None,
+                               rollout_is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's KL-Cov: ``-A * ratio`` (unclamped, unclipped) plus ``ppo_kl_coef * |log-ratio|`` at the
+    ``max(1, int(kl_cov_ratio * N))`` valid tokens of largest covariance, chosen on the device by a
+    stable sort (verl: a top-k after copying to the host; the same tokens barring exact ties).
+    ``rollout_is_weights`` is not supported (``ValueError``). Metric: ``actor/ppo_kl`` (mean |x|)."""
+    assert config is not None
+    assert config.policy_loss is not None
+    ratio = _cov_cfg(config, "kl_cov_ratio", 0.0002)
+    assert ratio > 0, "kl_cov_ratio should be larger than 0."
+    loss, m = _policy("kl_cov", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                      rollout_is_weights, cov_ratio=ratio, ppo_kl_coef=_cov_cfg(config, "ppo_kl_coef", 1.0))
+    return loss, {"actor/ppo_kl": m["approx_kl_abs"]}
+
+
+POLICY_LOSSES = {
+    "clip_cov": compute_policy_loss_clip_cov,
+    "kl_cov": compute_policy_loss_kl_cov,
+    "vanilla": compute_policy_loss_vanilla,
+    "gspo": compute_policy_loss_gspo,
+    "cispo": compute_policy_loss_cispo,
+    "sapo": compute_policy_loss_sapo,
+    "gpg": compute_policy_loss_gpg,
+    "geo_mean": compute_policy_loss_geo_mean,
+}
+"""verl ``POLICY_LOSS_REGISTRY`` name -> fastrl drop-in, registered by :func:`install`."""
+
+
+def _row_sums(loss_mat: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """fp64 per-row sums of the masked loss matrix (masked entries never read)."""
+    return torch.where(loss_mask.bool(), loss_mat.double(), 0.0).sum(-1)
+
+
+def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str, dp_size: int = 1,
+             batch_num_tokens: Optional[int] = None, global_batch_size: Optional[int] = None,
+             loss_scale_factor: Optional[int] = None):
+    """verl's ``agg_loss`` (token-mean, token-sum, seq-mean-token-sum, seq-mean-token-mean,
+    seq-mean-token-sum-norm; ``dp_size`` / ``batch_num_tokens`` / ``global_batch_size`` /
+    ``loss_scale_factor`` as verl), with fastrl.losses' row weights: fp64 sums, 0 (not NaN) for an
+    empty mask, result in ``loss_mat``'s dtype. Differentiable in ``loss_mat``."""
+    kw = _agg_kwargs(loss_agg_mode, loss_mask.shape[-1], dp_size, batch_num_tokens, global_batch_size,
+                     loss_scale_factor)
+    n = loss_mask.bool().sum(-1)
+    w = _losses._ref.agg_weights(n, kw["agg"], horizon=float(kw["max_length"]), num_tokens=kw["num_tokens"],
+                                 num_seqs=kw["num_seqs"], num_rows=n.shape[0])
+    return ((w * _row_sums(loss_mat, loss_mask)).sum() * kw["scale"]).to(loss_mat.dtype)
+
+
+def compute_entropy_loss(logits, response_mask, loss_agg_mode: str = "token-mean"):
+    """verl's ``compute_entropy_loss``: the entropy of ``logits`` [bs, T, V] (fastrl's streaming
+    :func:`entropy_from_logits`, no [bs, T, V] temporaries) aggregated by :func:`agg_loss`."""
+    return agg_loss(loss_mat=entropy_from_logits(logits), loss_mask=response_mask, loss_agg_mode=loss_agg_mode)
+
+
+def compute_value_loss(vpreds: torch.Tensor, returns: torch.Tensor, values: torch.Tensor,
+                       response_mask: torch.Tensor, cliprange_value: float, loss_agg_mode: str = "token-mean",
+                       dp_size: int = 1, batch_num_tokens: Optional[int] = None,
+                       global_batch_size: Optional[int] = None, loss_scale_factor: Optional[int] = None):
+    """verl's clipped value loss ``0.5 * agg(max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2))``
+    and ``vf_clipfrac`` (fraction of valid tokens where the clipped term is larger, a device tensor).
+    The clip is verl's ``clip_by_value`` (``max(min(v, hi), lo)``), so gradients match verl's."""
+    clipped = torch.maximum(torch.minimum(vpreds, values + cliprange_value), values - cliprange_value)
+    unclipped_sq = (vpreds - returns).square()
+    clipped_sq = (clipped - returns).square()
+    vf_loss = 0.5 * agg_loss(torch.maximum(unclipped_sq, clipped_sq), response_mask, loss_agg_mode, dp_size,
+                             batch_num_tokens, global_batch_size, loss_scale_factor)
+    valid = response_mask.bool()
+    count = valid.sum()
+    frac = torch.where(valid, (clipped_sq > unclipped_sq).double(), 0.0).sum() / count.clamp(min=1)
+    return vf_loss, frac.to(torch.float32)
+
+
+__all__ += ["POLICY_LOSSES", "compute_policy_loss_clip_cov", "compute_policy_loss_kl_cov", "compute_policy_loss_vanilla", "compute_policy_loss_gspo", "compute_policy_loss_cispo",
+            "compute_policy_loss_sapo", "compute_policy_loss_gpg", "compute_policy_loss_geo_mean", "agg_loss",
+            "compute_entropy_loss", "compute_value_loss"]

@@ -1,0 +1,186 @@
+// CPU kernels of the fused policy-loss family (see cpu/losses.h, fastrl/losses.h).
+//
+// Rows in parallel (at::parallel_for); each row is walked by one thread: a first pass for the
+// row-level quantities some kinds need (sequence ratio, GMPO means), then one pass over its tokens
+// that accumulates every statistic in fp64 in token order and writes each token's derivatives.
+// The backward scales those by the row's incoming gradients: one streaming pass.
+#include "cpu/losses.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+
+namespace fastrl {
+namespace cpu {
+namespace {
+
+// 1 / 0 for a 0/1 mask value, -1 for anything else (NaN included).
+template <typename mask_t>
+inline int valid_bit(mask_t m) {
+  const double x = static_cast<double>(m);
+  return x == 1.0 ? 1 : (x == 0.0 ? 0 : -1);
+}
+template <>
+inline int valid_bit<bool>(bool m) {
+  return m ? 1 : 0;
+}
+
+inline void keep_min(std::atomic<int64_t>& bad, int64_t i) {
+  int64_t cur = bad.load();
+  while ((cur < 0 || i < cur) && !bad.compare_exchange_weak(cur, i)) {
+  }
+}
+
+template <typename scalar_t, typename mask_t, typename acc_t>
+class RowKernel {
+ public:
+  RowKernel(const LossInputs<scalar_t, mask_t>& in, Rows rows, const losses::Params& p) : in_(in), rows_(rows), p_(p) {}
+
+  // One row; returns its smallest bad mask index or -1.
+  int64_t forward(int64_t b, double* out, acc_t* dpol, acc_t* daux) const {
+    losses::RowCtx<acc_t> ctx;
+    int64_t bad = row_ctx(b, &ctx);
+    losses::Stats s = losses::stats_zero();
+    for (int64_t i = begin(b), e = end(b); i < e; ++i) {
+      const int bit = valid_bit(in_.mask[i]);
+      double dp = 0.0, da = 0.0;
+      if (bit == 1) {
+        const Token tok = token(b, i);
+        losses::stats_token(p_, ctx, tok.lp, tok.x, tok.adv, tok.ref_p(), tok.ent_p(), tok.is_w_p(), &s, &dp, &da);
+      } else if (bit < 0 && bad < 0) {
+        bad = i;
+      }
+      dpol[i] = static_cast<acc_t>(dp);
+      if (daux) daux[i] = static_cast<acc_t>(da);
+    }
+    losses::stats_finish(p_, ctx, &s);
+    for (int k = 0; k < losses::kNumStats; ++k) out[k] = s.v[k];
+    return bad;
+  }
+
+ private:
+  struct Token {
+    acc_t lp, x, adv, ref, ent, is_w;
+    bool has_ref, has_ent, has_is_w;
+    const acc_t* ref_p() const { return has_ref ? &ref : nullptr; }
+    const acc_t* ent_p() const { return has_ent ? &ent : nullptr; }
+    const acc_t* is_w_p() const { return has_is_w ? &is_w : nullptr; }
+  };
+
+  Token token(int64_t b, int64_t i) const {
+    Token t;
+    t.lp = static_cast<acc_t>(in_.logp[i]);
+    t.x = t.lp - static_cast<acc_t>(in_.old_logp[i]);
+    t.adv = static_cast<acc_t>(in_.adv_per_row ? in_.adv[b] : in_.adv[i]);
+    t.has_ref = in_.ref != nullptr;
+    t.has_ent = in_.entropy != nullptr;
+    t.has_is_w = in_.is_w != nullptr;
+    t.ref = t.has_ref ? static_cast<acc_t>(in_.ref[i]) : acc_t(0);
+    t.ent = t.has_ent ? static_cast<acc_t>(in_.entropy[i]) : acc_t(0);
+    t.is_w = t.has_is_w ? static_cast<acc_t>(in_.is_w[i]) : acc_t(0);
+    return t;
+  }
+
+  int64_t begin(int64_t b) const { return rows_.cu_seqlens ? rows_.cu_seqlens[b] : b * rows_.row_len; }
+  int64_t end(int64_t b) const { return rows_.cu_seqlens ? rows_.cu_seqlens[b + 1] : (b + 1) * rows_.row_len; }
+
+  // The first pass, for the kinds that need row sums (others get RowCtx defaults: their row
+  // count comes from the token pass); also finds bad mask values.
+  int64_t row_ctx(int64_t b, losses::RowCtx<acc_t>* ctx) const {
+    int64_t bad = -1;
+    losses::RowSums sums = losses::row_sums_zero();
+    for (int64_t i = begin(b), e = losses::needs_row_pass(p_) ? end(b) : begin(b); i < e; ++i) {
+      const int bit = valid_bit(in_.mask[i]);
+      if (bit < 0 && bad < 0) bad = i;
+      if (bit != 1) continue;
+      const Token tok = token(b, i);
+      sums = losses::row_sums_add(
+          sums, losses::row_sums_token(p_, tok.x, tok.adv, tok.has_is_w ? static_cast<double>(in_.is_w[i]) : -1.0));
+    }
+    *ctx = losses::row_ctx<acc_t>(p_, sums, in_.is_w != nullptr);
+    return bad;
+  }
+
+  const LossInputs<scalar_t, mask_t>& in_;
+  Rows rows_;
+  const losses::Params& p_;
+};
+
+// Grain of the row loop: about 32k tokens per task.
+inline int64_t grain(const Rows& rows) {
+  const int64_t n = rows.cu_seqlens ? rows.cu_seqlens[rows.num_rows] : rows.num_rows * rows.row_len;
+  const int64_t avg = rows.num_rows > 0 ? std::max<int64_t>(1, n / rows.num_rows) : 1;
+  return std::max<int64_t>(1, (int64_t{1} << 15) / avg);
+}
+
+}  // namespace
+
+template <typename scalar_t, typename mask_t, typename acc_t>
+int64_t policy_loss_rows(const LossInputs<scalar_t, mask_t>& in, Rows rows, const losses::Params& p,
+                         double* stats, acc_t* dpol, acc_t* daux) {
+  const RowKernel<scalar_t, mask_t, acc_t> k(in, rows, p);
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, rows.num_rows, grain(rows), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t rb = k.forward(b, stats + b * losses::kNumStats, dpol, daux);
+      if (rb >= 0) keep_min(bad, rb);
+    }
+  });
+  return bad.load();
+}
+
+template <typename mask_t, typename acc_t>
+void policy_loss_rows_grad(const mask_t* mask, Rows rows, const double* grad_rows, const double* stats,
+                           const acc_t* dpol, const acc_t* daux, double entropy_coef, acc_t* grad_logp,
+                           acc_t* grad_entropy) {
+  at::parallel_for(0, rows.num_rows, grain(rows), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const losses::RowGrad r = losses::row_grad(grad_rows, stats, b);
+      const acc_t g_ent = static_cast<acc_t>(-entropy_coef * r.g_aux);
+      const int64_t begin = rows.cu_seqlens ? rows.cu_seqlens[b] : b * rows.row_len;
+      const int64_t end = rows.cu_seqlens ? rows.cu_seqlens[b + 1] : (b + 1) * rows.row_len;
+      for (int64_t i = begin; i < end; ++i) {
+        const bool valid = valid_bit(mask[i]) == 1;
+        const double da = daux ? static_cast<double>(daux[i]) : 0.0;
+        grad_logp[i] = valid ? static_cast<acc_t>(losses::token_grad(r, dpol[i], da)) : acc_t(0);
+        if (grad_entropy) grad_entropy[i] = valid ? g_ent : acc_t(0);
+      }
+    }
+  });
+}
+
+#define FASTRL_INSTANTIATE_LOSS(T, M, A)                                                              \
+  template int64_t policy_loss_rows<T, M, A>(const LossInputs<T, M>&, Rows, const losses::Params&,   \
+                                             double*, A*, A*);
+#define FASTRL_INSTANTIATE_LOSS_MASKS(T, A) \
+  FASTRL_INSTANTIATE_LOSS(T, bool, A)       \
+  FASTRL_INSTANTIATE_LOSS(T, uint8_t, A)    \
+  FASTRL_INSTANTIATE_LOSS(T, int32_t, A)    \
+  FASTRL_INSTANTIATE_LOSS(T, int64_t, A)    \
+  FASTRL_INSTANTIATE_LOSS(T, float, A)      \
+  FASTRL_INSTANTIATE_LOSS(T, double, A)
+FASTRL_INSTANTIATE_LOSS_MASKS(float, float)
+FASTRL_INSTANTIATE_LOSS_MASKS(double, double)
+FASTRL_INSTANTIATE_LOSS_MASKS(c10::Half, float)
+FASTRL_INSTANTIATE_LOSS_MASKS(c10::BFloat16, float)
+#undef FASTRL_INSTANTIATE_LOSS_MASKS
+#undef FASTRL_INSTANTIATE_LOSS
+
+#define FASTRL_INSTANTIATE_GRAD(M)                                                                        \
+  template void policy_loss_rows_grad<M, float>(const M*, Rows, const double*, const double*, const float*, \
+                                                const float*, double, float*, float*);                     \
+  template void policy_loss_rows_grad<M, double>(const M*, Rows, const double*, const double*,              \
+                                                 const double*, const double*, double, double*, double*);
+FASTRL_INSTANTIATE_GRAD(bool)
+FASTRL_INSTANTIATE_GRAD(uint8_t)
+FASTRL_INSTANTIATE_GRAD(int32_t)
+FASTRL_INSTANTIATE_GRAD(int64_t)
+FASTRL_INSTANTIATE_GRAD(float)
+FASTRL_INSTANTIATE_GRAD(double)
+#undef FASTRL_INSTANTIATE_GRAD
+
+}  // namespace cpu
+}  // namespace fastrl

@@ -1,0 +1,194 @@
+// CUDA kernels of the fused policy-loss family (see cuda/losses.cuh, fastrl/losses.h).
+#include <cuda_runtime.h>
+
+#include <cub/block/block_reduce.cuh>
+
+#include "cuda/credit.cuh"  // CreditAcc
+#include "cuda/losses.cuh"
+
+namespace fastrl {
+namespace cuda {
+namespace {
+
+template <typename T>
+using LossAcc = CreditAcc<T>;  // float, double for double
+
+__device__ __forceinline__ float load(float x) { return x; }
+__device__ __forceinline__ double load(double x) { return x; }
+__device__ __forceinline__ float load(__half x) { return __half2float(x); }
+__device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename M>
+__device__ __forceinline__ bool is_valid(M m) {
+  return m != M(0);
+}
+
+struct SumsOp {
+  __device__ losses::RowSums operator()(const losses::RowSums& a, const losses::RowSums& b) const {
+    return losses::row_sums_add(a, b);
+  }
+};
+struct StatsOp {
+  __device__ losses::Stats operator()(const losses::Stats& a, const losses::Stats& b) const {
+    return losses::stats_merge(a, b);
+  }
+};
+
+// One token's inputs in the accumulation type.
+template <typename A>
+struct Token {
+  A lp, x, adv, ref, ent, is_w;
+};
+
+template <typename T>
+__device__ __forceinline__ Token<typename LossAcc<T>::type> load_token(const LossPtrs<T>& in, int64_t b, int64_t i) {
+  using A = typename LossAcc<T>::type;
+  Token<A> t;
+  t.lp = load(in.logp[i]);
+  t.x = t.lp - static_cast<A>(load(in.old_logp[i]));
+  t.adv = load(in.adv_per_row ? in.adv[b] : in.adv[i]);
+  t.ref = in.ref ? static_cast<A>(load(in.ref[i])) : A(0);
+  t.ent = in.entropy ? static_cast<A>(load(in.entropy[i])) : A(0);
+  t.is_w = in.is_w ? static_cast<A>(load(in.is_w[i])) : A(0);
+  return t;
+}
+
+__device__ __forceinline__ void row_range(const int64_t* cu, int64_t row_len, int64_t b, int64_t* begin,
+                                          int64_t* end) {
+  if (cu) {
+    *begin = cu[b];
+    *end = cu[b + 1] > *begin ? cu[b + 1] : *begin;
+  } else {
+    *begin = b * row_len;
+    *end = *begin + row_len;
+  }
+}
+
+// The row context every thread of the block sees (first pass + block reduction).
+template <typename T, typename M>
+__device__ losses::RowCtx<typename LossAcc<T>::type> block_row_ctx(const LossPtrs<T>& in, const M* mask,
+                                                                   const losses::Params& p, int64_t b,
+                                                                   int64_t begin, int64_t end) {
+  using A = typename LossAcc<T>::type;
+  using Reduce = cub::BlockReduce<losses::RowSums, kLossBlock>;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ losses::RowCtx<A> ctx;
+  losses::RowSums local = losses::row_sums_zero();
+  if (!losses::needs_row_pass(p)) return losses::row_ctx<A>(p, local, false);  // count from the token pass
+  for (int64_t i = begin + threadIdx.x; i < end; i += kLossBlock) {
+    if (!is_valid(mask[i])) continue;
+    const Token<A> t = load_token(in, b, i);
+    local = losses::row_sums_add(local, losses::row_sums_token(p, t.x, t.adv, in.is_w ? double(t.is_w) : -1.0));
+  }
+  const losses::RowSums total = Reduce(tmp).Reduce(local, SumsOp());
+  if (threadIdx.x == 0) ctx = losses::row_ctx<A>(p, total, in.is_w != nullptr);
+  __syncthreads();
+  return ctx;
+}
+
+template <typename T, typename M, typename A>
+__global__ void __launch_bounds__(kLossBlock)
+    rows_kernel(LossPtrs<T> in, const M* mask, const int64_t* cu, int64_t row_len, losses::Params p,
+                double* stats, A* dpol, A* daux) {
+  using Reduce = cub::BlockReduce<losses::Stats, kLossBlock>;
+  __shared__ typename Reduce::TempStorage tmp;
+  const int64_t b = blockIdx.x;
+  int64_t begin, end;
+  row_range(cu, row_len, b, &begin, &end);
+  const losses::RowCtx<A> ctx = block_row_ctx(in, mask, p, b, begin, end);
+  losses::Stats s = losses::stats_zero();
+  for (int64_t i = begin + threadIdx.x; i < end; i += kLossBlock) {
+    double dp = 0.0, da = 0.0;
+    if (is_valid(mask[i])) {
+      const Token<A> t = load_token(in, b, i);
+      losses::stats_token(p, ctx, t.lp, t.x, t.adv, in.ref ? &t.ref : nullptr, in.entropy ? &t.ent : nullptr,
+                          in.is_w ? &t.is_w : nullptr, &s, &dp, &da);
+    }
+    dpol[i] = static_cast<A>(dp);
+    if (daux) daux[i] = static_cast<A>(da);
+  }
+  losses::Stats total = Reduce(tmp).Reduce(s, StatsOp());
+  if (threadIdx.x == 0) {
+    losses::stats_finish(p, ctx, &total);
+    for (int k = 0; k < losses::kNumStats; ++k) stats[b * losses::kNumStats + k] = total.v[k];
+  }
+}
+
+template <typename M, typename A>
+__global__ void __launch_bounds__(kLossBlock)
+    rows_grad_kernel(const M* mask, const int64_t* cu, int64_t row_len, const double* grad_rows,
+                     const double* stats, const A* dpol, const A* daux, double entropy_coef, A* grad_logp,
+                     A* grad_entropy) {
+  const int64_t b = blockIdx.x;
+  int64_t begin, end;
+  row_range(cu, row_len, b, &begin, &end);
+  const losses::RowGrad r = losses::row_grad(grad_rows, stats, b);
+  const A g_ent = static_cast<A>(-entropy_coef * r.g_aux);
+  for (int64_t i = begin + threadIdx.x; i < end; i += kLossBlock) {
+    const bool valid = is_valid(mask[i]);
+    const double da = daux ? static_cast<double>(daux[i]) : 0.0;
+    grad_logp[i] = valid ? static_cast<A>(losses::token_grad(r, dpol[i], da)) : A(0);
+    if (grad_entropy) grad_entropy[i] = valid ? g_ent : A(0);
+  }
+}
+
+}  // namespace
+
+template <typename T, typename M, typename A>
+cudaError_t launch_policy_loss_rows(LossPtrs<T> in, const M* mask, const int64_t* cu_seqlens, int64_t num_rows,
+                                    int64_t row_len, const losses::Params& p, double* stats, A* dpol, A* daux,
+                                    cudaStream_t stream) {
+  if (num_rows < 0 || num_rows > 0x7fffffff || row_len < 0) return cudaErrorInvalidValue;
+  if (num_rows == 0) return cudaSuccess;
+  rows_kernel<T, M, A><<<static_cast<unsigned>(num_rows), kLossBlock, 0, stream>>>(in, mask, cu_seqlens, row_len,
+                                                                                  p, stats, dpol, daux);
+  return cudaGetLastError();
+}
+
+template <typename M, typename A>
+cudaError_t launch_policy_loss_rows_grad(const M* mask, const int64_t* cu_seqlens, int64_t num_rows, int64_t row_len,
+                                         const double* grad_rows, const double* stats, const A* dpol, const A* daux,
+                                         double entropy_coef, A* grad_logp, A* grad_entropy, cudaStream_t stream) {
+  if (num_rows < 0 || num_rows > 0x7fffffff || row_len < 0) return cudaErrorInvalidValue;
+  if (num_rows == 0) return cudaSuccess;
+  rows_grad_kernel<M, A><<<static_cast<unsigned>(num_rows), kLossBlock, 0, stream>>>(
+      mask, cu_seqlens, row_len, grad_rows, stats, dpol, daux, entropy_coef, grad_logp, grad_entropy);
+  return cudaGetLastError();
+}
+
+#define FASTRL_INSTANTIATE_LOSS(T, M)                                                                        \
+  template cudaError_t launch_policy_loss_rows<T, M, LossAcc<T>::type>(                                       \
+      LossPtrs<T>, const M*, const int64_t*, int64_t, int64_t, const losses::Params&, double*,               \
+      LossAcc<T>::type*, LossAcc<T>::type*, cudaStream_t);
+#define FASTRL_INSTANTIATE_LOSS_MASKS(T) \
+  FASTRL_INSTANTIATE_LOSS(T, bool)       \
+  FASTRL_INSTANTIATE_LOSS(T, uint8_t)    \
+  FASTRL_INSTANTIATE_LOSS(T, int32_t)    \
+  FASTRL_INSTANTIATE_LOSS(T, int64_t)    \
+  FASTRL_INSTANTIATE_LOSS(T, float)      \
+  FASTRL_INSTANTIATE_LOSS(T, double)
+FASTRL_INSTANTIATE_LOSS_MASKS(float)
+FASTRL_INSTANTIATE_LOSS_MASKS(double)
+FASTRL_INSTANTIATE_LOSS_MASKS(__half)
+FASTRL_INSTANTIATE_LOSS_MASKS(__nv_bfloat16)
+#undef FASTRL_INSTANTIATE_LOSS_MASKS
+#undef FASTRL_INSTANTIATE_LOSS
+
+#define FASTRL_INSTANTIATE_GRAD(M)                                                                            \
+  template cudaError_t launch_policy_loss_rows_grad<M, float>(const M*, const int64_t*, int64_t, int64_t,     \
+                                                              const double*, const double*, const float*,     \
+                                                              const float*, double, float*, float*, cudaStream_t); \
+  template cudaError_t launch_policy_loss_rows_grad<M, double>(const M*, const int64_t*, int64_t, int64_t,    \
+                                                               const double*, const double*, const double*,   \
+                                                               const double*, double, double*, double*,       \
+                                                               cudaStream_t);
+FASTRL_INSTANTIATE_GRAD(bool)
+FASTRL_INSTANTIATE_GRAD(uint8_t)
+FASTRL_INSTANTIATE_GRAD(int32_t)
+FASTRL_INSTANTIATE_GRAD(int64_t)
+FASTRL_INSTANTIATE_GRAD(float)
+FASTRL_INSTANTIATE_GRAD(double)
+#undef FASTRL_INSTANTIATE_GRAD
+
+}  // namespace cuda
+}  // namespace fastrl

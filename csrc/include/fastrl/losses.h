@@ -1,0 +1,381 @@
+// Policy-loss math shared by the CPU and CUDA kernels of the fused loss family (fastrl.losses).
+//
+// A row b (one response) of valid tokens t (mask 1) produces the statistics of RowStat below;
+// the loss is a fixed linear combination of the rows' kPolicy / kAux sums chosen by the
+// aggregation mode (in Python, on [B] tensors), so the kernels only need, per token:
+//
+//   x_t = logp_t - old_logp_t                                   (log-ratio)
+//   r_t = exp(clamp(x_t, -c, c))  token level (c = log_clamp; verl 20, none for TRL)
+//       = exp(min(mean_b x, 10))  kind gspo (verl: stop-gradient sequence ratio)
+//       = exp(clamp(mean_b x))    ratio_level sequence (TRL: gradient through the mean)
+//   pg_t = kind's per-token policy loss of (A_t, r_t, logp_t)   (times is_weights_t)
+//   aux_t = kl_coef * KL(logp_t, ref_t) - entropy_coef * H_t
+//
+// and for the backward, d pg_t / d r_t, d pg_t / d logp_t (direct term), d aux_t / d logp_t. The
+// forward pass writes each token's derivatives (dpol_t, daux_t) and the row's backward coefficients,
+// so the backward is one streaming pass: grad_t = g_pol (dpol_t mul_b + add_b) + g_aux daux_t.
+// Gradients follow torch's rules for the trainers' expressions: clamp passes the gradient where
+// lo <= x <= hi, max/min split it in half on ties, torch.where routes it to the chosen branch.
+// geo_mean (GMPO) is a sequence-level loss (one value per row) handled by geo_* below.
+#pragma once
+
+#include "fastrl/common.h"
+#include "fastrl/credit.h"
+
+namespace fastrl {
+namespace losses {
+
+enum class Kind : int32_t { kVanilla = 0, kGpg = 1, kCispo = 2, kGspo = 3, kSapo = 4, kGeoMean = 5 };
+enum class RatioLevel : int32_t { kToken = 0, kSequence = 1 };
+// verl's estimators (credit.h) plus TRL's k3 without clamps.
+enum class KlMode : int32_t { kNone = -1, kK1 = 0, kAbs = 1, kK2 = 2, kK3 = 3, kK3Trl = 4 };
+
+// Columns of the per-row statistics (fp64, [B, kNumStats]).
+enum RowStat : int {
+  kCount = 0,        // valid tokens n_b
+  kPolicy = 1,       // sum_t pg_t (geo_mean: the row's loss)
+  kAux = 2,          // sum_t aux_t
+  kClip = 3,         // verl pg_clipfrac numerator (kind-specific)
+  kClipLower = 4,    // verl pg_clipfrac_lower numerator (dual-clip active; geo_mean: A < 0)
+  kLowRegion = 5,    // TRL clip_ratio/low: r < 1 - clip_low and A < 0
+  kHighRegion = 6,   // TRL clip_ratio/high: r > 1 + clip_high and A > 0
+  kNegLogRatio = 7,  // sum_t -x_t (approx KL; x clamped as the kind clamps it)
+  kRatioSum = 8,
+  kRatioMin = 9,     // +inf for an empty row
+  kRatioMax = 10,    // -inf for an empty row
+  kEntropySum = 11,
+  kKlSum = 12,
+  // backward coefficients of the row: d loss_row / d logp_t = g_pol (dpol_t * kRowMul + kRowAdd)
+  // at valid tokens (geo_mean: the row factor; TRL sequence level: the term through the mean)
+  kRowMul = 13,
+  kRowAdd = 14,
+  kNumStats = 15,
+};
+
+struct Params {
+  Kind kind;
+  RatioLevel level;
+  double clip_low, clip_high;  // as given (GMPO clamps the log-ratio to [-clip_low, clip_high])
+  double clip_lo, clip_hi;    // ratio bounds 1 - clip_low, 1 + clip_high (fp64, as Python computes them)
+  double dual_clip;         // <= 0: none
+  double log_clamp;         // <= 0: none
+  double delta;             // TRL two-sided clip of the unclipped branch; <= 0: none
+  double tau_pos, tau_neg;  // SAPO
+  double kl_coef, entropy_coef;
+  KlMode kl;
+};
+
+FASTRL_HOST_DEVICE float exp_a(float x) { return ::expf(x); }
+FASTRL_HOST_DEVICE double exp_a(double x) { return ::exp(x); }
+
+// torch.maximum(a, b)'s value and gradient given da, db (half each on a tie).
+template <typename A>
+FASTRL_HOST_DEVICE A max_grad(A a, A b, A da, A db) {
+  return a > b ? da : (a < b ? db : A(0.5) * (da + db));
+}
+
+struct TokenTerms {
+  double pg;     // policy loss of the token (before is_weights)
+  double d_r;    // d pg / d r
+  double d_lp;   // d pg / d logp through logp itself (gpg, cispo)
+  bool clip, clip_lower;
+};
+
+// The per-token policy loss of `kind` at ratio r (already computed) in the accumulation type A
+// (float for fp32/bf16/fp16 inputs, double for fp64), with the trainers' operation order.
+template <typename A>
+FASTRL_HOST_DEVICE TokenTerms token_terms(const Params& p, A adv, A r, A logp) {
+  TokenTerms o{0.0, 0.0, 0.0, false, false};
+  const A neg_adv = -adv;
+  switch (p.kind) {
+    case Kind::kGpg: {  // verl: -log_prob * advantages
+      o.pg = -logp * adv;
+      o.d_lp = neg_adv;
+      break;
+    }
+    case Kind::kCispo: {  // -sg(clamp(r, lo, hi)) * A * logp
+      const A c = credit::clamp_nan(r, A(p.clip_lo), A(p.clip_hi));
+      o.pg = credit::mul_rn(-c * adv, logp);
+      o.d_lp = -c * adv;
+      o.clip = r != c;
+      break;
+    }
+    case Kind::kSapo: {  // -(sigmoid(tau (r - 1)) * 4 / tau) * A
+      const A tau = adv > A(0) ? A(p.tau_pos) : A(p.tau_neg);
+      const A s = A(1) / (A(1) + exp_a(-(tau * (r - A(1)))));
+      const A gate = s * (A(4) / tau);
+      o.pg = -gate * adv;
+      o.d_r = static_cast<double>(neg_adv) * (static_cast<double>(s) * (1.0 - s) * 4.0);
+      break;
+    }
+    default: {  // vanilla / gspo: max(-A r', -A clamp(r, lo, hi)), r' = min(r, delta) (TRL)
+      // Written as selects, not branches: the advantage's sign and the clip region are random per
+      // token, so branches would mispredict (this loop is the op's hot path).
+      const bool cut = p.delta > 0.0 && p.kind == Kind::kVanilla && r > A(p.delta);
+      const A r1 = cut ? A(p.delta) : r;
+      const A c = credit::clamp_nan(r, A(p.clip_lo), A(p.clip_hi));
+      const A l1 = neg_adv * r1, l2 = neg_adv * c;
+      const A d1 = cut ? A(0) : neg_adv;
+      const A d2 = credit::in_range(r, A(p.clip_lo), A(p.clip_hi)) ? neg_adv : A(0);
+      A pg = l1 > l2 ? l1 : l2;                  // torch.maximum ...
+      pg = l1 != l1 ? l1 : (l2 != l2 ? l2 : pg);  // ... propagates a NaN
+      A d = max_grad(l1, l2, d1, d2);
+      o.clip = l2 > l1;
+      // dual clip where A < 0: min(-A * c3, pg), torch.minimum's gradient rule
+      const bool dual = p.dual_clip > 0.0 && p.kind == Kind::kVanilla && adv < A(0);
+      const A l3 = neg_adv * A(p.dual_clip);
+      o.clip_lower = dual && pg > l3;
+      const A dd = pg < l3 ? d : (pg > l3 ? A(0) : A(0.5) * d);
+      o.pg = dual && pg > l3 ? l3 : pg;
+      o.d_r = dual ? dd : d;
+      break;
+    }
+  }
+  return o;
+}
+
+// The log-ratio fed to exp at token level, and whether its clamp passes the gradient.
+template <typename A>
+FASTRL_HOST_DEVICE A clamp_log_ratio(A x, double log_clamp) {
+  return log_clamp > 0.0 ? credit::clamp_nan(x, A(-log_clamp), A(log_clamp)) : x;
+}
+template <typename A>
+FASTRL_HOST_DEVICE bool log_ratio_passes(A x, double log_clamp) {
+  return log_clamp > 0.0 ? credit::in_range(x, A(-log_clamp), A(log_clamp)) : true;
+}
+
+// The KL estimator's value at (logp, ref) and its derivative in logp (*grad), with one exp:
+// credit::kl_value / kl_grad for verl's estimators, TRL's exp(ref - logp) - (ref - logp) - 1.
+template <typename A>
+FASTRL_HOST_DEVICE A kl_term(KlMode mode, A logp, A ref, A* grad) {
+  using credit::KlConvention;
+  using credit::KlKind;
+  switch (mode) {
+    case KlMode::kK1:
+      *grad = credit::kl_grad<KlKind::kK1, KlConvention::kVerl>(logp, ref);
+      return credit::kl_value<KlKind::kK1, KlConvention::kVerl>(logp, ref);
+    case KlMode::kAbs:
+      *grad = credit::kl_grad<KlKind::kAbs, KlConvention::kVerl>(logp, ref);
+      return credit::kl_value<KlKind::kAbs, KlConvention::kVerl>(logp, ref);
+    case KlMode::kK2:
+      *grad = credit::kl_grad<KlKind::kK2, KlConvention::kVerl>(logp, ref);
+      return credit::kl_value<KlKind::kK2, KlConvention::kVerl>(logp, ref);
+    case KlMode::kK3: {  // the operations of credit::kl_value / kl_grad<kK3, kVerl>, sharing the exp
+      const A raw = ref - logp;
+      const A kl = credit::clamp_nan(raw, A(-20), A(20));
+      const A e = exp_a(kl);
+      const A v = (e - kl) - A(1);
+      *grad = credit::in_range(raw, A(-20), A(20)) && credit::in_range(v, A(-10), A(10)) ? A(1) - e : A(0);
+      return credit::clamp_nan(v, A(-10), A(10));
+    }
+    case KlMode::kK3Trl: {
+      const A d = ref - logp;
+      const A e = exp_a(d);
+      *grad = A(1) - e;
+      return (e - d) - A(1);
+    }
+    default:
+      *grad = A(0);
+      return A(0);
+  }
+}
+
+// ------------------------------------------------------------------------------- geo_mean (GMPO)
+// verl compute_policy_loss_geo_mean: with s = sign(A_t), xc = clamp(x, -clip_low, clip_high),
+//   xm_t = s * min(s * x, s * xc)          (the clipped side of the log-ratio, per advantage sign)
+//   loss_b = -mean_t(A_t) * exp(mean_t xm_t) * w_b     w_b = exp(mean_t log(is_w_t + 1e-10)) or 1
+// (means over the row's valid tokens, 0 for an empty row), and d xm / d x = [s != 0 and s x <= s xc].
+template <typename A>
+FASTRL_HOST_DEVICE A geo_clipped(A x, A adv, double clip_low, double clip_high) {
+  const A s = adv > A(0) ? A(1) : (adv < A(0) ? A(-1) : A(0));
+  const A xc = credit::clamp_nan(x, A(-clip_low), A(clip_high));
+  const A a = s * x, b = s * xc;
+  return s * (a < b ? a : b);
+}
+template <typename A>
+FASTRL_HOST_DEVICE A geo_clipped_grad(A x, A adv, double clip_low, double clip_high) {
+  const A s = adv > A(0) ? A(1) : (adv < A(0) ? A(-1) : A(0));
+  const A xc = credit::clamp_nan(x, A(-clip_low), A(clip_high));
+  return (s != A(0) && s * x <= s * xc) ? A(1) : A(0);
+}
+
+// ----------------------------------------------------------------------------------- row passes
+// One row = a first pass summing RowSums over its valid tokens (only for kinds that need row-level
+// quantities), then a token pass. Both kernels (CPU: one thread per row; CUDA: one block per row,
+// cub block reductions in a fixed tree) call these functions, so they compute the same terms.
+
+FASTRL_HOST_DEVICE bool needs_row_pass(const Params& p) {
+  return p.kind == Kind::kGspo || p.kind == Kind::kGeoMean || p.level == RatioLevel::kSequence;
+}
+
+struct RowSums {
+  double n, sx, sxm, sadv, slogw;
+};
+FASTRL_HOST_DEVICE RowSums row_sums_zero() { return RowSums{0.0, 0.0, 0.0, 0.0, 0.0}; }
+FASTRL_HOST_DEVICE RowSums row_sums_add(const RowSums& a, const RowSums& b) {
+  return RowSums{a.n + b.n, a.sx + b.sx, a.sxm + b.sxm, a.sadv + b.sadv, a.slogw + b.slogw};
+}
+// A valid token's contribution (is_w: its importance weight, or a negative value for none).
+template <typename A>
+FASTRL_HOST_DEVICE RowSums row_sums_token(const Params& p, A x, A adv, double is_w) {
+  RowSums s{1.0, static_cast<double>(x), 0.0, 0.0, 0.0};
+  if (p.kind == Kind::kGeoMean) {
+    s.sxm = static_cast<double>(geo_clipped(x, adv, p.clip_low, p.clip_high));
+    s.sadv = static_cast<double>(adv);
+    s.slogw = is_w >= 0.0 ? ::log(is_w + 1e-10) : 0.0;
+  }
+  return s;
+}
+
+// Row-level quantities derived from the sums.
+template <typename A>
+struct RowCtx {
+  double n;
+  A ratio;            // gspo / sequence level: the row's ratio
+  bool ratio_passes;  // its clamp passes the gradient
+  double geo_ratio, geo_adv, geo_w;
+};
+
+template <typename A>
+FASTRL_HOST_DEVICE RowCtx<A> row_ctx(const Params& p, const RowSums& s, bool has_is_w) {
+  RowCtx<A> c{s.n, A(1), true, 1.0, 0.0, 1.0};
+  if (p.kind == Kind::kGeoMean) {
+    if (s.n > 0.0) {
+      c.geo_ratio = ::exp(s.sxm / s.n);
+      c.geo_adv = s.sadv / s.n;
+      c.geo_w = has_is_w ? ::exp(s.slogw / s.n) : 1.0;
+    }
+  } else if (p.kind == Kind::kGspo) {  // verl: clamp(log s, max=10), stop-gradient form
+    const A seq = static_cast<A>(s.sx / (s.n > 1.0 ? s.n : 1.0));
+    c.ratio = exp_a(seq > A(10) ? A(10) : seq);
+    c.ratio_passes = seq <= A(10);
+  } else if (p.level == RatioLevel::kSequence) {
+    const A seq = static_cast<A>(s.sx / (s.n > 1.0 ? s.n : 1.0));
+    c.ratio = exp_a(clamp_log_ratio(seq, p.log_clamp));
+    c.ratio_passes = log_ratio_passes(seq, p.log_clamp);
+  }
+  return c;
+}
+
+// The ratio a token's policy term sees, the log-ratio of its approx-KL metric (negated), and
+// whether d ratio / d logp passes (token level).
+template <typename A>
+FASTRL_HOST_DEVICE A token_ratio(const Params& p, const RowCtx<A>& c, A x, A* neg_log, bool* passes) {
+  if (p.kind == Kind::kGspo || (p.level == RatioLevel::kSequence && p.kind != Kind::kGeoMean)) {
+    *neg_log = -x;
+    *passes = c.ratio_passes;
+    return c.ratio;
+  }
+  if (p.kind == Kind::kGeoMean) {
+    *neg_log = -x;
+    *passes = true;
+    return exp_a(x);
+  }
+  const A lr = clamp_log_ratio(x, p.log_clamp);
+  *neg_log = -lr;
+  *passes = log_ratio_passes(x, p.log_clamp);
+  return exp_a(lr);
+}
+
+// The statistics of a row (RowStat columns): sums, except kRatioMin / kRatioMax.
+struct Stats {
+  double v[kNumStats];
+};
+FASTRL_HOST_DEVICE Stats stats_zero() {
+  Stats s;
+  for (int k = 0; k < kNumStats; ++k) s.v[k] = 0.0;
+  s.v[kRatioMin] = INFINITY;
+  s.v[kRatioMax] = -INFINITY;
+  return s;
+}
+FASTRL_HOST_DEVICE Stats stats_merge(const Stats& a, const Stats& b) {
+  Stats s;
+  for (int k = 0; k < kNumStats; ++k) s.v[k] = a.v[k] + b.v[k];
+  s.v[kRatioMin] = nan_min(a.v[kRatioMin], b.v[kRatioMin]);
+  s.v[kRatioMax] = nan_max(a.v[kRatioMax], b.v[kRatioMax]);
+  return s;
+}
+
+// Accumulates one valid token into s (the kPolicy column of geo_mean is set per row by
+// stats_finish; kRowAdd collects sum_t is_w d pg_t / d r for a TRL sequence-level row) and writes
+// its derivatives: *dpol (of pg times is_w, without the row coefficients) and *daux (of aux).
+// ref / entropy / is_w: pointers to the token's values, null when absent.
+template <typename A>
+FASTRL_HOST_DEVICE void stats_token(const Params& p, const RowCtx<A>& c, A lp, A x, A adv, const A* ref,
+                                    const A* entropy, const A* is_w, Stats* s, double* dpol, double* daux) {
+  A neg_log;
+  bool passes;
+  const A r = token_ratio(p, c, x, &neg_log, &passes);
+  if (p.kind == Kind::kGeoMean) {
+    const bool clipped = x != credit::clamp_nan(x, A(-p.clip_low), A(p.clip_high));
+    s->v[kClip] += clipped && adv > A(0) ? 1.0 : 0.0;
+    s->v[kClipLower] += clipped && adv < A(0) ? 1.0 : 0.0;
+    *dpol = static_cast<double>(geo_clipped_grad(x, adv, p.clip_low, p.clip_high));
+  } else {
+    const TokenTerms t = token_terms(p, adv, r, lp);
+    const double w = is_w ? static_cast<double>(*is_w) : 1.0;
+    s->v[kPolicy] += is_w ? t.pg * w : t.pg;
+    s->v[kClip] += t.clip ? 1.0 : 0.0;
+    s->v[kClipLower] += t.clip_lower ? 1.0 : 0.0;
+    const bool seq = p.level == RatioLevel::kSequence && p.kind != Kind::kGspo;
+    if (seq) s->v[kRowAdd] += t.d_r * w;
+    *dpol = (t.d_lp + (seq || !passes ? 0.0 : t.d_r * static_cast<double>(r))) * w;
+  }
+  s->v[kCount] += 1.0;
+  s->v[kLowRegion] += (r < A(p.clip_lo) && adv < A(0)) ? 1.0 : 0.0;
+  s->v[kHighRegion] += (r > A(p.clip_hi) && adv > A(0)) ? 1.0 : 0.0;
+  s->v[kNegLogRatio] += static_cast<double>(neg_log);
+  const double rd = static_cast<double>(r);
+  s->v[kRatioSum] += rd;
+  s->v[kRatioMin] = nan_min(s->v[kRatioMin], rd);
+  s->v[kRatioMax] = nan_max(s->v[kRatioMax], rd);
+  *daux = 0.0;
+  if (ref) {
+    A grad;
+    const double kl = static_cast<double>(kl_term(p.kl, lp, *ref, &grad));
+    s->v[kKlSum] += kl;
+    s->v[kAux] += p.kl_coef * kl;
+    *daux = p.kl_coef * static_cast<double>(grad);
+  }
+  if (entropy) {
+    const double h = static_cast<double>(*entropy);
+    s->v[kEntropySum] += h;
+    s->v[kAux] -= p.entropy_coef * h;
+  }
+}
+
+// The row's loss (geo_mean) and backward coefficients, from the context and the summed stats:
+//   geo_mean  mul = -mean(A) exp(mean xm) w / n     (times dpol_t = d xm_t / d x_t)
+//   TRL sequence level  add = (sum_t is_w d pg_t / d r) r / n   (d r / d logp_t = r / n)
+template <typename A>
+FASTRL_HOST_DEVICE void stats_finish(const Params& p, const RowCtx<A>& c, Stats* s) {
+  const bool seq = p.level == RatioLevel::kSequence && p.kind != Kind::kGspo && p.kind != Kind::kGeoMean;
+  double mul = 1.0, add = 0.0;
+  if (p.kind == Kind::kGeoMean) {
+    s->v[kPolicy] = -c.geo_adv * c.geo_ratio * c.geo_w;
+    mul = c.n > 0.0 ? -c.geo_adv * c.geo_ratio * c.geo_w / c.n : 0.0;
+  } else if (seq) {
+    add = c.n > 0.0 && c.ratio_passes ? s->v[kRowAdd] * static_cast<double>(c.ratio) / c.n : 0.0;
+  }
+  s->v[kRowMul] = mul;
+  s->v[kRowAdd] = add;
+}
+
+// What the backward needs of row b: the incoming gradients of its kPolicy / kAux columns and its
+// coefficients (grad_rows, stats: [num_rows, kNumStats]).
+struct RowGrad {
+  double g_pol, g_aux, mul, add;
+};
+FASTRL_HOST_DEVICE RowGrad row_grad(const double* grad_rows, const double* stats, int64_t b) {
+  const double* g = grad_rows + b * kNumStats;
+  const double* s = stats + b * kNumStats;
+  return RowGrad{g[kPolicy], g[kAux], s[kRowMul], s[kRowAdd]};
+}
+
+// d loss / d logp_t at a valid token of the row.
+FASTRL_HOST_DEVICE double token_grad(const RowGrad& r, double dpol, double daux) {
+  return r.g_pol * (dpol * r.mul + r.add) + r.g_aux * daux;
+}
+
+}  // namespace losses
+}  // namespace fastrl

@@ -1,0 +1,392 @@
+"""fastrl.losses.policy_loss: compiled kernels vs the fp64 reference (loss, metrics, gradients),
+layouts, edge cases, bad input, opcheck, gradcheck, determinism, host syncs, DP normalization."""
+import itertools
+
+import pytest
+import torch
+
+from fastrl import losses
+from fastrl.reference import losses as ref
+
+KINDS = ["vanilla", "gpg", "cispo", "gspo", "sapo", "geo_mean"]
+AGGS = list(losses.AGGS)
+
+
+def make_inputs(B, T, *, seed, dtype=torch.float64, empty_rows=(), per_row_adv=False, spread=0.5):
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    old = logp + torch.randn(B, T, generator=g, dtype=torch.float64) * spread  # ratios well outside the clip range
+    refl = logp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.7
+    adv = torch.randn(B, generator=g, dtype=torch.float64) if per_row_adv else torch.randn(
+        B, T, generator=g, dtype=torch.float64)
+    mask = (torch.rand(B, T, generator=g) < 0.8).long()
+    for b in empty_rows:
+        mask[b] = 0
+    ent = torch.rand(B, T, generator=g, dtype=torch.float64) * 2
+    isw = torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    return dict(logp=cast(logp), old_logp=cast(old), advantages=cast(adv), mask=mask, ref_logp=cast(refl),
+                entropy=cast(ent), is_weights=cast(isw))
+
+
+def run(fn, inp, **kw):
+    """(loss, metrics, grad_logp, grad_entropy) of fn on leaf copies of the inputs."""
+    lp = inp["logp"].clone().requires_grad_(True)
+    ent = inp["entropy"].clone().requires_grad_(True) if kw.get("entropy", True) is not None else None
+    args = {k: v for k, v in inp.items() if k not in ("logp", "old_logp", "advantages", "mask", "entropy")}
+    for k in ("ref_logp", "is_weights"):
+        if kw.get(k, True) is None:
+            args.pop(k)
+    kw = {k: v for k, v in kw.items() if k not in ("ref_logp", "is_weights", "entropy")}
+    loss, metrics = fn(lp, inp["old_logp"], inp["advantages"], inp["mask"], entropy=ent, **args, **kw)
+    loss.backward()
+    return loss.detach(), metrics, lp.grad, None if ent is None else ent.grad
+
+
+def assert_matches(inp, rtol=1e-10, atol=1e-12, **kw):
+    got = run(losses.policy_loss, inp, **kw)
+    want = run(ref.policy_loss, inp, **kw)
+    torch.testing.assert_close(got[0], want[0], rtol=rtol, atol=atol)
+    torch.testing.assert_close(got[2], want[2], rtol=rtol, atol=atol)
+    if got[3] is not None:
+        torch.testing.assert_close(got[3], want[3], rtol=rtol, atol=atol)
+    assert set(got[1]) == set(want[1])
+    for k in got[1]:
+        torch.testing.assert_close(got[1][k], want[1][k], rtol=1e-5, atol=1e-6, msg=k)
+    return got
+
+
+# ------------------------------------------------------------------------------ kinds x aggs (fp64)
+
+@pytest.mark.parametrize("kind,agg", list(itertools.product(KINDS, AGGS)))
+def test_kind_agg_matches_reference(kind, agg):
+    inp = make_inputs(6, 23, seed=hash((kind, agg)) % 1000, empty_rows=(2,))
+    assert_matches(inp, kind=kind, agg=agg, kl_coef=0.05, entropy_coef=0.01, dual_clip=3.0 if kind == "vanilla" else None)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kl_kind", ["k1", "abs", "k2", "k3", "k3_unclamped"])
+def test_kl_kinds(kind, kl_kind):
+    inp = make_inputs(4, 31, seed=7, spread=1.5)
+    inp["ref_logp"] = inp["logp"] + torch.randn_like(inp["logp"]) * 15  # reaches the k3 clamps
+    assert_matches(inp, kind=kind, kl_coef=0.3, kl_kind=kl_kind, is_weights=None)
+
+
+@pytest.mark.parametrize("kind", ["vanilla", "cispo", "sapo"])
+@pytest.mark.parametrize("clamp", [None, 20.0, 0.3])
+def test_sequence_level_ratio_trl(kind, clamp):
+    inp = make_inputs(5, 19, seed=11, empty_rows=(4,))
+    assert_matches(inp, kind=kind, ratio_level="sequence", log_ratio_clamp=clamp, agg="grpo")
+
+
+@pytest.mark.parametrize("delta", [None, 1.5])
+@pytest.mark.parametrize("clamp", [None, 0.2])
+def test_vanilla_delta_and_log_clamp(delta, clamp):
+    inp = make_inputs(5, 40, seed=3, spread=1.0)
+    assert_matches(inp, kind="vanilla", delta=delta, log_ratio_clamp=clamp, dual_clip=2.0, clip_low=0.1,
+                   clip_high=0.28)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_per_row_advantages_equal_broadcast(kind):
+    inp = make_inputs(5, 17, seed=5, per_row_adv=True)
+    got = run(losses.policy_loss, inp, kind=kind, kl_coef=0.1)
+    wide = dict(inp, advantages=inp["advantages"][:, None].expand(5, 17).contiguous())
+    want = run(losses.policy_loss, wide, kind=kind, kl_coef=0.1)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)
+    assert_matches(inp, kind=kind, kl_coef=0.1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "grpo"])
+def test_packed_equals_padded(kind, agg):
+    inp = make_inputs(4, 12, seed=9, empty_rows=(1,))
+    m = inp["mask"].bool()
+    # the packed rows are the valid tokens of each row (an empty row stays an empty row)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), m.sum(-1).cumsum(0)])
+    packed = {k: (v[m] if v.shape == m.shape else v) for k, v in inp.items()}
+    packed["mask"] = torch.ones(int(m.sum()), dtype=torch.bool)
+    got = run(losses.policy_loss, packed, kind=kind, agg=agg, cu_seqlens=cu, kl_coef=0.1, entropy_coef=0.1)
+    want = run(losses.policy_loss, inp, kind=kind, agg=agg, kl_coef=0.1, entropy_coef=0.1)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got[2], want[2][m], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got[3], want[3][m], rtol=1e-12, atol=1e-14)
+    assert_matches(packed, kind=kind, agg=agg, cu_seqlens=cu, kl_coef=0.1, entropy_coef=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["vanilla", "gspo", "geo_mean"])
+def test_low_precision_inputs(dtype, kind):
+    inp = make_inputs(4, 50, seed=13, dtype=dtype)
+    exact = {k: (v.double() if v.is_floating_point() else v) for k, v in inp.items()}
+    got = run(losses.policy_loss, inp, kind=kind, kl_coef=0.1, entropy_coef=0.01)
+    want = run(ref.policy_loss, exact, kind=kind, kl_coef=0.1, entropy_coef=0.01)
+    assert got[0].dtype == torch.float32 and got[2].dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got[0].double(), want[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(got[2].double(), want[2], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32,
+                                        torch.float64])
+def test_mask_dtypes(mask_dtype):
+    inp = make_inputs(3, 9, seed=17)
+    want = run(losses.policy_loss, inp, kl_coef=0.1)
+    got = run(losses.policy_loss, dict(inp, mask=inp["mask"].to(mask_dtype)), kl_coef=0.1)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+
+
+# ------------------------------------------------------------------------------------- edge cases
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("agg", AGGS)
+def test_no_valid_token_gives_zero_loss_and_gradient(kind, agg):
+    inp = make_inputs(3, 8, seed=19, empty_rows=(0, 1, 2))
+    loss, metrics, g, ge = run(losses.policy_loss, inp, kind=kind, agg=agg, kl_coef=0.1, entropy_coef=0.1)
+    assert loss.item() == 0.0 and torch.all(g == 0) and torch.all(ge == 0)
+    assert all(torch.isfinite(v) for v in metrics.values())
+
+
+def test_zero_rows_and_zero_length():
+    for B, T in ((0, 5), (3, 0)):
+        inp = make_inputs(B, T, seed=1)
+        loss, metrics, g, _ = run(losses.policy_loss, inp)
+        assert loss.item() == 0.0 and g.shape == (B, T)
+
+
+def test_nan_in_masked_tokens_is_ignored_and_valid_nan_stays_in_its_row():
+    inp = make_inputs(3, 10, seed=23)
+    inp["mask"][:, -1] = 0
+    inp["logp"][:, -1] = float("nan")
+    inp["advantages"][:, -1] = float("inf")
+    loss, _, g, _ = run(losses.policy_loss, inp, kl_coef=0.1)
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    inp["mask"][0, -1] = 1
+    loss, _, g, _ = run(losses.policy_loss, inp, agg="seq-mean-token-mean")
+    assert torch.isnan(loss) and torch.isfinite(g[1:]).all()
+
+
+def test_metrics_are_device_tensors_with_expected_values():
+    inp = make_inputs(4, 30, seed=29)
+    _, m, _, _ = run(losses.policy_loss, inp, kind="vanilla", dual_clip=3.0, kl_coef=0.1)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in m.values())
+    valid = inp["mask"].bool()
+    r = torch.exp(torch.clamp(inp["logp"] - inp["old_logp"], -20, 20))[valid]
+    torch.testing.assert_close(m["ratio_min"].double(), r.min(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(m["ratio_max"].double(), r.max(), rtol=1e-6, atol=0)
+    assert 0 < m["clipfrac"] < 1 and m["num_tokens"] == valid.sum()
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(kind="ppo"), "`kind` must be one of 'vanilla', 'gpg'"),
+    (dict(agg="mean"), "`agg` must be one of token-mean"),
+    (dict(kl_kind="k4", kl_coef=0.1), "`kl_kind` must be one of 'k1'"),
+    (dict(ratio_level="seq"), "`ratio_level` must be 'token' or 'sequence'"),
+    (dict(clip_low=0.0), r"`clip_low` must lie in \(0, 1\]"),
+    (dict(clip_low=1.5), r"`clip_low` must lie in \(0, 1\]"),
+    (dict(clip_high=-0.1), "`clip_high` must be > 0"),
+    (dict(dual_clip=1.0), "`dual_clip` must be > 1"),
+    (dict(delta=0.5), "`delta` must be > 1"),
+    (dict(tau_neg=0.0), "`tau_pos` and `tau_neg` must be > 0"),
+    (dict(log_ratio_clamp=-1.0), "`log_ratio_clamp` must be > 0"),
+])
+def test_bad_parameters(kw, match):
+    inp = make_inputs(2, 5, seed=31)
+    with pytest.raises(ValueError, match=match):
+        losses.policy_loss(inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"], ref_logp=inp["ref_logp"],
+                           **kw)
+
+
+def test_bad_shapes_and_values():
+    inp = make_inputs(2, 5, seed=37)
+    lp, old, adv, mask = inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"]
+    with pytest.raises(RuntimeError, match=r"`old_logp` has shape \[2, 4\] but `logp` has shape \[2, 5\]"):
+        losses.policy_loss(lp, old[:, :4], adv, mask)
+    with pytest.raises(RuntimeError, match=r"`advantages` must have `logp`'s shape \[2, 5\] .* or \[2\]"):
+        losses.policy_loss(lp, old, adv[:, :3], mask)
+    with pytest.raises(RuntimeError, match=r"`entropy` has shape \[5\]"):
+        losses.policy_loss(lp, old, adv, mask, entropy=lp[0])
+    with pytest.raises(RuntimeError, match="`mask` must be bool, uint8"):
+        losses.policy_loss(lp, old, adv, mask.to(torch.int16))
+    with pytest.raises(ValueError, match=r"`mask` must hold only 0 and 1, got 2(\.0)? at flat index 3"):
+        losses.policy_loss(lp, old, adv, mask.index_put((torch.tensor(0), torch.tensor(3)), torch.tensor(2)))
+    with pytest.raises(RuntimeError, match="`logp` must be a floating tensor"):
+        losses.policy_loss(mask, old, adv, mask)
+    cu = torch.tensor([0, 3, 2, 10])
+    with pytest.raises(RuntimeError, match="`cu_seqlens` must start at 0, be non-decreasing"):
+        losses.policy_loss(lp.flatten(), old.flatten(), adv.flatten(), mask.flatten(), cu_seqlens=cu)
+    with pytest.raises(ValueError, match="needs `max_length`"):
+        losses.policy_loss(lp.flatten(), old.flatten(), adv.flatten(), mask.flatten(),
+                           cu_seqlens=torch.tensor([0, 4, 10]), agg="dr_grpo")
+
+
+# ---------------------------------------------------------------------- opcheck, gradcheck, meta
+
+def _op_args(inp, over):
+    args = [inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"], inp["ref_logp"], inp["entropy"],
+            inp["is_weights"], None, "vanilla", "token", 0.2, 0.28, 3.0, 20.0, None, 1.0, 1.05, 0.1, "k3", 0.01]
+    for i, v in over.items():
+        args[i] = v
+    return args
+
+
+@pytest.mark.parametrize("kind,level", [("vanilla", "token"), ("gspo", "token"), ("geo_mean", "token"),
+                                        ("sapo", "sequence")])
+def test_opcheck(kind, level):
+    inp = make_inputs(3, 7, seed=41, dtype=torch.float32)
+    inp["logp"].requires_grad_(True)
+    inp["entropy"].requires_grad_(True)
+    torch.library.opcheck(torch.ops.fastrl.policy_loss_rows.default, _op_args(inp, {8: kind, 9: level}))
+    plain = {k: v.detach() for k, v in inp.items()}
+    rows, dlogp, dlogp_aux = torch.ops.fastrl.policy_loss_rows(*_op_args(plain, {8: kind, 9: level}))
+    grad = torch.randn(rows.shape, dtype=torch.float64)
+    for with_entropy in (True, False):
+        torch.library.opcheck(torch.ops.fastrl.policy_loss_rows_backward.default,
+                              [grad, rows, dlogp, dlogp_aux, plain["mask"], None, 0.01, with_entropy])
+
+
+# cispo (sg of the clipped ratio) and verl's gspo (sg of the sequence ratio) differentiate a
+# stop-gradient form on purpose: their gradients are not the finite differences of their values
+# (test_kind_agg_matches_reference checks them against autograd through the trainers' expressions).
+@pytest.mark.parametrize("kind", ["vanilla", "gpg", "sapo", "geo_mean"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_gradcheck(kind, level):
+    inp = make_inputs(3, 6, seed=43, empty_rows=(1,))
+    lp = inp["logp"].clone().requires_grad_(True)
+    ent = inp["entropy"].clone().requires_grad_(True)
+
+    def f(lp, ent):
+        return losses.policy_loss(lp, inp["old_logp"], inp["advantages"], inp["mask"], kind=kind, ratio_level=level,
+                                  ref_logp=inp["ref_logp"], kl_coef=0.2, entropy=ent, entropy_coef=0.05,
+                                  is_weights=inp["is_weights"], agg="seq-mean-token-mean")[0]
+
+    assert torch.autograd.gradcheck(f, (lp, ent))
+
+
+def test_meta_device_runs_without_host_sync():
+    """Every step of forward and backward runs on meta tensors (fake kernels): a host sync (.item(),
+    .tolist(), a data-dependent branch) would raise there."""
+    inp = make_inputs(4, 16, seed=47, dtype=torch.float32)
+    meta = {k: v.to("meta") for k, v in inp.items()}
+    for kind in KINDS:
+        lp = meta["logp"].clone().requires_grad_(True)
+        ent = meta["entropy"].clone().requires_grad_(True)
+        loss, metrics = losses.policy_loss(lp, meta["old_logp"], meta["advantages"], meta["mask"], kind=kind,
+                                           ref_logp=meta["ref_logp"], kl_coef=0.1, entropy=ent, entropy_coef=0.01,
+                                           is_weights=meta["is_weights"], agg="seq-mean-token-mean")
+        loss.backward()
+        assert loss.device.type == "meta" and lp.grad.shape == lp.shape and ent.grad.shape == ent.shape
+        assert all(v.device.type == "meta" for v in metrics.values())
+
+
+def test_no_item_calls_on_cpu(monkeypatch):
+    inp = make_inputs(4, 16, seed=53, dtype=torch.float32)
+
+    def boom(*a, **k):
+        raise AssertionError("host sync")
+
+    monkeypatch.setattr(torch.Tensor, "item", boom)
+    monkeypatch.setattr(torch.Tensor, "tolist", boom)
+    monkeypatch.setattr(torch.Tensor, "__bool__", boom)
+    monkeypatch.setattr(torch.Tensor, "__int__", boom)
+    monkeypatch.setattr(torch.Tensor, "__float__", boom)
+    run(losses.policy_loss, inp, kl_coef=0.1, entropy_coef=0.1, agg="seq-mean-token-sum")
+    run(losses.policy_loss, inp, kind="clip_cov", cov_ratio=0.1, kl_coef=0.1)
+    run(losses.policy_loss, inp, kind="kl_cov", cov_ratio=0.1, ref_logp=None, is_weights=None)
+
+
+def test_cov_kinds_bad_input():
+    inp = make_inputs(2, 5, seed=71)
+    args = (inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"])
+    with pytest.raises(ValueError, match="`cov_ratio` must be > 0"):
+        losses.policy_loss(*args, kind="kl_cov", cov_ratio=0.0)
+    with pytest.raises(ValueError, match="kind='kl_cov' uses the KL term"):
+        losses.policy_loss(*args, kind="kl_cov", ref_logp=inp["ref_logp"], kl_coef=0.1)
+    with pytest.raises(ValueError, match="kind='kl_cov' with `is_weights` is not supported"):
+        losses.policy_loss(*args, kind="kl_cov", is_weights=inp["is_weights"])
+    with pytest.raises(ValueError, match="padded layout only"):
+        losses.policy_loss(*(a.flatten() for a in args), kind="clip_cov", cu_seqlens=torch.tensor([0, 4, 10]))
+
+
+def test_deterministic_across_thread_counts():
+    inp = make_inputs(64, 700, seed=59, dtype=torch.float32)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(run(losses.policy_loss, inp, kind="gspo", kl_coef=0.1, entropy_coef=0.1))
+    finally:
+        torch.set_num_threads(before)
+    for r in results[1:]:
+        assert torch.equal(r[0], results[0][0]) and torch.equal(r[2], results[0][2])
+        assert all(torch.equal(r[1][k], results[0][1][k]) for k in r[1])
+
+
+def test_num_tokens_and_scale_overrides():
+    inp = make_inputs(4, 10, seed=61)
+    base = run(losses.policy_loss, inp, kl_coef=0.1)
+    n = inp["mask"].sum()
+    got = run(losses.policy_loss, inp, kl_coef=0.1, num_tokens=2 * n, scale=4.0)
+    torch.testing.assert_close(got[0], base[0] * 2, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got[2], base[2] * 2, rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------- DP normalization (2 gloo ranks)
+
+def _dp_worker(rank, world_size, init_method, shards, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+    try:
+        out = {}
+        for kind, agg in itertools.product(["vanilla", "geo_mean"], ["token-mean", "seq-mean-token-mean", "grpo"]):
+            out[(kind, agg)] = run(losses.policy_loss, shards[rank], kind=kind, agg=agg, kl_coef=0.1, entropy_coef=0.1,
+                                   process_group=dist.group.WORLD)
+        torch.save(out, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_dp_normalization_equals_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    full = make_inputs(7, 20, seed=67, empty_rows=(5,))
+    shards = [{k: v[:4] for k, v in full.items()}, {k: v[4:] for k, v in full.items()}]  # uneven shards
+    mp.start_processes(_dp_worker, args=(2, f"file://{tmp_path}/init", shards, str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for kind, agg in itertools.product(["vanilla", "geo_mean"], ["token-mean", "seq-mean-token-mean", "grpo"]):
+        loss, _, g, ge = run(losses.policy_loss, full, kind=kind, agg=agg, kl_coef=0.1, entropy_coef=0.1)
+        # each rank's loss is world_size x its share: their mean is the single-process loss, and
+        # DDP's gradient average gives the single-process gradient
+        torch.testing.assert_close((got[0][(kind, agg)][0] + got[1][(kind, agg)][0]) / 2, loss, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(torch.cat([got[0][(kind, agg)][2], got[1][(kind, agg)][2]]) / 2, g, rtol=1e-12,
+                                   atol=1e-14)
+        torch.testing.assert_close(torch.cat([got[0][(kind, agg)][3], got[1][(kind, agg)][3]]) / 2, ge, rtol=1e-12,
+                                   atol=1e-14)
+
+
+# ------------------------------------------------------------------------- hypothesis: shapes, masks
+
+from hypothesis import assume, given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(0, 6), T=st.integers(0, 20), seed=st.integers(0, 10_000), kind=st.sampled_from(KINDS),
+       agg=st.sampled_from(AGGS), level=st.sampled_from(["token", "sequence"]), per_row=st.booleans(),
+       empty=st.integers(0, 3), packed=st.booleans())
+def test_random_shapes_match_reference(B, T, seed, kind, agg, level, per_row, empty, packed):
+    assume(B > 0 or not packed)  # the padded reference of 0 packed rows has no graph to differentiate
+    inp = make_inputs(B, T, seed=seed, per_row_adv=per_row, empty_rows=range(min(empty, B)))
+    kw = dict(kind=kind, agg=agg, ratio_level=level, kl_coef=0.1, entropy_coef=0.05, max_length=T + 3)
+    if packed:  # every row of length T, masks kept (masked tokens inside packed rows)
+        inp = {k: (v.flatten() if v.dim() == 2 else v) for k, v in inp.items()}
+        assert_matches(inp, cu_seqlens=torch.arange(B + 1) * T, **kw)
+    else:
+        assert_matches(inp, **kw)
