@@ -23,9 +23,10 @@ fi
 
 # module:requirement pairs; only missing ones are installed (a GPU box without network has them).
 reqs="torch:torch==2.13.0 numpy:numpy pybind11:pybind11 ninja:ninja setuptools:setuptools>=64 wheel:wheel
-pytest:pytest hypothesis:hypothesis matplotlib:matplotlib verl:verl==0.9.1 trl:trl==1.16.0
+pytest:pytest hypothesis:hypothesis matplotlib:matplotlib triton:triton verl:verl==0.9.1 trl:trl==1.16.0
 cachetools:cachetools uvicorn:uvicorn fastapi:fastapi IPython:ipython"
-# (the last four: modules verl's ray_trainer imports without declaring them; the end-to-end test of
+# (triton: its kernels run in the tests under TRITON_INTERPRET=1. The last four: modules verl's
+# ray_trainer imports without declaring them; the end-to-end test of
 # verl's compute_advantage with our estimators installed needs that module)
 missing=$("$py" - "$reqs" <<'PY'
 import importlib.util, sys

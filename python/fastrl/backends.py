@@ -19,12 +19,18 @@ OPS: dict[str, tuple[str, ...]] = {
     "logprobs": ("cpu", "cuda", "reference"),
     "logprobs_backward": ("cpu", "cuda", "reference"),  # the reference: autograd through the fp64 log-softmax
     "segment_reduce": ("cpu", "cuda", "reference"),
+    "implicit_rewards": ("cpu", "cuda", "reference"),
+    "sample_tokens": ("cpu", "cuda", "reference"),
+    "best_of_n": ("cpu", "cuda", "reference"),
+    "expected_best_of_k": ("cpu", "torch-cuda", "reference"),  # best_at_k / worst_at_k; CUDA: vectorized torch
+    "policy_loss_rows": ("cpu", "cuda", "reference"),           # fastrl.losses.policy_loss
+    "policy_loss_rows_backward": ("cpu", "cuda", "reference"),  # reference: autograd through the fp64 formulas
 }
 
 # (op, implementation) pairs fastrl does not have yet: reported as such, not as a build problem.
 NOT_IMPLEMENTED: dict[tuple[str, str], str] = {
-    ("segment_reduce", "cuda"): "not implemented yet (no CUDA kernel for this op; use CPU tensors "
-                                "or FASTRL_BACKEND=reference)",
+    ("implicit_rewards", "cuda"): "not implemented yet (no CUDA kernel for this op; use CPU tensors "
+                                  "or FASTRL_BACKEND=reference)",
 }
 
 
