@@ -10,6 +10,14 @@ of the summed log-probs, so the gradient buffer is counted but nothing accumulat
 fastrl returns fp32 log-probs for bf16 logits (the baselines: bf16), so the bf16 cases compare
 at bf16 tolerance. Targets (issue 4): fp32 forward >= 3x TRL, bf16 forward >= 2x TRL.
 bytes_moved: the logits read once (+ the gradient written once for fwd+bwd).
+
+From hidden states (``linear_logprobs_*``): ``fastrl.linear_logprobs(hidden, weight, labels)`` (chunked
+matmul + the row kernels, never ``[N, V]``) vs what a trainer does today: materialize
+``hidden @ weight.T`` and call TRL's ``selective_log_softmax`` (or torch eager ``log_softmax.gather``).
+Forward at N = 8,192, V = 65,536 (H = 128, so the matmul stays affordable on a CPU), where the issue
+asks for a peak extra memory <= 10 % of N * V * 4 bytes (= 205 MiB; compare the "peak extra" column,
+the naive path's included); forward + backward (grads of hidden and weight) at N = 2,048, V = 32,768,
+H = 256.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import torch
 
 import fastrl
 from fastrl.bench import Case, Skip, allclose, try_import
+from fastrl.linear_logprobs import linear_logprobs as fastrl_linear_logprobs
 
 
 def _setup(N: int, V: int, dtype, device, grad: bool = False):
@@ -39,9 +48,9 @@ def _eager_logprobs_entropy(logits, labels):
     return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
-def _check_pair(tol):
+def _check_pair(tol, names=("logprobs", "entropy")):
     def check(out, ref):
-        for name, a, b in zip(("logprobs", "entropy"), out, ref):
+        for name, a, b in zip(names, out, ref):
             msg = allclose(a.float(), b.float(), tol, tol)
             if msg:
                 return f"{name}: {msg}"
@@ -54,6 +63,49 @@ def _fwd_bwd(fn):
         out = fn(a.logits, a.labels)
         return torch.autograd.grad(out.float().sum(), a.logits)[0]
     return run
+
+
+def _linear_setup(N: int, V: int, H: int, device, grad: bool = False):
+    def setup():
+        gen = torch.Generator().manual_seed(0)
+        hidden = torch.randn(N, H, generator=gen).to(device)
+        weight = (torch.randn(V, H, generator=gen) * (3 / H ** 0.5)).to(device)
+        labels = torch.randint(0, V, (N,), generator=gen).to(device)
+        return SimpleNamespace(hidden=hidden.requires_grad_(grad), weight=weight.requires_grad_(grad), labels=labels)
+    return setup
+
+
+def _linear_fwd_bwd(fn):
+    def run(a):
+        return torch.autograd.grad(fn(a).float().sum(), (a.hidden, a.weight))
+    return run
+
+
+def linear_cases(ctx, trl) -> list[Case]:
+    materialized = lambda fn: fn if isinstance(fn, Skip) else (  # noqa: E731
+        lambda a: fn(a.hidden @ a.weight.t(), a.labels))
+    trl_fn = trl if isinstance(trl, Skip) else trl.selective_log_softmax
+    fused = lambda a: fastrl_linear_logprobs(a.hidden, a.weight, a.labels)  # noqa: E731
+    out = []
+    N, V, H = (512, 4096, 64) if ctx.quick else (8192, 65536, 128)
+    out.append(Case(
+        name="linear_logprobs_f32", shape=f"f32 hidden[{N}, {H}], weight[{V}, {H}], int64[{N}] labels",
+        setup=_linear_setup(N, V, H, ctx.device),
+        impls={"fastrl": fused, "trl (materialized logits)": materialized(trl_fn),
+               "torch-eager (materialized logits)": materialized(_eager_logprobs)},
+        rtol=1e-4, atol=1e-4,
+        note=f"log p(label) from hidden states; target (issue 4): fastrl peak extra <= 10% of N*V*4 = "
+             f"{N * V * 4 // 10 / 2**20:.0f} MiB (chunk logits: 64 MiB budget)."))
+    N, V, H = (256, 4096, 64) if ctx.quick else (2048, 32768, 256)
+    out.append(Case(
+        name="linear_logprobs_fwd_bwd_f32", shape=f"f32 hidden[{N}, {H}], weight[{V}, {H}], int64[{N}] labels",
+        setup=_linear_setup(N, V, H, ctx.device, grad=True),
+        impls={"fastrl": _linear_fwd_bwd(fused),
+               "trl (materialized logits)": trl_fn if isinstance(trl_fn, Skip) else _linear_fwd_bwd(materialized(trl_fn)),
+               "torch-eager (materialized logits)": _linear_fwd_bwd(materialized(_eager_logprobs))},
+        check=_check_pair(1e-3, ("grad hidden", "grad weight")),
+        note="forward + autograd.grad of sum(log p) w.r.t. hidden and weight; fastrl recomputes the chunk logits."))
+    return out
 
 
 def cases(ctx) -> list[Case]:
@@ -86,4 +138,4 @@ def cases(ctx) -> list[Case]:
                    "torch-eager": _fwd_bwd(_eager_logprobs), "trl": grad_impl(trl_fn), "verl": grad_impl(verl_fn)},
             bytes_moved=N * V * size * 3, rtol=tol, atol=tol * 1e-2,
             note="forward + autograd.grad of sum(log p); output compared: the logits' gradient."))
-    return out
+    return out + linear_cases(ctx, trl)

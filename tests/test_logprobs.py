@@ -379,3 +379,132 @@ def test_cpu_isa_rejects_unknown_value():
     env = dict(os.environ, FASTRL_CPU_ISA="sse9")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "FASTRL_CPU_ISA must be baseline, avx2 or avx512" in out.stderr
+
+
+# ------------------------------------------------------------------------ top-k labels, in place
+
+
+@pytest.mark.parametrize("K", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_labels_forward_backward(K, dtype):
+    logits, _ = make((4, 3), 700, dtype=dtype, seed=50 + K)
+    gen = torch.Generator().manual_seed(K)
+    labels = torch.randint(0, 700, (4, 3, K), generator=gen)
+    labels[0, 0, 0] = -100
+    if K > 1:
+        labels[1, 1, 1] = labels[1, 1, 0]  # duplicate labels: their one-hot terms add up
+    x = logits.clone().requires_grad_(True)
+    lp, ent = fastrl.logprobs(x, labels, temperature=0.8, return_entropy=True)
+    assert lp.shape == labels.shape and ent.shape == (4, 3)
+    rlp, rent, _ = ref.logprobs(logits, labels, temperature=0.8)
+    torch.testing.assert_close(lp.double(), rlp, rtol=1e-5, atol=2e-5)
+    g = torch.randn(labels.shape, generator=gen)
+    ((lp * g).sum() + ent.sum()).backward()
+    xr = logits.detach().double().requires_grad_(True)
+    rlp, rent, _ = ref.logprobs(xr, labels, temperature=0.8)
+    ((rlp * g.double()).sum() + rent.sum()).backward()
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=4e-3)
+    torch.testing.assert_close(x.grad.double(), xr.grad, **tol)
+    # K = 1 in a trailing dimension is the same op as one label per position, bitwise
+    if K == 1:
+        single = fastrl.logprobs(logits, labels[..., 0], temperature=0.8)
+        assert torch.equal(single, fastrl.logprobs(logits, labels, temperature=0.8)[..., 0])
+
+
+def test_topk_matches_trl_gather_and_opcheck():
+    logits, _ = make((2, 5), 300, seed=51)
+    index = torch.randint(0, 300, (2, 5, 4))
+    torch.testing.assert_close(fastrl.logprobs(logits, index, temperature=0.9),
+                               TRL_UTILS.selective_log_softmax(logits, index, 0.9), rtol=1e-5, atol=1e-5)
+    flat, flat_idx = logits.view(10, 300), index.view(10, 4)
+    torch.library.opcheck(torch.ops.fastrl.logprobs.default, (flat, flat_idx, 0.9, -100, True))
+    lp, ent, lse = torch.ops.fastrl.logprobs(flat, flat_idx, 0.9, -100, True)
+    torch.library.opcheck(torch.ops.fastrl.logprobs_backward.default,
+                          (flat, flat_idx, lse, ent, torch.randn(10, 4), torch.randn(10), None, 0.9, -100))
+    with pytest.raises(RuntimeError, match=r"labels\[6\] = 300"):
+        bad = index.clone()
+        bad[0, 1, 2] = 300
+        fastrl.logprobs(logits, bad)
+    with pytest.raises(ValueError, match=r"\(2, 5, 'K'\)"):
+        fastrl.logprobs(logits, torch.zeros(2, 4, 3, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="`grad_logprobs` must have the shape of `labels`"):
+        torch.ops.fastrl.logprobs_backward(flat, flat_idx, lse, ent, torch.randn(10), None, None, 0.9, -100)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("topk", [False, True])
+def test_inplace_backward_equals_out_of_place_and_overwrites_logits(dtype, topk):
+    logits, labels = make((3, 4), 1500, dtype=dtype, seed=60, ignore_frac=0.2)
+    if topk:
+        labels = torch.stack([labels, labels.clamp(min=0).flip(0)], -1)
+    w = torch.randn(labels.shape, generator=torch.Generator().manual_seed(61))
+    a = logits.clone().requires_grad_(True)
+    lp, ent = fastrl.logprobs(a, labels, temperature=0.7, return_entropy=True)
+    ((lp * w).sum() + 0.5 * ent.sum()).backward()
+    b = logits.clone().requires_grad_(True)
+    hidden = b * 1.0  # a non-leaf [..., V] activation, as the LM head's output
+    lp2, ent2 = fastrl.logprobs(hidden, labels, temperature=0.7, return_entropy=True, inplace_backward=True)
+    assert torch.equal(lp, lp2) and torch.equal(ent, ent2)
+    ((lp2 * w).sum() + 0.5 * ent2.sum()).backward()
+    assert torch.equal(a.grad, b.grad)
+    assert torch.equal(hidden.detach(), b.grad)  # the logits' storage now holds their gradient
+
+
+def test_inplace_backward_guarded_and_strided():
+    logits, labels = make((4, 6), 200, seed=62)
+    # another node saved the same logits: the in-place write is detected, not silently corrupting
+    x = logits.clone().requires_grad_(True)
+    y = x * 1.0
+    squares = (y * y).sum()  # saves y, and runs its backward after the log-prob's
+    lp = fastrl.logprobs(y, labels, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (lp.sum() + squares).backward()
+    # rows with a gap (verl's logits[:, :-1]): same gradient as the out-of-place path
+    base = logits.clone().requires_grad_(True)
+    fastrl.logprobs(base[:, :-1] * 1.0, labels[:, :-1], inplace_backward=True).sum().backward()
+    ref_x = logits.clone().requires_grad_(True)
+    fastrl.logprobs(ref_x[:, :-1], labels[:, :-1]).sum().backward()
+    assert torch.equal(base.grad, ref_x.grad)
+    # the op itself refuses logits it cannot overwrite
+    flat = logits.view(24, 200)
+    lp, _, lse = torch.ops.fastrl.logprobs(flat, labels.view(24), 1.0, -100, False)
+    with pytest.raises(RuntimeError, match="unit stride along the vocabulary"):
+        torch.ops.fastrl.logprobs_backward_(flat.t().contiguous().t(), labels.view(24), lse, None, torch.ones(24),
+                                            None, None, 1.0, -100)
+
+
+def test_inplace_opcheck():
+    logits, labels = make((6,), 40, seed=63)
+    lp, ent, lse = torch.ops.fastrl.logprobs(logits, labels, 1.0, -100, True)
+    g = torch.randn(6)
+    torch.library.opcheck(torch.ops.fastrl.logprobs_backward_.default,
+                          (logits.clone(), labels, lse, ent, g, g, None, 1.0, -100))
+    out = logits.clone()
+    torch.ops.fastrl.logprobs_backward_(out, labels, lse, ent, g, g, None, 1.0, -100)
+    assert torch.equal(out, torch.ops.fastrl.logprobs_backward(logits, labels, lse, ent, g, g, None, 1.0, -100))
+
+
+@pytest.mark.slow
+def test_int64_indexing_past_2_31_elements():
+    # bf16 [N, V] with N * V just over 2^31 (4.3 GB): offsets r * V + j overflow int32. The bulk
+    # repeats one random block (cheap to fill); the rows past 2^31 elements are fresh random rows.
+    V = 1 << 17
+    N = (1 << 31) // V + 2
+    gen = torch.Generator().manual_seed(70)
+    block = torch.randn(512, V, generator=gen).to(torch.bfloat16)
+    logits = torch.empty(N, V, dtype=torch.bfloat16)
+    for r in range(0, N - 2, 512):
+        logits[r:r + 512] = block[:min(512, N - 2 - r)]
+    logits[-2:] = 3 * torch.randn(2, V, generator=gen)
+    labels = torch.randint(0, V, (N,), generator=gen)
+    lp, ent, lse = run_all(logits, labels)
+    rows = torch.tensor([0, N // 2, N - 2, N - 1])
+    rlp, rent, rlse = ref.logprobs(logits[rows], labels[rows])
+    torch.testing.assert_close(lp[rows].double(), rlp, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ent[rows].double(), rent, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(lse[rows].double(), rlse, rtol=1e-6, atol=1e-5)
+    last = logits[-2:].clone()
+    x = logits.requires_grad_(True)
+    fastrl.logprobs(x, labels, inplace_backward=True).sum().backward()  # in place: no second 4.3 GB buffer
+    want = torch.nn.functional.one_hot(labels[-2:], V).double() - torch.softmax(last.double(), -1)
+    torch.testing.assert_close(x.grad[-2:].double(), want, rtol=1e-2, atol=4e-3)

@@ -43,6 +43,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace fastrl {
 namespace cpu {
@@ -235,7 +236,7 @@ struct ForwardArgs {
   const scalar_t* logits;
   int64_t row_stride;
   const int64_t* labels;
-  int64_t vocab;
+  int64_t num_labels, vocab;
   float inv_t;
   int64_t ignore_index;
   float *logprobs, *entropy, *lse;
@@ -251,8 +252,10 @@ FASTRL_CPU_INLINE void forward_rows(const ForwardArgs<scalar_t>& a, int64_t begi
     const float row_lse = logprobs::state_lse(st);
     a.lse[r] = row_lse;
     if (a.entropy != nullptr) a.entropy[r] = logprobs::state_entropy(st);
-    const int64_t y = a.labels[r];
-    a.logprobs[r] = y == a.ignore_index ? 0.0f : static_cast<float>(x[y]) * a.inv_t - row_lse;
+    for (int64_t k = r * a.num_labels; k < (r + 1) * a.num_labels; ++k) {
+      const int64_t y = a.labels[k];
+      a.logprobs[k] = y == a.ignore_index ? 0.0f : static_cast<float>(x[y]) * a.inv_t - row_lse;
+    }
   }
 }
 
@@ -261,11 +264,12 @@ struct BackwardArgs {
   const scalar_t* logits;
   int64_t row_stride;
   const int64_t* labels;
-  int64_t vocab;
+  int64_t num_labels, vocab;
   float inv_t;
   int64_t ignore_index;
   const float *lse, *entropy, *g_lp, *g_ent, *g_lse;
   scalar_t* grad_logits;
+  int64_t grad_row_stride;
 };
 
 template <typename V, typename scalar_t>
@@ -273,20 +277,31 @@ FASTRL_CPU_INLINE void backward_rows(const BackwardArgs<scalar_t>& a, int64_t be
   constexpr int64_t kW = LaneTraits<V>::kWidth;
   alignas(64) float buf[kBlock];
   const float inv_t = a.inv_t;
+  const int64_t K = a.num_labels;
+  std::vector<float> label_grad(K);  // the labels' elements, computed before the row is overwritten
   for (int64_t r = begin; r < end; ++r) {
     const scalar_t* x = a.logits + r * a.row_stride;
-    scalar_t* out = a.grad_logits + r * a.vocab;
-    const int64_t y = a.labels[r];
-    const bool ignored = y == a.ignore_index;
+    scalar_t* out = a.grad_logits + r * a.grad_row_stride;
+    const int64_t* y = a.labels + r * K;
+    const float* g = a.g_lp != nullptr ? a.g_lp + r * K : nullptr;
     const float row_lse = a.lse[r];
     const float row_ent = a.g_ent != nullptr ? a.entropy[r] : 0.0f;
-    const float glp = (a.g_lp != nullptr && !ignored) ? a.g_lp[r] : 0.0f;
+    float glp = 0.0f;  // sum of the log-prob gradients of the row's labels, in label order
+    for (int64_t k = 0; k < K; ++k) glp += (g != nullptr && y[k] != a.ignore_index) ? g[k] : 0.0f;
     const float gent = a.g_ent != nullptr ? a.g_ent[r] : 0.0f;
     const float glse = a.g_lse != nullptr ? a.g_lse[r] : 0.0f;
+    for (int64_t k = 0; k < K; ++k) {  // one-hot weight of y[k]: the g of every label equal to it
+      if (y[k] == a.ignore_index) continue;
+      float weight = 0.0f;
+      for (int64_t k2 = 0; k2 < K; ++k2) weight += (g != nullptr && y[k2] == y[k]) ? g[k2] : 0.0f;
+      const float z = static_cast<float>(x[y[k]]) * inv_t;
+      const float p = fast_exp(z - row_lse);
+      label_grad[k] = logprobs::grad_z_labels(z, p, row_lse, row_ent, glp, gent, glse, weight) * inv_t;
+    }
     for (int64_t b = 0; b < a.vocab; b += kBlock) {
       const int64_t n = std::min(kBlock, a.vocab - b);
       const int64_t padded = load_block(x + b, n, inv_t, buf);
-      for (int64_t i = 0; i < padded; i += kW) {  // logprobs::grad_z (is_label = false) per lane
+      for (int64_t i = 0; i < padded; i += kW) {  // logprobs::grad_z_labels (label_weight = 0) per lane
         const V z = load_lanes<V>(buf + i);
         const V p = fast_exp(z - row_lse);
         const V coef = (glp - glse) + gent * (clamp_diff(z - row_lse) + row_ent);
@@ -295,11 +310,8 @@ FASTRL_CPU_INLINE void backward_rows(const BackwardArgs<scalar_t>& a, int64_t be
       }
       for (int64_t i = 0; i < n; ++i) out[b + i] = static_cast<scalar_t>(buf[i]);
     }
-    if (!ignored) {  // the label's element also gets the one-hot term
-      const float z = static_cast<float>(x[y]) * inv_t;
-      const float p = fast_exp(z - row_lse);
-      out[y] = static_cast<scalar_t>(
-          logprobs::grad_z(z, p, row_lse, row_ent, glp, gent, glse, true) * inv_t);
+    for (int64_t k = 0; k < K; ++k) {  // the labels' elements also get their one-hot terms
+      if (y[k] != a.ignore_index) out[y[k]] = static_cast<scalar_t>(label_grad[k]);
     }
   }
 }
@@ -369,21 +381,21 @@ using RowsFn = void (*)(const Args&, int64_t, int64_t);
 
 }  // namespace
 
-int64_t first_bad_label(const int64_t* labels, int64_t num_rows, int64_t vocab, int64_t ignore_index) {
-  for (int64_t r = 0; r < num_rows; ++r) {
-    const int64_t y = labels[r];
-    if (y != ignore_index && (y < 0 || y >= vocab)) return r;
+int64_t first_bad_label(const int64_t* labels, int64_t num_labels, int64_t vocab, int64_t ignore_index) {
+  for (int64_t i = 0; i < num_labels; ++i) {
+    const int64_t y = labels[i];
+    if (y != ignore_index && (y < 0 || y >= vocab)) return i;
   }
   return -1;
 }
 
 template <typename scalar_t>
 int64_t logprobs_forward(const scalar_t* logits, int64_t row_stride, const int64_t* labels,
-                         int64_t num_rows, int64_t vocab, float inv_temperature,
+                         int64_t num_rows, int64_t num_labels, int64_t vocab, float inv_temperature,
                          int64_t ignore_index, float* logprobs, float* entropy, float* lse) {
-  const int64_t bad = first_bad_label(labels, num_rows, vocab, ignore_index);
+  const int64_t bad = first_bad_label(labels, num_rows * num_labels, vocab, ignore_index);
   if (bad >= 0) return bad;
-  const ForwardArgs<scalar_t> args{logits, row_stride, labels, vocab, inv_temperature,
+  const ForwardArgs<scalar_t> args{logits, row_stride, labels, num_labels, vocab, inv_temperature,
                                    ignore_index, logprobs, entropy, lse};
   RowsFn<ForwardArgs<scalar_t>> rows = forward_rows<float, scalar_t>;
 #ifdef FASTRL_CPU_DISPATCH
@@ -397,14 +409,15 @@ int64_t logprobs_forward(const scalar_t* logits, int64_t row_stride, const int64
 
 template <typename scalar_t>
 int64_t logprobs_backward(const scalar_t* logits, int64_t row_stride, const int64_t* labels,
-                          int64_t num_rows, int64_t vocab, float inv_temperature,
+                          int64_t num_rows, int64_t num_labels, int64_t vocab, float inv_temperature,
                           int64_t ignore_index, const float* lse, const float* entropy,
                           const float* g_lp, const float* g_ent, const float* g_lse,
-                          scalar_t* grad_logits) {
-  const int64_t bad = first_bad_label(labels, num_rows, vocab, ignore_index);
+                          scalar_t* grad_logits, int64_t grad_row_stride) {
+  const int64_t bad = first_bad_label(labels, num_rows * num_labels, vocab, ignore_index);
   if (bad >= 0) return bad;
-  const BackwardArgs<scalar_t> args{logits, row_stride, labels, vocab, inv_temperature, ignore_index,
-                                    lse, entropy, g_lp, g_ent, g_lse, grad_logits};
+  const BackwardArgs<scalar_t> args{logits, row_stride, labels, num_labels, vocab, inv_temperature,
+                                    ignore_index, lse, entropy, g_lp, g_ent, g_lse, grad_logits,
+                                    grad_row_stride};
   RowsFn<BackwardArgs<scalar_t>> rows = backward_rows<float, scalar_t>;
 #ifdef FASTRL_CPU_DISPATCH
   if (cpu_isa() == Isa::kAvx2) rows = backward_rows_avx2<scalar_t>;
@@ -415,12 +428,12 @@ int64_t logprobs_backward(const scalar_t* logits, int64_t row_stride, const int6
   return -1;
 }
 
-#define FASTRL_INSTANTIATE(T)                                                                   \
-  template int64_t logprobs_forward<T>(const T*, int64_t, const int64_t*, int64_t, int64_t,     \
-                                       float, int64_t, float*, float*, float*);                 \
-  template int64_t logprobs_backward<T>(const T*, int64_t, const int64_t*, int64_t, int64_t,    \
-                                        float, int64_t, const float*, const float*, const float*, \
-                                        const float*, const float*, T*);
+#define FASTRL_INSTANTIATE(T)                                                                    \
+  template int64_t logprobs_forward<T>(const T*, int64_t, const int64_t*, int64_t, int64_t,      \
+                                       int64_t, float, int64_t, float*, float*, float*);         \
+  template int64_t logprobs_backward<T>(const T*, int64_t, const int64_t*, int64_t, int64_t,     \
+                                        int64_t, float, int64_t, const float*, const float*,     \
+                                        const float*, const float*, const float*, T*, int64_t);
 FASTRL_INSTANTIATE(float)
 FASTRL_INSTANTIATE(double)
 FASTRL_INSTANTIATE(c10::Half)

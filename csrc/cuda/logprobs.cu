@@ -3,8 +3,9 @@
 // forward_kernel: one block of kThreads per row (grid-stride over rows). Thread i folds elements
 //   [i * P, i * P + P) + k * kThreads * P (P = 16 bytes of T) into its SoftmaxState, then the block
 //   merges the states: a warp-shuffle butterfly in a fixed order, then warp 0 merges the warps'
-//   states in warp order. Thread 0 writes lse, entropy and the label's log-prob.
-// backward_kernel: same row/thread layout, elementwise: p_j = exp(z_j - lse) and grad_z.
+//   states in warp order. Thread 0 writes lse and entropy.
+// backward_kernel: same row/thread layout, elementwise: p_j = exp(z_j - lse) and grad_z_labels.
+// With K labels per row (top-K), thread k writes log-probs k, k + kThreads, ... after the merge.
 #include <cuda_runtime.h>
 
 #include "cuda/logprobs.cuh"
@@ -99,9 +100,10 @@ __device__ __forceinline__ void for_each_element(const T* row, int64_t vocab, F 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const T* __restrict__ logits, int64_t row_stride, const int64_t* __restrict__ labels,
-                   int64_t num_rows, int64_t vocab, float inv_t, int64_t ignore_index,
+                   int64_t num_rows, int64_t num_labels, int64_t vocab, float inv_t, int64_t ignore_index,
                    float* __restrict__ logprobs, float* __restrict__ entropy, float* __restrict__ lse) {
   __shared__ SoftmaxState shared[kWarps];
+  __shared__ float shared_lse;
   for (int64_t r = blockIdx.x; r < num_rows; r += gridDim.x) {
     const T* row = logits + r * row_stride;
     SoftmaxState st = logprobs::state_empty();
@@ -110,8 +112,13 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) {
       const float row_lse = logprobs::state_lse(st);
       lse[r] = row_lse;
+      shared_lse = row_lse;
       if (entropy != nullptr) entropy[r] = logprobs::state_entropy(st);
-      const int64_t y = labels[r];
+    }
+    __syncthreads();  // the next row's write of shared_lse comes after its block_merge barrier
+    const float row_lse = shared_lse;
+    for (int64_t k = r * num_labels + threadIdx.x; k < (r + 1) * num_labels; k += kThreads) {
+      const int64_t y = labels[k];
       float lp;
       if (y == ignore_index) {
         lp = 0.0f;
@@ -120,33 +127,39 @@ __global__ void __launch_bounds__(kThreads)
       } else {
         lp = to_float(row[y]) * inv_t - row_lse;
       }
-      logprobs[r] = lp;
+      logprobs[k] = lp;
     }
   }
 }
 
+// Not __restrict__: grad may be logits itself (in place); each element is read, then written, by
+// the same thread, and the one-hot terms need only that element.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    backward_kernel(const T* __restrict__ logits, int64_t row_stride, const int64_t* __restrict__ labels,
-                    int64_t num_rows, int64_t vocab, float inv_t, int64_t ignore_index,
+    backward_kernel(const T* logits, int64_t row_stride, const int64_t* __restrict__ labels,
+                    int64_t num_rows, int64_t num_labels, int64_t vocab, float inv_t, int64_t ignore_index,
                     const float* __restrict__ lse, const float* __restrict__ entropy,
                     const float* __restrict__ g_lp, const float* __restrict__ g_ent,
-                    const float* __restrict__ g_lse, T* __restrict__ grad) {
+                    const float* __restrict__ g_lse, T* grad, int64_t grad_row_stride) {
   for (int64_t r = blockIdx.x; r < num_rows; r += gridDim.x) {
     const T* row = logits + r * row_stride;
-    T* out = grad + r * vocab;
-    const int64_t y = labels[r];
-    const bool has_label = y != ignore_index && y >= 0 && y < vocab;
-    const int64_t label = has_label ? y : -1;
+    T* out = grad + r * grad_row_stride;
+    const int64_t* y = labels + r * num_labels;
+    const float* g = g_lp != nullptr ? g_lp + r * num_labels : nullptr;
+    // A label counts when it is in range (an out-of-range one has NaN log-prob and no gradient).
+    auto counts = [&](int64_t label) { return label != ignore_index && label >= 0 && label < vocab; };
+    float glp = 0.0f;  // sum over the row's labels, in label order (as the CPU kernel)
+    for (int64_t k = 0; k < num_labels; ++k) glp += (g != nullptr && counts(y[k])) ? g[k] : 0.0f;
     const float row_lse = lse[r];
     const float row_ent = g_ent != nullptr ? entropy[r] : 0.0f;
-    const float glp = (g_lp != nullptr && has_label) ? g_lp[r] : 0.0f;
     const float gent = g_ent != nullptr ? g_ent[r] : 0.0f;
     const float glse = g_lse != nullptr ? g_lse[r] : 0.0f;
     auto grad_at = [&](int64_t j, float x) {
       const float z = x * inv_t;
       const float p = expf(z - row_lse);
-      return logprobs::grad_z(z, p, row_lse, row_ent, glp, gent, glse, j == label) * inv_t;
+      float weight = 0.0f;
+      for (int64_t k = 0; k < num_labels; ++k) weight += (g != nullptr && y[k] == j && counts(j)) ? g[k] : 0.0f;
+      return logprobs::grad_z_labels(z, p, row_lse, row_ent, glp, gent, glse, weight) * inv_t;
     };
     constexpr int P = Pack<T>::kSize;
     int64_t vec_end = 0;
@@ -174,38 +187,40 @@ unsigned blocks_for(int64_t rows) {
 
 template <typename T>
 cudaError_t launch_logprobs_forward(const T* logits, int64_t row_stride, const int64_t* labels,
-                                    int64_t num_rows, int64_t vocab, float inv_temperature,
+                                    int64_t num_rows, int64_t num_labels, int64_t vocab, float inv_temperature,
                                     int64_t ignore_index, float* logprobs, float* entropy, float* lse,
                                     cudaStream_t stream) {
-  if (num_rows < 0 || vocab < 1) return cudaErrorInvalidValue;
+  if (num_rows < 0 || num_labels < 0 || vocab < 1) return cudaErrorInvalidValue;
   if (num_rows == 0) return cudaSuccess;
   forward_kernel<T><<<blocks_for(num_rows), kThreads, 0, stream>>>(
-      logits, row_stride, labels, num_rows, vocab, inv_temperature, ignore_index, logprobs, entropy, lse);
+      logits, row_stride, labels, num_rows, num_labels, vocab, inv_temperature, ignore_index, logprobs,
+      entropy, lse);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_logprobs_backward(const T* logits, int64_t row_stride, const int64_t* labels,
-                                     int64_t num_rows, int64_t vocab, float inv_temperature,
-                                     int64_t ignore_index, const float* lse, const float* entropy,
-                                     const float* g_lp, const float* g_ent, const float* g_lse,
-                                     T* grad_logits, cudaStream_t stream) {
-  if (num_rows < 0 || vocab < 1) return cudaErrorInvalidValue;
+                                     int64_t num_rows, int64_t num_labels, int64_t vocab,
+                                     float inv_temperature, int64_t ignore_index, const float* lse,
+                                     const float* entropy, const float* g_lp, const float* g_ent,
+                                     const float* g_lse, T* grad_logits, int64_t grad_row_stride,
+                                     cudaStream_t stream) {
+  if (num_rows < 0 || num_labels < 0 || vocab < 1) return cudaErrorInvalidValue;
   if (num_rows == 0) return cudaSuccess;
   backward_kernel<T><<<blocks_for(num_rows), kThreads, 0, stream>>>(
-      logits, row_stride, labels, num_rows, vocab, inv_temperature, ignore_index, lse, entropy, g_lp,
-      g_ent, g_lse, grad_logits);
+      logits, row_stride, labels, num_rows, num_labels, vocab, inv_temperature, ignore_index, lse,
+      entropy, g_lp, g_ent, g_lse, grad_logits, grad_row_stride);
   return cudaGetLastError();
 }
 
-#define FASTRL_INSTANTIATE(T)                                                                     \
-  template cudaError_t launch_logprobs_forward<T>(const T*, int64_t, const int64_t*, int64_t,     \
-                                                  int64_t, float, int64_t, float*, float*, float*, \
-                                                  cudaStream_t);                                  \
-  template cudaError_t launch_logprobs_backward<T>(const T*, int64_t, const int64_t*, int64_t,    \
-                                                   int64_t, float, int64_t, const float*,         \
-                                                   const float*, const float*, const float*,      \
-                                                   const float*, T*, cudaStream_t);
+#define FASTRL_INSTANTIATE(T)                                                                      \
+  template cudaError_t launch_logprobs_forward<T>(const T*, int64_t, const int64_t*, int64_t,      \
+                                                  int64_t, int64_t, float, int64_t, float*, float*, \
+                                                  float*, cudaStream_t);                           \
+  template cudaError_t launch_logprobs_backward<T>(const T*, int64_t, const int64_t*, int64_t,     \
+                                                   int64_t, int64_t, float, int64_t, const float*, \
+                                                   const float*, const float*, const float*,       \
+                                                   const float*, T*, int64_t, cudaStream_t);
 FASTRL_INSTANTIATE(float)
 FASTRL_INSTANTIATE(double)
 FASTRL_INSTANTIATE(__half)

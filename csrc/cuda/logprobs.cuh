@@ -23,30 +23,36 @@
 namespace fastrl {
 namespace cuda {
 
-// logits: row r at logits + r * row_stride, vocab elements, unit stride. labels int64[num_rows].
-// Writes logprobs[num_rows], lse[num_rows] and, unless entropy == nullptr, entropy[num_rows].
+// logits: row r at logits + r * row_stride, vocab elements, unit stride. labels
+// int64[num_rows, num_labels]. Writes logprobs[num_rows, num_labels], lse[num_rows] and, unless
+// entropy == nullptr, entropy[num_rows].
 template <typename T>
 cudaError_t launch_logprobs_forward(const T* logits, int64_t row_stride, const int64_t* labels,
-                                    int64_t num_rows, int64_t vocab, float inv_temperature,
+                                    int64_t num_rows, int64_t num_labels, int64_t vocab, float inv_temperature,
                                     int64_t ignore_index, float* logprobs, float* entropy, float* lse,
                                     cudaStream_t stream);
 
-// grad_logits[num_rows, vocab] (contiguous) from the forward's lse (and entropy, read when g_ent is
-// given); g_lp, g_ent, g_lse fp32 [num_rows] or nullptr (zero). See fastrl::logprobs::grad_z.
+// grad_logits[num_rows, vocab] (row r at grad_logits + r * grad_row_stride) from the forward's lse
+// (and entropy, read when g_ent is given); g_lp fp32 [num_rows, num_labels], g_ent, g_lse fp32
+// [num_rows], each or nullptr (zero). See fastrl::logprobs::grad_z_labels. grad_logits may be logits
+// itself (in place): each element is read and then written by the same thread. The one-hot terms
+// cost num_labels compares per element (top-K labels: keep K small).
 template <typename T>
 cudaError_t launch_logprobs_backward(const T* logits, int64_t row_stride, const int64_t* labels,
-                                     int64_t num_rows, int64_t vocab, float inv_temperature,
-                                     int64_t ignore_index, const float* lse, const float* entropy,
-                                     const float* g_lp, const float* g_ent, const float* g_lse,
-                                     T* grad_logits, cudaStream_t stream);
+                                     int64_t num_rows, int64_t num_labels, int64_t vocab,
+                                     float inv_temperature, int64_t ignore_index, const float* lse,
+                                     const float* entropy, const float* g_lp, const float* g_ent,
+                                     const float* g_lse, T* grad_logits, int64_t grad_row_stride,
+                                     cudaStream_t stream);
 
-#define FASTRL_DECLARE_LAUNCH(T)                                                                \
-  extern template cudaError_t launch_logprobs_forward<T>(const T*, int64_t, const int64_t*,    \
-                                                         int64_t, int64_t, float, int64_t,     \
-                                                         float*, float*, float*, cudaStream_t); \
-  extern template cudaError_t launch_logprobs_backward<T>(                                     \
-      const T*, int64_t, const int64_t*, int64_t, int64_t, float, int64_t, const float*,       \
-      const float*, const float*, const float*, const float*, T*, cudaStream_t);
+#define FASTRL_DECLARE_LAUNCH(T)                                                                 \
+  extern template cudaError_t launch_logprobs_forward<T>(const T*, int64_t, const int64_t*,     \
+                                                         int64_t, int64_t, int64_t, float,      \
+                                                         int64_t, float*, float*, float*,       \
+                                                         cudaStream_t);                         \
+  extern template cudaError_t launch_logprobs_backward<T>(                                      \
+      const T*, int64_t, const int64_t*, int64_t, int64_t, int64_t, float, int64_t, const float*, \
+      const float*, const float*, const float*, const float*, T*, int64_t, cudaStream_t);
 FASTRL_DECLARE_LAUNCH(float)
 FASTRL_DECLARE_LAUNCH(double)
 FASTRL_DECLARE_LAUNCH(__half)

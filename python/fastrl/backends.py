@@ -18,6 +18,9 @@ OPS: dict[str, tuple[str, ...]] = {
     "token_rewards": ("cpu", "cuda", "reference"),
     "logprobs": ("cpu", "cuda", "reference"),
     "logprobs_backward": ("cpu", "cuda", "reference"),  # the reference: autograd through the fp64 log-softmax
+    "logprobs_backward_": ("cpu", "cuda", "reference"),  # in place (inplace_backward=True)
+    "linear_logprobs": ("cpu", "triton", "reference"),   # cpu: chunked torch.mm + row kernels (also CUDA without Triton)
+    "linear_logprobs_backward": ("cpu", "triton", "reference"),
     "segment_reduce": ("cpu", "cuda", "reference"),
     "implicit_rewards": ("cpu", "cuda", "reference"),
     "sample_tokens": ("cpu", "cuda", "reference"),

@@ -65,16 +65,24 @@ FASTRL_HOST_DEVICE float state_lse(const SoftmaxState& st) { return st.m + logf(
 
 FASTRL_HOST_DEVICE float state_entropy(const SoftmaxState& st) { return logf(st.s) - st.t / st.s; }
 
-// d/dz_j of  g_lp * log p(y) + g_ent * H + g_lse * lse  at one element, with z_j the scaled
-// logit, lse and H of the row, and is_label = (j == y) (false for an ignored label, whose g_lp is
-// then 0 too). The caller multiplies by 1/T to get d/dx_j:
+// d/dz_j of  sum_k g_lp[k] * log p(y_k) + g_ent * H + g_lse * lse  at one element, with z_j the
+// scaled logit, lse and H of the row, g_lp the sum of g_lp[k] over the row's (non-ignored) labels
+// and label_weight the sum of g_lp[k] over the labels y_k == j (0 if j is no label). The caller
+// multiplies by 1/T to get d/dx_j:
 //   d log p(y)/dz_j = [j == y] - p_j,   dH/dz_j = -p_j (log p_j + H),   d lse/dz_j = p_j.
-FASTRL_HOST_DEVICE float grad_z(float z, float p, float lse, float entropy, float g_lp,
-                                float g_ent, float g_lse, bool is_label) {
+FASTRL_HOST_DEVICE float grad_z_labels(float z, float p, float lse, float entropy, float g_lp,
+                                       float g_ent, float g_lse, float label_weight) {
   const float log_p = clamp_diff(z - lse);
   const float coef = g_lp - g_lse + g_ent * (log_p + entropy);
   const float p_coef = p == 0.0f ? 0.0f : p * coef;  // a probability-0 term has no gradient
-  return (is_label ? g_lp : 0.0f) - p_coef;
+  return label_weight - p_coef;
+}
+
+// The same for one label y per row: is_label = (j == y) (false for an ignored label, whose g_lp is
+// then 0 too).
+FASTRL_HOST_DEVICE float grad_z(float z, float p, float lse, float entropy, float g_lp,
+                                float g_ent, float g_lse, bool is_label) {
+  return grad_z_labels(z, p, lse, entropy, g_lp, g_ent, g_lse, is_label ? g_lp : 0.0f);
 }
 
 }  // namespace logprobs

@@ -174,8 +174,8 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature
 
     Args:
         logits: ``[..., V]``.
-        index: ``[...]`` (one label per position) or ``[..., K]`` (K labels per position, e.g. top-K:
-            one streaming pass for the logsumexp, then ``logits.gather(index) / T - lse``).
+        index: ``[...]`` (one label per position) or ``[..., K]`` (K labels per position, e.g. top-K;
+            still one streaming pass per row).
         temperature: > 0 (``ValueError("temperature must be positive")`` otherwise, as TRL).
         row_mask: optional, ``index``'s shape; positions where it is 0 get log-prob 0.
 
@@ -187,13 +187,7 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature
     """
     if temperature <= 0:
         raise ValueError("temperature must be positive")
-    if index.dim() == logits.dim() - 1:
-        out = _logprobs(logits, index, temperature=temperature, ignore_index=_NO_IGNORE)
-    else:
-        no_label = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
-        _, lse = _logprobs(logits, no_label, temperature=temperature, return_lse=True, ignore_index=0)
-        out = torch.gather(logits, -1, index).float() * (1.0 / temperature) - lse.unsqueeze(-1)
-    out = out.to(logits.dtype)
+    out = _logprobs(logits, index, temperature=temperature, ignore_index=_NO_IGNORE).to(logits.dtype)
     if row_mask is not None:
         out = out.masked_fill(row_mask == 0, 0.0)
     return out

@@ -517,8 +517,10 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, inplace_bac
     """``log_softmax(logits)[..., labels]``: ``labels``' shape (``logits.shape[:-1]``), ``logits.dtype``.
 
     Every label must lie in ``[0, V)`` (as verl's gather requires; a bad one raises naming its
-    position). ``inplace_backward`` is accepted for verl's signature; the gradient is written into
-    one new buffer (the in-place variant is not implemented yet).
+    position). ``inplace_backward`` is accepted for verl's signature and ignored: the gradient is
+    written into one new buffer. (``fastrl.logprobs(..., inplace_backward=True)`` exists, but verl's
+    non-fused actor paths keep the default True while also taking the entropy of the same logits,
+    which an in-place backward would corrupt; fastrl bumps the version counter, so it would raise.)
 
     >>> logprobs_from_logits(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([2]))
     tensor([-0.4076])

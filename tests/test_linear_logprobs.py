@@ -1,0 +1,258 @@
+"""fastrl.linear_logprobs: log p(label) and entropy of hidden @ weight.T without the [N, V] logits."""
+import importlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fastrl.linear_logprobs import linear_logprobs
+
+fll = importlib.import_module("fastrl.linear_logprobs")  # the module, even if `fastrl` re-exports the function
+from fastrl.reference.logprobs import linear_logprobs as ref
+
+
+def make(N, V, H, dtype=torch.float32, seed=0, ignore_frac=0.2, bias=False):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=gen).to(dtype)
+    weight = (torch.randn(V, H, generator=gen) / H ** 0.5 * 3).to(dtype)
+    b = torch.randn(V, generator=gen).to(dtype) if bias else None
+    labels = torch.randint(0, V, (N,), generator=gen)
+    labels = torch.where(torch.rand(N, generator=gen) < ignore_frac, torch.full_like(labels, -100), labels)
+    return hidden, weight, b, labels
+
+
+def ref_with_grads(hidden, weight, bias, labels, g_lp, g_ent, temperature):
+    leaves = [t.detach().double().requires_grad_(True) for t in (hidden, weight)]
+    b = bias.detach().double().requires_grad_(True) if bias is not None else None
+    lp, ent = ref(leaves[0], leaves[1], labels, bias=b, temperature=temperature)
+    ((lp * g_lp.double()).sum() + (ent * g_ent.double()).sum()).backward()
+    return lp, ent, leaves[0].grad, leaves[1].grad, None if b is None else b.grad
+
+
+@pytest.mark.parametrize("N, V, H, chunk", [(1, 1, 1, None), (9, 37, 13, 4), (40, 257, 33, 7), (16, 1000, 64, None)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_forward_backward_match_fp64_reference(N, V, H, chunk, bias, temperature):
+    hidden, weight, b, labels = make(N, V, H, seed=N + V, bias=bias)
+    leaves = [hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)]
+    lb = b.clone().requires_grad_(True) if bias else None
+    lp, ent = linear_logprobs(leaves[0], leaves[1], labels, bias=lb, temperature=temperature, return_entropy=True,
+                              chunk_size=chunk)
+    assert lp.dtype == ent.dtype == torch.float32 and lp.shape == labels.shape
+    gen = torch.Generator().manual_seed(1)
+    g_lp, g_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    rlp, rent, gh, gw, gb = ref_with_grads(hidden, weight, b, labels, g_lp, g_ent, temperature)
+    torch.testing.assert_close(lp.double(), rlp, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ent.double(), rent, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(leaves[0].grad.double(), gh, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(leaves[1].grad.double(), gw, rtol=1e-4, atol=2e-5)
+    if bias:
+        torch.testing.assert_close(lb.grad.double(), gb, rtol=1e-4, atol=2e-5)
+    ignored = labels == -100
+    assert torch.all(lp[ignored] == 0) and torch.all(ent[ignored] == 0)
+    assert torch.all(leaves[0].grad[ignored] == 0)
+
+
+def test_chunking_does_not_change_the_result_much_and_leading_dims():
+    hidden, weight, _, labels = make(24, 300, 20, seed=3)
+    whole = linear_logprobs(hidden, weight, labels, return_entropy=True)
+    for chunk in (1, 5, 24, 100):
+        for a, b in zip(linear_logprobs(hidden, weight, labels, return_entropy=True, chunk_size=chunk), whole):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    lp3 = linear_logprobs(hidden.view(4, 6, 20), weight, labels.view(4, 6))
+    assert lp3.shape == (4, 6)
+    torch.testing.assert_close(lp3.view(-1), whole[0], rtol=1e-6, atol=1e-6)
+
+
+def test_logprob_only_gradient_and_memory_budget(monkeypatch):
+    # A tiny budget forces one-row chunks: same numbers as a single chunk.
+    hidden, weight, _, labels = make(12, 80, 10, seed=4)
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    linear_logprobs(h1, w1, labels).sum().backward()
+    monkeypatch.setattr(fll, "CHUNK_BYTES", 1)
+    assert fll._chunk_rows(0, 80, 4) == 1 and fll._chunk_rows(3, 80, 4) == 3
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    linear_logprobs(h2, w2, labels).sum().backward()
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_ignored_rows_never_reach_the_matmul(monkeypatch):
+    hidden, weight, _, labels = make(10, 50, 8, seed=5, ignore_frac=0.0)
+    labels[[1, 4, 5]] = -100
+    seen = []
+    real = fll._chunk_logits
+    monkeypatch.setattr(fll, "_chunk_logits", lambda h, w, b, buf: seen.append(h.shape[0]) or real(h, w, b, buf))
+    x = hidden.clone().requires_grad_(True)
+    linear_logprobs(x, weight, labels).sum().backward()
+    assert seen == [7, 7]  # forward and backward, the 7 labelled rows only
+    monkeypatch.setattr(fll, "_chunk_logits", real)
+    all_ignored = torch.full((10,), -100)
+    assert torch.equal(linear_logprobs(hidden, weight, all_ignored), torch.zeros(10))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_half_inputs(dtype, tol):
+    hidden, weight, b, labels = make(20, 500, 48, dtype=dtype, seed=6, bias=True)
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, b)]
+    lp, ent = linear_logprobs(*leaves[:2], labels, bias=leaves[2], return_entropy=True, chunk_size=8)
+    assert lp.dtype == torch.float32
+    (lp.sum() + ent.sum()).backward()
+    assert all(t.grad.dtype == dtype for t in leaves)
+    rlp, rent, gh, gw, gb = ref_with_grads(hidden, weight, b, labels, torch.ones(20), torch.ones(20), 1.0)
+    # the logits chunk is computed in the input dtype (as the LM head would): half-precision error
+    torch.testing.assert_close(lp.double(), rlp, rtol=tol, atol=tol * 4)
+    torch.testing.assert_close(ent.double(), rent, rtol=tol, atol=tol * 4)
+    for got, want in zip(leaves, (gh, gw, gb)):
+        torch.testing.assert_close(got.grad.double(), want, rtol=tol * 2, atol=tol)
+
+
+def test_gradcheck_fp64():
+    # float64 inputs: matmul in fp64, softmax part in fp32 -> finite differences with a larger step.
+    hidden, weight, b, labels = make(4, 7, 3, dtype=torch.float64, seed=7, bias=True, ignore_frac=0.0)
+    labels[2] = -100
+    args = [t.clone().requires_grad_(True) for t in (hidden, weight, b)]
+    fn = lambda h, w, bb: tuple(o.double() for o in linear_logprobs(h, w, labels, bias=bb, temperature=0.9,  # noqa: E731
+                                                                     return_entropy=True))
+    assert torch.autograd.gradcheck(fn, args, eps=1e-3, atol=2e-3, rtol=1e-2)
+
+
+def test_opcheck():
+    hidden, weight, b, labels = make(6, 30, 5, seed=8, bias=True)
+    for bias in (None, b):
+        for ent in (True, False):
+            torch.library.opcheck(torch.ops.fastrl.linear_logprobs.default,
+                                  (hidden, weight, bias, labels, 0.8, -100, ent, 4))
+    lp, ent, lse = torch.ops.fastrl.linear_logprobs(hidden, weight, b, labels, 0.8, -100, True, 4)
+    g = torch.randn(6)
+    torch.library.opcheck(torch.ops.fastrl.linear_logprobs_backward.default,
+                          (hidden, weight, b, labels, lse, ent, g, g, 0.8, -100, 4))
+
+
+def test_torch_compile_no_graph_break():
+    hidden, weight, _, labels = make(5, 20, 4, seed=9)
+    fn = torch.compile(lambda h, w, y: linear_logprobs(h, w, y) * 2, fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(hidden, weight, labels), linear_logprobs(hidden, weight, labels) * 2)
+
+
+def test_thread_count_determinism():
+    hidden, weight, _, labels = make(64, 700, 32, seed=10)
+    full = linear_logprobs(hidden, weight, labels, return_entropy=True, chunk_size=16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = linear_logprobs(hidden, weight, labels, return_entropy=True, chunk_size=16)
+    finally:
+        torch.set_num_threads(before)
+    # the softmax part is bitwise thread-invariant; the chunk matmul is BLAS's (close, maybe not bitwise)
+    for a, b in zip(single, full):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "args, kw, exc, match",
+    [
+        ((torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 5, 1])), {}, RuntimeError, r"labels\[1\] = 5"),
+        ((torch.randn(3, 4), torch.randn(5, 3), torch.zeros(3, dtype=torch.long)), {}, ValueError, r"\[V, H=4\]"),
+        ((torch.randn(3, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long)), {}, ValueError, "`labels` must have"),
+        ((torch.randn(3, 4), torch.randn(5, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.long)), {},
+         ValueError, "`weight` must have `hidden`'s dtype"),
+        ((torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3)), {}, ValueError, "integer tensor"),
+        ((torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long)), {"temperature": 0.0},
+         ValueError, "`temperature`"),
+        ((torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long)), {"bias": torch.randn(4)},
+         ValueError, r"`bias` must be \[V=5\]"),
+        ((torch.randn(3, 4), torch.randn(0, 4), torch.zeros(3, dtype=torch.long)), {}, ValueError, "V >= 1"),
+        ((torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long)), {"chunk_size": 0},
+         ValueError, "`chunk_size`"),
+        ((torch.randn(3, 4).int(), torch.randn(5, 4).int(), torch.zeros(3, dtype=torch.long)), {},
+         ValueError, "`hidden` must be float32"),
+    ],
+)
+def test_bad_input(args, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        linear_logprobs(*args, **kw)
+
+
+def test_empty_rows():
+    lp, ent = linear_logprobs(torch.randn(0, 4), torch.randn(5, 4), torch.zeros(0, dtype=torch.long),
+                              return_entropy=True)
+    assert lp.shape == ent.shape == (0,)
+
+
+def test_dispatch_picks_triton_for_cuda_only(monkeypatch):
+    pytest.importorskip("triton")
+    fake = lambda dev, dtype=torch.float32: SimpleNamespace(device=torch.device(dev), dtype=dtype)  # noqa: E731
+    assert fll._use_triton(fake("cuda")) and fll._use_triton(fake("cuda", torch.bfloat16))
+    assert not fll._use_triton(fake("cpu")) and not fll._use_triton(fake("cuda", torch.float64))
+    monkeypatch.setenv("FASTRL_LINEAR_LOGPROBS", "chunked")
+    assert not fll._use_triton(fake("cuda"))
+
+
+def test_reference_backend():
+    code = ("import torch; from fastrl.linear_logprobs import linear_logprobs; h = torch.randn(3, 4);"
+            "print(linear_logprobs(h, torch.randn(6, 4), torch.tensor([1, -100, 5]), return_entropy=True)[1].tolist()[1])")
+    env = dict(os.environ, FASTRL_BACKEND="reference")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0.0"
+
+
+# ----------------------------------------------------------------------------- Triton, interpreted
+
+_TRITON_SCRIPT = textwrap.dedent(r"""
+    import json, sys
+    import torch, triton
+    from triton.runtime.interpreter import InterpretedFunction
+    import fastrl.triton.linear_logprobs as tk
+    from fastrl.reference.logprobs import linear_logprobs as ref
+
+    assert isinstance(tk._forward_kernel, InterpretedFunction), type(tk._forward_kernel)
+    results = []
+    for N, V, H, dtype, bias, T, chunk in json.loads(sys.argv[1]):
+        dtype = getattr(torch, dtype)
+        gen = torch.Generator().manual_seed(N * V + H)
+        h = torch.randn(N, H, generator=gen).to(dtype)
+        w = (3 * torch.randn(V, H, generator=gen) / H ** 0.5).to(dtype)
+        b = torch.randn(V, generator=gen).to(dtype) if bias else None
+        y = torch.randint(0, V, (N,), generator=gen)
+        y[torch.rand(N, generator=gen) < 0.25] = -100
+        g_lp, g_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+        lp, ent, lse = tk.linear_logprobs_forward(h, w, b, y, T, -100, True)
+        gh, gw, gb = tk.linear_logprobs_backward(h, w, b, y, lse, ent, g_lp, g_ent, T, -100, chunk)
+        leaves = [t.double().requires_grad_(True) for t in (h, w)]
+        bl = b.double().requires_grad_(True) if bias else None
+        rlp, rent = ref(leaves[0], leaves[1], y, bias=bl, temperature=T)
+        ((rlp * g_lp.double()).sum() + (rent * g_ent.double()).sum()).backward()
+        err = lambda a, r: float((a.double() - r).abs().max() / (1 + r.abs().max()))
+        res = {"lp": err(lp, rlp.detach()), "ent": err(ent, rent.detach()),
+               "gh": err(gh, leaves[0].grad), "gw": err(gw, leaves[1].grad),
+               "ignored_zero": bool((lp[y == -100] == 0).all() and (gh[y == -100] == 0).all()),
+               "grad_dtype": str(gw.dtype)}
+        if bias:
+            res["gb"] = err(gb, bl.grad)
+        results.append(res)
+    print(json.dumps(results))
+""")
+
+
+@pytest.mark.triton
+def test_triton_kernels_under_interpreter():
+    pytest.importorskip("triton")
+    # V and H not multiples of the blocks (64, 32), rows not a multiple of BLOCK_M, chunks of 16 rows.
+    cases = [(37, 101, 45, "float32", True, 0.8, 16), (5, 64, 32, "float32", False, 1.0, 0),
+             (33, 70, 19, "bfloat16", True, 1.0, 8), (20, 130, 40, "float16", False, 1.3, 0)]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, json.dumps(cases)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for (N, V, H, dtype, bias, T, chunk), res in zip(cases, json.loads(out.stdout.strip().splitlines()[-1])):
+        tol = 1e-5 if dtype == "float32" else 2e-2
+        assert res["ignored_zero"] and res["grad_dtype"] == f"torch.{dtype}"
+        for key in ("lp", "ent", "gh", "gw") + (("gb",) if bias else ()):
+            assert res[key] < tol, (dtype, key, res)
