@@ -8,6 +8,7 @@ come from TORCH_CUDA_ARCH_LIST (torch's default when unset). MAX_JOBS bounds par
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -41,6 +42,13 @@ def extension():
     sources = rel("csrc/cpu/*.cpp") + rel("csrc/torch/*.cpp")
     # -ffp-contract=off: no FMA contraction, so the CPU rounds exactly as the CUDA kernels (common.h).
     cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", "-ffp-contract=off"]
+    link = []
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        # at::parallel_for is an inline `#pragma omp parallel` (ATen/ParallelOpenMP.h): without
+        # -fopenmp every CPU kernel silently runs on one thread. libgomp.so.1 is the one torch
+        # already loaded (same soname), so there is one OpenMP runtime in the process.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if want_cuda():
         nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
         return CUDAExtension(
@@ -49,8 +57,10 @@ def extension():
             include_dirs=include_dirs,
             define_macros=[("FASTRL_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link,
         )
-    return CppExtension("fastrl._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+    return CppExtension("fastrl._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+                        extra_link_args=link)
 
 
 setup(
