@@ -19,6 +19,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "logprobs": ("cpu", "cuda", "reference"),
     "logprobs_backward": ("cpu", "cuda", "reference"),  # the reference: autograd through the fp64 log-softmax
     "logprobs_backward_": ("cpu", "cuda", "reference"),  # in place (inplace_backward=True)
+    "vocab_parallel_logprobs": ("cpu", "cuda", "reference"),  # per-shard row kernels + torch.distributed
     "linear_logprobs": ("cpu", "triton", "reference"),   # cpu: chunked torch.mm + row kernels (also CUDA without Triton)
     "linear_logprobs_backward": ("cpu", "triton", "reference"),
     "segment_reduce": ("cpu", "cuda", "reference"),

@@ -8,34 +8,38 @@ sum of ``p * z`` for the entropy): no ``[N, V]`` temporary is allocated, forward
 backward writes the gradient into one new buffer the size of the logits, as autograd needs, or with
 ``inplace_backward=True`` into the logits themselves).
 A row's result depends only on that row (batch invariant, bitwise, whatever the thread count).
+:func:`vocab_parallel_logprobs` computes the same from logits sharded over the vocabulary across a
+tensor-parallel group (the per-shard row statistics combined with torch.distributed all-reduces).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from fastrl import _extension
 from fastrl.reference import logprobs as _ref
 
-__all__ = ["logprobs"]
+__all__ = ["logprobs", "vocab_parallel_logprobs"]
 
 
-def _flatten(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
+def _flatten(logits: torch.Tensor, labels: torch.Tensor, temperature: float, name: str = "fastrl.logprobs"):
     if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
-        raise ValueError("fastrl.logprobs: `logits` must be a tensor of shape [..., V]")
+        raise ValueError(f"{name}: `logits` must be a tensor of shape [..., V]")
     if logits.shape[-1] < 1:
-        raise ValueError(f"fastrl.logprobs: `logits` must have a vocabulary dimension of size >= 1, got shape "
+        raise ValueError(f"{name}: `logits` must have a vocabulary dimension of size >= 1, got shape "
                          f"{tuple(logits.shape)}")
     if not isinstance(labels, torch.Tensor):
-        raise ValueError("fastrl.logprobs: `labels` must be an integer tensor of shape logits.shape[:-1]")
+        raise ValueError(f"{name}: `labels` must be an integer tensor of shape logits.shape[:-1]")
     lead = tuple(logits.shape[:-1])
     topk = labels.dim() == logits.dim() and tuple(labels.shape[:-1]) == lead
     if tuple(labels.shape) != lead and not topk:
-        raise ValueError(f"fastrl.logprobs: `labels` must have shape logits.shape[:-1] = {lead} (one label per "
+        raise ValueError(f"{name}: `labels` must have shape logits.shape[:-1] = {lead} (one label per "
                          f"position) or {lead + ('K',)} (K labels per position), got {tuple(labels.shape)}")
     if labels.dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
         labels = labels.long()
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
-        raise ValueError(f"fastrl.logprobs: `temperature` must be a float, got {type(temperature).__name__}")
+        raise ValueError(f"{name}: `temperature` must be a float, got {type(temperature).__name__}")
     flat_labels = labels.reshape(-1, labels.shape[-1]) if topk else labels.reshape(-1)
     return logits.reshape(-1, logits.shape[-1]), flat_labels
 
@@ -178,3 +182,184 @@ if _extension._C is not None:
     torch.library.register_fake("fastrl::logprobs_backward")(_backward_fake)
     torch.library.register_fake("fastrl::logprobs_backward_")(lambda *args: None)
     torch.library.register_autograd("fastrl::logprobs", _backward, setup_context=_setup)
+
+
+# ------------------------------------------------------------------------- vocab-parallel (tensor-parallel shards)
+
+_NOT_LOCAL = -1  # a shard's label for "ignored, or on another shard": never a local index (ignore_index may be one)
+
+
+def vocab_parallel_logprobs(logits_shard: torch.Tensor, labels: torch.Tensor, *, process_group,
+                            vocab_start_index: int | None = None, temperature: float = 1.0,
+                            return_entropy: bool = False, ignore_index: int = -100):
+    """:func:`fastrl.logprobs` of logits sharded over the vocabulary across a tensor-parallel group.
+
+    Rank ``r`` of ``process_group`` holds ``logits_shard = logits[..., s_r : s_r + V_r]`` (a contiguous
+    slice of the vocabulary) and the same global ``labels`` as every other rank; every rank gets the
+    same (replicated) log-probs, as Megatron's ``vocab_parallel_cross_entropy`` / verl's
+    ``vocab_parallel_log_probs_from_logits`` (which return their negation, without ignore_index,
+    temperature or entropy). Each shard's row statistics come from the compiled kernel (one pass,
+    no ``[N, V_r]`` temporary); with ``z = logits / T`` they are combined by one all-reduce MAX and
+    one all-reduce SUM of ``[2 or 3, N]`` float32 (nothing ``[N, V]`` is gathered)::
+
+        m = max_r lse_r,   e_r = exp(lse_r - m),   S = sum_r e_r,   lse = m + log S
+        logprob = z[label] - lse                   (z[label] summed from the rank that owns the label)
+        entropy = sum_r e_r (H_r + m - lse_r) / S + log S       (H_r, lse_r: the shard's own entropy, lse)
+
+    Gradient wrt each shard (the kernel's backward given the *global* lse and entropy; no
+    collective): ``([j == label] - p_j) / T`` for the log-prob and ``-p_j (log p_j + H) / T`` for the
+    entropy, ``p = exp(z - lse)``; the grad_outputs must be the same on every rank (as with a loss
+    computed from the replicated outputs).
+
+    Args:
+        logits_shard: ``[..., V_r]`` float32 / bfloat16 / float16, ``V_r >= 1`` (shards may differ in size).
+        labels: int64 ``logits_shard.shape[:-1]`` global ids in ``[0, V)`` or ``ignore_index`` (identical
+            on every rank; one label per position). A label outside ``[0, V)`` raises ``ValueError`` on
+            every rank for CPU tensors; on CUDA (no host sync) its log-prob is NaN, with no gradient.
+        process_group: the tensor-parallel ``torch.distributed`` group (gloo on CPU, NCCL on GPU; ``None``
+            is the default group). Every rank of it must call, with the same leading shape.
+        vocab_start_index: this rank's ``s_r``. Default: the shard sizes are all-gathered and rank ``r``
+            starts at the sum of the sizes of ranks ``< r``, i.e. ``rank * V_r`` when all shards are equal
+            (Megatron's layout). Given, it must be given on every rank. Either way the shards must
+            tile ``[0, V)`` without gap or overlap, else every rank raises ``ValueError``.
+        temperature, return_entropy, ignore_index: as :func:`fastrl.logprobs` (ignored labels give 0
+            with no gradient; their entropy is still their row's).
+
+    Returns:
+        ``logprobs`` float32 ``labels.shape``, or ``(logprobs, entropy)`` with ``return_entropy=True``.
+
+    Cost per call: one all_gather of 3 int64 per rank for the layout, read on the host (on CUDA that
+    waits for the stream: the one host sync), then the two all-reduces above. Extra memory: O(N)
+    forward; the backward writes one gradient buffer the size of the shard. Results equal
+    :func:`fastrl.logprobs` of the full logits up to float32 rounding (the merge order differs), and are
+    bitwise identical on every rank. Not traceable by torch.compile (collectives, host read).
+
+    Example, on each of 2 ranks (``tp_group`` a gloo group of both)::
+
+        logits = torch.tensor([[1., 2., 3., 4., 5.], [0., 0., 0., 0., 0.]])
+        shard = logits[:, :3] if rank == 0 else logits[:, 3:]
+        fastrl.logprobs_ops.vocab_parallel_logprobs(shard, torch.tensor([4, 1]), process_group=tp_group,
+                                                    return_entropy=True)
+        # on both ranks: (tensor([-0.4519, -1.6094]), tensor([1.0000, 1.6094])),
+        # as fastrl.logprobs(logits, torch.tensor([4, 1]), return_entropy=True)
+    """
+    import torch.distributed as dist
+
+    name = "fastrl.vocab_parallel_logprobs"
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{name}: torch.distributed must be initialized (the shards are combined over "
+                           "`process_group`)")
+    if not isinstance(logits_shard, torch.Tensor) or logits_shard.dim() < 1:
+        raise ValueError(f"{name}: `logits_shard` must be a tensor of shape [..., V_r]")
+    start, vocab = _shard_layout(logits_shard.shape[-1], vocab_start_index, process_group, logits_shard.device, name)
+    flat_logits, flat_labels = _flatten(logits_shard, labels, temperature, name)
+    if flat_labels.dim() != 1:
+        raise ValueError(f"{name}: `labels` must have shape logits_shard.shape[:-1] = {tuple(logits_shard.shape[:-1])} "
+                         f"(K labels per position are not supported), got {tuple(labels.shape)}")
+    if flat_labels.dtype != torch.int64:
+        raise ValueError(f"{name}: `labels` must be an integer tensor, got dtype {labels.dtype}")
+    if flat_labels.device != flat_logits.device:
+        raise ValueError(f"{name}: `labels` must be on the device of `logits_shard` ({flat_logits.device}), "
+                         f"got {flat_labels.device}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{name}: `temperature` must be a finite number > 0, got {temperature}")
+    bad = (flat_labels != ignore_index) & ((flat_labels < 0) | (flat_labels >= vocab))
+    if flat_labels.device.type == "cpu" and bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}: `labels` must lie in [0, V={vocab}) (the global vocabulary) or equal "
+                         f"ignore_index={ignore_index}, got labels[{i}] = {int(flat_labels[i])} (position in the "
+                         f"flattened `labels`)")
+    lp, entropy = _VocabParallel.apply(flat_logits, flat_labels, bad, start, float(temperature), int(ignore_index),
+                                       bool(return_entropy), process_group)
+    lp = lp.view(labels.shape)
+    return (lp, entropy.view(logits_shard.shape[:-1])) if return_entropy else lp
+
+
+def _shard_layout(shard_vocab: int, vocab_start_index, group, device, name: str):
+    """``(this rank's vocab_start_index, global V)`` from one all_gather of (size, given, start) per
+    rank; the same ValueError on every rank if the shards do not tile [0, V)."""
+    import torch.distributed as dist
+
+    given = vocab_start_index is not None
+    if given and (isinstance(vocab_start_index, bool) or not isinstance(vocab_start_index, int)):
+        raise ValueError(f"{name}: `vocab_start_index` must be an int or None, got {type(vocab_start_index).__name__}")
+    mine = torch.tensor([shard_vocab, int(given), vocab_start_index if given else 0], dtype=torch.int64, device=device)
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, mine, group=group)
+    layout = torch.stack(rows).tolist()  # rank order
+    sizes = [size for size, _, _ in layout]
+    if all(g for _, g, _ in layout):
+        starts = [s for _, _, s in layout]
+    elif not any(g for _, g, _ in layout):
+        starts = [sum(sizes[:r]) for r in range(len(sizes))]
+    else:
+        raise ValueError(f"{name}: `vocab_start_index` must be given on every rank or on none, got it on ranks "
+                         f"{[r for r, (_, g, _) in enumerate(layout) if g]} of {len(layout)}")
+    end = 0
+    for s, size in sorted(zip(starts, sizes)):
+        if s != end or size < 1:
+            raise ValueError(f"{name}: the vocabulary shards must be non-empty and tile [0, V) without gaps or "
+                             f"overlaps; got (vocab_start_index, shard size) per rank: {list(zip(starts, sizes))}")
+        end = s + size
+    return starts[dist.get_rank(group)], end
+
+
+def _local_stats(logits, local_labels, temperature, compute_entropy):
+    """The shard's own ``(entropy, lse)`` per row (float32; the entropy is empty unless asked)."""
+    if _extension.use_reference():
+        _, entropy, lse = _ref.logprobs(logits, local_labels, temperature=temperature, ignore_index=_NOT_LOCAL)
+        return (entropy.float() if compute_entropy else lse.new_empty(0, dtype=torch.float32)), lse.float()
+    _, entropy, lse = torch.ops.fastrl.logprobs(logits, local_labels, temperature, _NOT_LOCAL, compute_entropy)
+    return entropy, lse
+
+
+class _VocabParallel(torch.autograd.Function):
+    """Forward: the shard statistics and their combination over the group; backward: the shard's
+    gradient from the global lse / entropy (``fastrl::logprobs_backward``, no collective)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, bad, start, temperature, ignore_index, compute_entropy, group):
+        import torch.distributed as dist
+
+        ctx.set_materialize_grads(False)
+        ignored = labels == ignore_index
+        local = labels - start
+        owned = ~ignored & (local >= 0) & (local < logits.shape[1])
+        local_labels = torch.where(owned, local, _NOT_LOCAL)
+        entropy_r, lse_r = _local_stats(logits, local_labels, temperature, compute_entropy)
+        # the label's scaled logit exactly as the kernel forms it: float(x) * float(1 / T)
+        inv_t = torch.tensor(1.0 / temperature, dtype=torch.float32)
+        label_logit = logits.gather(1, local_labels.clamp(min=0).unsqueeze(1)).squeeze(1).float() * inv_t
+
+        m = lse_r.clone()
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        m = torch.where(m == -math.inf, 0.0, m)  # a row of only -inf: S = 0, lse = -inf (no -inf - -inf)
+        e = torch.exp(lse_r - m)
+        parts = [e, torch.where(owned, label_logit, 0.0)]
+        if compute_entropy:  # e_r * (H_r + m - lse_r) >= 0; a shard with probability 0 adds nothing
+            parts.append(torch.where(e > 0, e * (entropy_r + (m - lse_r)), 0.0))
+        sums = torch.stack(parts)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        log_s = sums[0].log()
+        lse = m + log_s
+        lp = torch.where(ignored, 0.0, torch.where(bad, math.nan, sums[1] - lse))
+        entropy = sums[2] / sums[0] + log_s if compute_entropy else lse.new_empty(0)
+        remote = ~ignored & ~owned & ~bad  # labels whose one-hot term lives on another shard
+        ctx.save_for_backward(logits, local_labels, lse, entropy, remote)
+        ctx.temperature, ctx.compute_entropy = temperature, compute_entropy
+        return lp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_ent):
+        logits, local_labels, lse, entropy, remote = ctx.saved_tensors
+        # a remote label's log-prob depends on this shard through -lse only: its term is g_lse = -g_lp
+        g_lse = None if grad_lp is None else torch.where(remote, -grad_lp, 0.0)
+        if grad_ent is None or not ctx.compute_entropy:
+            grad_ent, entropy = None, None
+        if _extension.use_reference():
+            grad = _ref.logprobs_backward(logits, local_labels, lse, entropy, grad_lp, grad_ent, g_lse,
+                                          temperature=ctx.temperature, ignore_index=_NOT_LOCAL).to(logits.dtype)
+        else:
+            grad = torch.ops.fastrl.logprobs_backward(logits, local_labels, lse, entropy, grad_lp, grad_ent, g_lse,
+                                                      ctx.temperature, _NOT_LOCAL)
+        return grad, None, None, None, None, None, None, None
