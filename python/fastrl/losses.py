@@ -10,15 +10,23 @@ inputs) and the backward scales them by the rows' incoming gradients in one stre
 
 Layouts: padded ``[B, T]`` with ``mask``, or packed ``[N]`` with ``cu_seqlens: int64[B+1]``.
 Advantages per token (``logp``'s shape) or per sequence (``[B]``, broadcast inside the kernel).
+
+:func:`linear_policy_loss` goes from hidden states straight to the loss (log-probs and entropy by
+:func:`fastrl.linear_logprobs`, never the ``[N, V]`` logits); :func:`rollout_is_weights` computes
+verl's truncated / masked importance-sampling weights for rollout-trainer mismatch, to pass as
+``is_weights``.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from fastrl import _extension
+from fastrl.linear_logprobs import _check as _check_linear, linear_logprobs
 from fastrl.reference import losses as _ref
 
-__all__ = ["policy_loss"]
+__all__ = ["policy_loss", "linear_policy_loss", "rollout_is_weights"]
 
 KINDS = _ref.KINDS + ("clip_cov", "kl_cov")
 AGGS = _ref.AGGS
@@ -266,6 +274,238 @@ def _metrics(rows, w, pg_loss, scale, has_kl, has_entropy):
         m["entropy_mean"] = mean(_HSUM)
         m["entropy_loss"] = ((w * rows[:, _HSUM]).sum() * scale).float()
     return m
+
+
+# ------------------------------------------------------------------------- hidden states -> loss
+def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, old_logp: torch.Tensor,
+                       advantages: torch.Tensor, mask: torch.Tensor, *, bias: torch.Tensor | None = None,
+                       temperature: float = 1.0, ignore_index: int = -100, chunk_size: int | None = None,
+                       with_entropy: bool | None = None, **policy_kwargs):
+    """:func:`policy_loss` of the log-probs of ``hidden @ weight.T (+ bias)``, without the ``[N, V]`` logits.
+
+    With ``z = (hidden @ weight.T + bias) / temperature`` per valid token (never stored whole)::
+
+        logp    = z[label] - logsumexp(z)                     (fastrl.linear_logprobs)
+        entropy = logsumexp(z) - sum_j softmax(z)_j z_j       (only when needed, see with_entropy)
+        loss, metrics = policy_loss(logp, old_logp, advantages, mask, entropy=entropy, **policy_kwargs)
+
+    Gradients flow to ``hidden``, ``weight`` and ``bias`` through both ``logp`` and ``entropy``
+    (the chain rule of the two compiled backwards). Tokens with ``mask == 0`` get the label
+    ``ignore_index`` before the matmul: they are never multiplied by ``weight`` and get zero gradient.
+    A valid token whose label is ``ignore_index`` has log-prob 0 and entropy 0.
+
+    Memory: the forward computes ``chunk_size`` rows of logits at a time and keeps only O(N) per
+    token (log-prob, entropy, logsumexp, the policy kernel's per-token derivatives); the backward
+    recomputes each chunk's logits. Peak extra memory O(chunk_size x V + V x H), not O(N x V)
+    (see :func:`fastrl.linear_logprobs` for the chunk size and the bf16/fp16 buffers). This is a
+    Python composition of the custom ops ``fastrl::linear_logprobs`` and ``fastrl::policy_loss_rows``
+    (each opchecked on its own), not a custom op itself.
+
+    Args:
+        hidden: ``[B, T, H]`` (padded, with ``mask [B, T]``) or ``[N, H]`` (packed, pass ``cu_seqlens``).
+        weight: ``[V, H]`` the LM head; ``bias``: optional ``[V]``. Same dtype as ``hidden``.
+        labels: integer, ``hidden.shape[:-1]``: the sampled tokens.
+        old_logp, advantages, mask: as in :func:`policy_loss` (``labels``' shape; advantages also ``[B]``).
+        temperature: the sampling temperature the log-probs are taken at (logits / T).
+        chunk_size: rows per logits chunk (default: :data:`fastrl.linear_logprobs.CHUNK_BYTES` of logits).
+        with_entropy: compute the entropy (needed for ``entropy_coef != 0``; with a zero coefficient
+            it only adds the ``entropy_mean`` / ``entropy_loss`` metrics). Default: ``entropy_coef != 0``.
+        **policy_kwargs: any keyword argument of :func:`policy_loss` except ``entropy`` (``kind``,
+            ``agg``, ``ref_logp``, ``kl_coef``, ``entropy_coef``, ``is_weights``, ``cu_seqlens``, ...).
+
+    Returns:
+        ``(loss, metrics)`` as :func:`policy_loss`; the log-probs are float32 (fp32 softmax), so the loss
+        is float32.
+
+    >>> hidden, weight = torch.randn(2, 5, 16, requires_grad=True), torch.randn(100, 16, requires_grad=True)
+    >>> labels, mask = torch.randint(0, 100, (2, 5)), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    >>> old = torch.randn(2, 5) - 5
+    >>> loss, m = fastrl.losses.linear_policy_loss(hidden, weight, labels, old, torch.tensor([1.0, -1.0]), mask,
+    ...                                           entropy_coef=0.01)
+    >>> loss.backward(); hidden.grad.shape, weight.grad.shape
+    (torch.Size([2, 5, 16]), torch.Size([100, 16]))
+    """
+    if "entropy" in policy_kwargs:
+        raise ValueError("fastrl: linear_policy_loss computes the entropy from `hidden` itself; do not pass "
+                         "`entropy` (use `entropy_coef`, or `with_entropy=True` for the metrics only)")
+    _check_linear(hidden, weight, labels, bias, temperature)
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(labels.shape):
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"fastrl: linear_policy_loss `mask` must have `labels`' shape {tuple(labels.shape)}, "
+                         f"got {got}")
+    entropy_coef = policy_kwargs.get("entropy_coef", 0.0)
+    if with_entropy is None:
+        with_entropy = entropy_coef != 0
+    elif not with_entropy and entropy_coef != 0:
+        raise ValueError(f"fastrl: linear_policy_loss entropy_coef={entropy_coef} needs the entropy; "
+                         "got with_entropy=False")
+    labels = torch.where(mask != 0, labels, ignore_index)  # masked tokens skip the matmul
+    out = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=with_entropy,
+                          ignore_index=ignore_index, chunk_size=chunk_size)
+    logp, entropy = out if with_entropy else (out, None)
+    if entropy is not None and entropy_coef == 0:
+        entropy = entropy.detach()  # metrics only: no entropy term in the backward
+    return policy_loss(logp, old_logp, advantages, mask, entropy=entropy, **policy_kwargs)
+
+
+# --------------------------------------------------------------- rollout-correction IS weights
+IS_LEVELS = ("token", "sequence", "geometric")
+IS_MODES = ("truncate", "mask")
+_IS_LOG_BOUND = 20.0  # verl's SAFETY_BOUND: log-ratios are clamped to +-20 before exp
+_EPS = 1e-8           # verl_F.masked_mean's denominator guard, kept for metric parity
+
+
+def rollout_is_weights(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, *, level: str = "token",
+                       mode: str = "truncate", threshold: float = 2.0, threshold_lower: float | None = None,
+                       batch_normalize: bool = False):
+    """Importance-sampling weights ``pi_train / pi_rollout`` for rollout/trainer mismatch (verl 0.9.1).
+
+    verl's ``compute_rollout_correction_weights`` (``trainer/ppo/rollout_corr_helper.py``), vectorized
+    with no host sync. With ``x = logp - rollout_logp`` on the valid tokens (``mask != 0``)::
+
+        level="token"      raw_t = exp(clamp(x_t, -20, 20))
+        level="sequence"   raw_t = exp(clamp(sum_b x, -20, 20))            (product of the token ratios)
+        level="geometric"  raw_t = exp(clamp(mean_b x, -20, 20))           (geometric mean, not in verl 0.9.1)
+        mode="truncate"    w = min(raw, threshold)     (TIS; also max(., threshold_lower) when given)
+        mode="mask"        w = raw if threshold_lower <= raw <= threshold else 0   (MIS / IcePop;
+                           threshold_lower defaults to 1 / threshold)
+        batch_normalize    w /= mean w   (over valid tokens for "token", over the non-empty rows'
+                           token-mean for the sequence levels; skipped when the mean is <= 1e-8)
+
+    ``w`` is 0 on masked tokens. verl's ``rollout_is_threshold="lo_hi"`` string is ``mode="mask",
+    threshold=hi, threshold_lower=lo``; a number is ``mode="truncate", threshold=number``.
+    ``level="geometric", mode="mask"`` keeps a sequence exactly when verl's rejection option
+    ``rollout_rs="seq_mean_k1"`` with ``rollout_rs_threshold=f"{1/hi}_{1/lo}"`` keeps it.
+
+    Args:
+        logp: ``[B, T]`` the trainer's log-probs (verl's ``old_log_prob``); read without gradient.
+        rollout_logp: ``[B, T]`` the rollout engine's log-probs.
+        mask: ``[B, T]`` 0/1 valid tokens.
+        threshold: upper bound > 0; ``threshold_lower``: lower bound in ``(0, threshold]``.
+
+    Returns:
+        ``(weights, metrics)``: ``weights`` ``[B, T]`` detached, in the promoted floating dtype of
+        ``logp`` / ``rollout_logp``; ``metrics`` verl's keys (``rollout_is_mean``, ``_max``, ``_min``,
+        ``_ratio_fraction_high``/``_low``, ``_std``, ``_eff_sample_size``, ``_seq_mean``/``_std``/``_max``/
+        ``_min``/``_max_deviation``/``_fraction_high``/``_fraction_low``, ``rollout_is_oob_ratio`` for
+        ``"mask"``, ``rollout_is_batch_norm_factor`` with ``batch_normalize``) as 0-dim device tensors,
+        computed before the batch normalization, as verl does. With no valid token (verl raises) the
+        weights are 0 and the token statistics 0; when every weight is 0 (``"mask"`` rejecting all)
+        ``rollout_is_eff_sample_size`` is 0 (verl divides by zero there).
+
+    >>> lp = torch.tensor([[-1.0, -2.0, -0.5]]); mask = torch.tensor([[1, 1, 0]])
+    >>> w, m = fastrl.losses.rollout_is_weights(lp, lp - torch.tensor([[1.0, -0.1, 0.0]]), mask, threshold=2.0)
+    >>> w
+    tensor([[2.0000, 0.9048, 0.0000]])
+    """
+    lower = _check_is_args(logp, rollout_logp, mask, level, mode, threshold, threshold_lower)
+    dtype = torch.promote_types(torch.promote_types(logp.dtype, rollout_logp.dtype), torch.float32)
+    valid = mask != 0
+    m = valid.to(dtype)
+    x = torch.where(valid, logp.detach().to(dtype) - rollout_logp.to(dtype), 0.0)  # masked tokens never read
+    n = m.sum(-1)
+    if level == "token":
+        log_w = x
+    else:
+        log_w = x.sum(-1, keepdim=True)
+        if level == "geometric":
+            log_w = log_w / n.clamp(min=1)[:, None]
+    raw = torch.exp(log_w.clamp(-_IS_LOG_BOUND, _IS_LOG_BOUND)).expand_as(x) * m
+    if mode == "truncate":
+        w = raw.clamp(max=threshold) if threshold_lower is None else torch.where(
+            valid, raw.clamp(threshold_lower, threshold), 0.0)
+    else:
+        w = torch.where((raw >= lower) & (raw <= threshold), raw, 0.0)
+    metrics = _is_metrics(w, raw, log_w, m, n, level, mode, threshold, lower)
+    if batch_normalize:
+        if level == "token":
+            mean = (w * m).sum() / (m.sum() + _EPS)
+        else:
+            seq = (w * m).sum(-1) / (n + _EPS)
+            has = (n > 0).to(dtype)
+            mean = (seq * has).sum() / has.sum().clamp(min=_EPS)
+        ok = mean > _EPS
+        w = torch.where(ok, w / torch.where(ok, mean, 1.0), w)
+        metrics["rollout_is_batch_norm_factor"] = torch.where(ok, mean, 1.0).float()
+    return w.detach(), metrics
+
+
+def _check_is_args(logp, rollout_logp, mask, level, mode, threshold, threshold_lower):
+    """Validates rollout_is_weights' arguments; returns the effective lower bound."""
+    name = "fastrl: rollout_is_weights"
+    for arg, t in (("logp", logp), ("rollout_logp", rollout_logp), ("mask", mask)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} `{arg}` must be a tensor, got {type(t).__name__}")
+    if logp.dim() != 2:
+        raise ValueError(f"{name} `logp` must be [B, T], got shape {tuple(logp.shape)}")
+    for arg, t in (("rollout_logp", rollout_logp), ("mask", mask)):
+        if t.shape != logp.shape:
+            raise ValueError(f"{name} `{arg}` must have `logp`'s shape {tuple(logp.shape)}, got {tuple(t.shape)}")
+        if t.device != logp.device:
+            raise ValueError(f"{name} `{arg}` is on {t.device} but `logp` is on {logp.device}")
+    for arg, t in (("logp", logp), ("rollout_logp", rollout_logp)):
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} `{arg}` must be floating point, got {t.dtype}")
+    if level not in IS_LEVELS:
+        raise ValueError(f"{name} `level` must be one of {', '.join(IS_LEVELS)}; got {level!r}")
+    if mode not in IS_MODES:
+        raise ValueError(f"{name} `mode` must be one of {', '.join(IS_MODES)}; got {mode!r}")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")  # noqa: E731
+    if not number(threshold):
+        raise ValueError(f"{name} `threshold` must be a finite number > 0, got {threshold!r}")
+    if threshold_lower is not None and not (number(threshold_lower) and threshold_lower <= threshold):
+        raise ValueError(f"{name} `threshold_lower` must be a number in (0, threshold={threshold}], "
+                         f"got {threshold_lower!r}")
+    return 1.0 / threshold if threshold_lower is None else float(threshold_lower)
+
+
+def _is_metrics(w, raw, log_w, m, n, level, mode, upper, lower):
+    """verl's compute_is_metrics (+ the IcePop out-of-bounds ratio) as device tensors."""
+    count = m.sum()
+    has = count > 0
+
+    def mmean(t, dim=None):  # verl_F.masked_mean: sum / (count + 1e-8)
+        return (t * m).sum(dim) / ((count if dim is None else n) + _EPS)
+
+    def amax(t):  # 0 for an empty batch (shapes are static: no sync)
+        return t.max() if t.numel() else t.new_zeros(())
+
+    def amin(t):
+        return t.min() if t.numel() else t.new_zeros(())
+
+    def frac(b):
+        return b.to(w.dtype).mean() if b.numel() else w.new_zeros(())
+
+    out = {"rollout_is_mean": mmean(w)}
+    if level == "token":
+        out["rollout_is_ratio_fraction_high"] = mmean((raw > upper).to(w.dtype))
+        out["rollout_is_ratio_fraction_low"] = mmean((raw < lower).to(w.dtype))
+        valid = m != 0
+        out["rollout_is_max"] = torch.where(has, amax(torch.where(valid, w, -float("inf"))), 0.0)
+        out["rollout_is_min"] = torch.where(has, amin(torch.where(valid, w, float("inf"))), 0.0)
+    else:  # per-row statistics over every row (verl includes the empty ones: log-ratio 0)
+        out["rollout_is_max"] = torch.exp(amax(log_w).clamp(max=_IS_LOG_BOUND))
+        out["rollout_is_min"] = torch.exp(amin(log_w))
+        out["rollout_is_ratio_fraction_high"] = frac(log_w > math.log(upper))
+        out["rollout_is_ratio_fraction_low"] = frac(log_w < math.log(lower))
+    capped = w.clamp(0.0, upper)
+    mean_c = mmean(capped)
+    var = mmean(capped.square()) - mean_c.square()
+    out["rollout_is_std"] = torch.where(count > 1, var.clamp(min=0.0).sqrt(), 0.0)
+    ess_den = mmean((capped / (mean_c + _EPS)).square())
+    out["rollout_is_eff_sample_size"] = torch.where(ess_den > 0, 1.0 / ess_den, 0.0)  # verl: ZeroDivisionError
+    seq = mmean(w, -1)
+    out["rollout_is_seq_mean"] = seq.mean() if seq.numel() else seq.new_zeros(())
+    out["rollout_is_seq_std"] = seq.std() if seq.numel() > 1 else seq.new_zeros(())
+    out["rollout_is_seq_max"] = amax(seq)
+    out["rollout_is_seq_min"] = amin(seq)
+    out["rollout_is_seq_max_deviation"] = amax((seq - 1.0).abs())
+    raw_seq = mmean(raw, -1)
+    out["rollout_is_seq_fraction_high"] = frac(raw_seq > upper)
+    out["rollout_is_seq_fraction_low"] = frac(raw_seq < lower)
+    if mode == "mask":
+        out["rollout_is_oob_ratio"] = mmean(((raw < lower) | (raw > upper)).to(w.dtype))
+    return {k: v.detach().float() for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------------- fake kernels

@@ -190,3 +190,47 @@ def policy_loss(logp, old_logp, advantages, mask, *, kind="vanilla", clip_low=0.
         metrics["entropy_mean"] = mean(entropy).detach()
         metrics["entropy_loss"] = ((w * msum(entropy.to(f), -1)).sum() * scale).detach().to(torch.float32)
     return (loss * scale).to(out_dtype), metrics
+
+
+def linear_policy_loss(hidden, weight, labels, old_logp, advantages, mask, *, bias=None, temperature=1.0,
+                       ignore_index=-100, with_entropy=None, **policy_kwargs):
+    """The materialized composition (see fastrl.losses.linear_policy_loss): float64 logits
+    ``hidden @ weight.T + bias`` -> log-softmax / entropy -> :func:`policy_loss`, autograd throughout."""
+    from fastrl.reference.logprobs import linear_logprobs
+
+    if with_entropy is None:
+        with_entropy = policy_kwargs.get("entropy_coef", 0.0) != 0
+    labels = torch.where(mask != 0, labels, ignore_index)
+    logp, entropy = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                    ignore_index=ignore_index)
+    return policy_loss(logp, old_logp, advantages, mask, entropy=entropy if with_entropy else None, **policy_kwargs)
+
+
+def rollout_is_weights(logp, rollout_logp, mask, *, level="token", mode="truncate", threshold=2.0,
+                       threshold_lower=None, batch_normalize=False):
+    """Float64 weights of fastrl.losses.rollout_is_weights, one row and one token at a time."""
+    import math
+
+    lower = 1.0 / threshold if threshold_lower is None else threshold_lower
+    B, T = logp.shape
+    w = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        idx = [t for t in range(T) if mask[b, t] != 0]
+        xs = [float(logp[b, t]) - float(rollout_logp[b, t]) for t in idx]
+        for j, t in enumerate(idx):
+            lw = xs[j] if level == "token" else (sum(xs) / len(xs) if level == "geometric" else sum(xs))
+            raw = math.exp(min(max(lw, -20.0), 20.0))
+            if mode == "mask":
+                w[b, t] = raw if lower <= raw <= threshold else 0.0
+            else:
+                w[b, t] = min(raw, threshold) if threshold_lower is None else min(max(raw, lower), threshold)
+    if batch_normalize:
+        valid = mask != 0
+        if level == "token":
+            mean = float(w[valid].mean()) if bool(valid.any()) else 0.0
+        else:
+            rows = [float(w[b][valid[b]].mean()) for b in range(B) if bool(valid[b].any())]
+            mean = sum(rows) / len(rows) if rows else 0.0
+        if mean > 1e-8:
+            w = w / mean
+    return w
