@@ -1379,3 +1379,184 @@ def test_bad_input_section_of_the_issue():
         fastrl.credit.implicit_rewards(torch.zeros(6), torch.zeros(6), 0.1, cu_seqlens=cu)
     with pytest.raises(RuntimeError, match=r"`turn_gamma` must lie in \[0, 1\], got nan"):
         fastrl.credit.gae(r, v, torch.ones(2, 3), 0.9, 0.9, turn_gamma=float("nan"))
+
+
+# ------------------------------------------------------------ discounted returns: turn ends (dones)
+
+
+def test_returns_without_turn_ends_is_bitwise_the_plain_call():
+    r, _, m, dones = turn_batch(10, 60, seed=201)
+    for mode in MODES:
+        plain = fastrl.credit.discounted_returns(r, m, 0.97, mode=mode)
+        for d in (None, torch.zeros(10, 60, dtype=torch.bool), torch.zeros(10, 60)):
+            assert torch.equal(fastrl.credit.discounted_returns(r, m, 0.97, mode=mode, dones=d, turn_gamma=0.3), plain)
+        # turn_gamma = gamma makes a turn end an ordinary step
+        assert torch.equal(fastrl.credit.discounted_returns(r, m, 0.97, mode=mode, dones=dones, turn_gamma=0.97), plain)
+        # and the flags do change the result otherwise
+        assert not torch.equal(fastrl.credit.discounted_returns(r, m, 0.97, mode=mode, dones=dones), plain)
+
+
+def test_returns_turn_ends_by_hand():
+    r = torch.tensor([[1.0, 2.0, 4.0, 8.0]])
+    ones = torch.ones(1, 4)
+    d = torch.tensor([[0, 1, 0, 0]])
+    for mode in MODES:  # all valid: the modes agree
+        # hard end after t=1: [1 + 2, 2, 4 + 8, 8]
+        assert fastrl.credit.discounted_returns(r, ones, 1.0, mode=mode, dones=d).tolist() == [[3.0, 2.0, 12.0, 8.0]]
+        # turn-level discount 0.5 at t=1 only: G_1 = 2 + 0.5 * 12 = 8, G_0 = 1 + 8
+        got = fastrl.credit.discounted_returns(r, ones, 1.0, mode=mode, dones=d, turn_gamma=0.5)
+        assert got.tolist() == [[9.0, 8.0, 12.0, 8.0]]
+    # t=1 is masked (an observation); its flag ends the turn at t=0
+    m = torch.tensor([[1, 0, 1, 1]])
+    assert fastrl.credit.discounted_returns(r, m, 1.0, mode="skip", dones=d).tolist() == [[1.0, 0.0, 12.0, 8.0]]
+    got = fastrl.credit.discounted_returns(r, m, 1.0, mode="skip", dones=d, turn_gamma=0.5)
+    assert got.tolist() == [[7.0, 0.0, 12.0, 8.0]]
+    # reset: the masked span restarts the return anyway
+    assert fastrl.credit.discounted_returns(r, m, 1.0, mode="reset", dones=d).tolist() == [[1.0, 0.0, 12.0, 8.0]]
+    # cumsum: t=1 is a step (reward 0) and the turn end itself: G_1 = 0 + 0.5 * 12, G_0 = 1 + 6
+    got = fastrl.credit.discounted_returns(r, m, 1.0, mode="cumsum", dones=d, turn_gamma=0.5)
+    assert got.tolist() == [[7.0, 6.0, 12.0, 8.0]]
+    # a flag on trailing padding ends the turn at the last valid token (skip): nothing after it there
+    m2 = torch.tensor([[1, 1, 1, 0]])
+    d2 = torch.tensor([[0, 0, 0, 1]])
+    got = fastrl.credit.discounted_returns(r, m2, 0.5, mode="skip", dones=d2, turn_gamma=0.0)
+    assert got.tolist() == fastrl.credit.discounted_returns(r, m2, 0.5, mode="skip").tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES)
+def test_returns_turn_ends_match_reference(dtype, mode):
+    r, _, m, dones = turn_batch(9, 70, seed=203, dtype=dtype, mask_dtype=torch.float32)
+    for d, tg in ((dones.to(torch.int32), 0.6), (dones, 0.0), (None, 0.6)):
+        got = fastrl.credit.discounted_returns(r, m, 0.9, mode=mode, dones=d, turn_gamma=tg)
+        want = ref.discounted_returns(r, m, 0.9, mode=mode, dones=d, turn_gamma=tg)
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert torch.equal(got, want)  # the same operations in the same order
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_returns_hard_turn_ends_equal_separate_episodes(mode):
+    """turn_gamma = 0 cuts a row into independent episodes: the same as each turn (up to and
+    including its flagged position) as its own packed row, interior masked spans included."""
+    r, _, m, dones = turn_batch(6, 50, seed=205, p_done=0.1)
+    got = fastrl.credit.discounted_returns(r, m, 0.97, mode=mode, dones=dones)
+    ends = dones.clone()
+    ends[:, -1] = True
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), ends.flatten().nonzero().flatten() + 1])
+    assert cu.numel() > 6 + 20  # many turns
+    want = fastrl.credit.discounted_returns(r.flatten(), m.flatten(), 0.97, mode=mode, cu_seqlens=cu)
+    assert torch.equal(got.flatten(), want)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_returns_turn_ends_packed_equals_padded(mode):
+    r, _, m, dones = turn_batch(11, 37, seed=207)
+    rp, cu, keep = pack(r, m)
+    got = fastrl.credit.discounted_returns(rp, m[keep], 0.99, mode=mode, cu_seqlens=cu, dones=dones[keep],
+                                           turn_gamma=0.5)
+    # packing drops each row's trailing padding, and with it the flags there (which end the last turn)
+    want = fastrl.credit.discounted_returns(r, m, 0.99, mode=mode, dones=dones & keep, turn_gamma=0.5)
+    assert torch.equal(got, want[keep])
+    assert torch.equal(got, ref.discounted_returns(rp, m[keep], 0.99, mode=mode, cu_seqlens=cu, dones=dones[keep],
+                                                   turn_gamma=0.5))
+
+
+def test_returns_turn_ends_deterministic_across_thread_counts():
+    r, _, m, dones = turn_batch(64, 2000, seed=209)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [fastrl.credit.discounted_returns(r, m, 0.99, mode=mode, dones=dones, turn_gamma=0.9) for mode in MODES]
+        torch.set_num_threads(max(2, threads))
+        many = [fastrl.credit.discounted_returns(r, m, 0.99, mode=mode, dones=dones, turn_gamma=0.9) for mode in MODES]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 5), T=st.integers(1, 30), seed=st.integers(0, 2**16), gamma=st.floats(0.0, 1.0),
+       turn_gamma=st.floats(0.0, 1.0), mode=st.sampled_from(MODES), p_done=st.sampled_from([0.0, 0.2, 1.0]))
+def test_hypothesis_returns_turn_ends(B, T, seed, gamma, turn_gamma, mode, p_done):
+    r, _, m, dones = turn_batch(B, T, seed, mask_dtype=torch.bool, p_done=p_done)
+    kw = dict(mode=mode, dones=dones, turn_gamma=turn_gamma)
+    assert torch.equal(fastrl.credit.discounted_returns(r, m, gamma, **kw), ref.discounted_returns(r, m, gamma, **kw))
+
+
+def test_opcheck_returns_turn_ends():
+    r, _, m, dones = turn_batch(4, 9, seed=211, mask_dtype=torch.float32)
+    rp, cu, keep = pack(r, m)
+    op = torch.ops.fastrl.discounted_returns.default
+    torch.library.opcheck(op, (r, m, None, 0.9, "skip", dones, 0.5))
+    torch.library.opcheck(op, (rp, m[keep], cu, 0.9, "cumsum", dones[keep].float(), 0.0))
+    torch.library.opcheck(op, (r, m, None, 0.9, "reset"))
+    f = torch.compile(lambda r, m, d: fastrl.credit.discounted_returns(r, m, 0.9, dones=d, turn_gamma=0.5) * 2,
+                      fullgraph=True, backend="eager")
+    assert torch.equal(f(r, m, dones), 2 * fastrl.credit.discounted_returns(r, m, 0.9, dones=dones, turn_gamma=0.5))
+
+
+def test_returns_turn_ends_reference_backend(monkeypatch):
+    r, _, m, dones = turn_batch(5, 20, seed=213)
+    want = fastrl.credit.discounted_returns(r, m, 0.9, dones=dones, turn_gamma=0.4)
+    monkeypatch.setattr(fastrl._extension, "BACKEND", "reference")
+    assert torch.equal(fastrl.credit.discounted_returns(r, m, 0.9, dones=dones, turn_gamma=0.4), want)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(dones=torch.zeros(2, 4)), r"`dones` has shape \[2, 4\] but `mask` has shape \[2, 3\]"),
+        (dict(dones=torch.full((2, 3), 0.5)), r"`dones` must hold only 0 and 1, got 0.5 at flat index 0"),
+        (dict(dones=torch.tensor([[0, 0, 0], [0, 0, -1]])), r"`dones` must hold only 0 and 1, got -1 at flat index 5"),
+        (dict(dones=torch.zeros(2, 3, dtype=torch.bfloat16)), r"`dones` must be bool, uint8"),
+        (dict(turn_gamma=1.5), r"`turn_gamma` must lie in \[0, 1\], got 1.5"),
+        (dict(turn_gamma=float("nan")), r"`turn_gamma` must lie in \[0, 1\], got nan"),
+    ],
+)
+def test_returns_turn_ends_bad_input(kwargs, match):
+    with pytest.raises(RuntimeError, match=match):
+        fastrl.credit.discounted_returns(torch.zeros(2, 3), torch.ones(2, 3), 0.9, **kwargs)
+
+
+# ---------------------------------------------------------------- implicit rewards on CUDA (GPU)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cuda_implicit_rewards_bitwise_equal_cpu(dtype):
+    # long rows (whole-row steps of thousands of tokens), short steps, all-masked row, no mask
+    for B, T, p_end in ((24, 3000, 0.02), (7, 5000, 0.0), (16, 300, 0.3)):
+        logp, ref_logp, m, ends = implicit_batch(B, T, seed=215 + T, dtype=dtype, p_end=p_end)
+        lp, cu, keep = pack(logp, m)
+        cases = [((logp, ref_logp), dict(mask=m)), ((logp, ref_logp), dict(mask=m, step_ends=ends)),
+                 ((logp, ref_logp), dict(step_ends=ends)), ((logp, ref_logp), {}),
+                 ((lp, ref_logp[keep]), dict(mask=m[keep], cu_seqlens=cu, step_ends=ends[keep])),
+                 ((lp, ref_logp[keep]), dict(cu_seqlens=cu, step_ends=ends[keep]))]
+        for args, kw in cases:
+            want = fastrl.credit.implicit_rewards(*args, 0.05, **kw)
+            dev_kw = {k: t.cuda() for k, t in kw.items()}
+            got = fastrl.credit.implicit_rewards(*(a.cuda() for a in args), 0.05, **dev_kw)
+            assert got.dtype == want.dtype and torch.equal(got.cpu(), want)
+            assert torch.equal(got, fastrl.credit.implicit_rewards(*(a.cuda() for a in args), 0.05, **dev_kw))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
+def test_cuda_returns_turn_ends_match_cpu():
+    r, _, m, dones = turn_batch(24, 3000, seed=217)
+    rp, cu, keep = pack(r, m)
+    for mode in MODES:
+        for tg in (0.0, 0.6):
+            want = fastrl.credit.discounted_returns(r, m, 0.99, mode=mode, dones=dones, turn_gamma=tg)
+            got = fastrl.credit.discounted_returns(r.cuda(), m.cuda(), 0.99, mode=mode, dones=dones.cuda(),
+                                                   turn_gamma=tg)
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+            a = fastrl.credit.discounted_returns(rp.cuda(), m[keep].cuda(), 0.99, mode=mode, cu_seqlens=cu.cuda(),
+                                                 dones=dones[keep].cuda(), turn_gamma=tg)
+            b = fastrl.credit.discounted_returns(rp, m[keep], 0.99, mode=mode, cu_seqlens=cu, dones=dones[keep],
+                                                 turn_gamma=tg)
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)
+        plain = fastrl.credit.discounted_returns(r.cuda(), m.cuda(), 0.99, mode=mode)
+        assert torch.equal(fastrl.credit.discounted_returns(r.cuda(), m.cuda(), 0.99, mode=mode,
+                                                            dones=torch.zeros_like(dones).cuda()), plain)

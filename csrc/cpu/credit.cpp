@@ -115,23 +115,28 @@ int64_t gae(const scalar_t* rewards, const scalar_t* values, const mask_t* mask,
 }
 
 template <typename scalar_t, typename mask_t, typename acc_t>
-int64_t discounted_returns(const scalar_t* rewards, const mask_t* mask, Rows rows, double gamma,
-                           credit::ReturnsMode mode, acc_t* out) {
-  const acc_t g = static_cast<acc_t>(gamma);
+int64_t discounted_returns(const scalar_t* rewards, const mask_t* mask, const bool* dones,
+                           Rows rows, double gamma, credit::ReturnsMode mode, double turn_gamma,
+                           acc_t* out) {
+  const acc_t g = static_cast<acc_t>(gamma), tg = static_cast<acc_t>(turn_gamma);
   std::atomic<int64_t> bad{-1};
   at::parallel_for(0, rows.num_rows, row_grain(rows), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t begin = row_begin(rows, b);
       acc_t carry = 0;
+      bool pending = false;  // a done flag seen on non-step positions since the last step
       for (int64_t i = row_end(rows, b) - 1; i >= begin; --i) {
         int bit = mask_bit(mask[i]);
         if (bit < 0) {  // reported (the op raises); keep scanning for the smallest bad index
           record_min(bad, i);
           bit = 0;
         }
-        carry = credit::apply(credit::returns_step(static_cast<acc_t>(rewards[i]), bit == 1, g, mode),
+        const bool done = dones != nullptr && dones[i];
+        carry = credit::apply(credit::returns_turn_step(static_cast<acc_t>(rewards[i]), bit == 1,
+                                                        done || pending, g, tg, mode),
                               carry);
         out[i] = credit::returns_output(carry, bit == 1, mode);
+        pending = !credit::returns_is_step(bit == 1, mode) && (pending || done);
       }
     }
   });
@@ -361,8 +366,8 @@ FASTRL_INSTANTIATE_KL(c10::BFloat16, float, float)
 #define FASTRL_INSTANTIATE_MASKED(T, M, A)                                                          \
   template int64_t gae<T, M, A>(const T*, const T*, const M*, const bool*, Rows, double, double,   \
                                 credit::GaeMode, double, double, A*, A*, credit::Moments*);      \
-  template int64_t discounted_returns<T, M, A>(const T*, const M*, Rows, double,                    \
-                                               credit::ReturnsMode, A*);                            \
+  template int64_t discounted_returns<T, M, A>(const T*, const M*, const bool*, Rows, double,      \
+                                               credit::ReturnsMode, double, A*);                    \
   template int64_t masked_moments<T, M>(const T*, const M*, int64_t, credit::Moments*);       \
   template int64_t token_rewards<T, M, A>(const T*, const M*, const T*, Rows, double, A*);      \
   template int64_t segment_reduce<T, M, A>(const T*, const M*, Rows, credit::SegmentReduce, A*); \

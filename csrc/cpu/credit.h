@@ -32,10 +32,12 @@ int64_t gae(const scalar_t* rewards, const scalar_t* values, const mask_t* mask,
             Rows rows, double gamma, double lam, credit::GaeMode mode, double turn_gamma,
             double turn_lam, acc_t* adv, acc_t* ret, credit::Moments* row_moments);
 
-// Discounted returns-to-go per row in one of the credit::ReturnsMode semantics.
+// Discounted returns-to-go per row in one of the credit::ReturnsMode semantics, with turn ends at
+// dones[i] (nullptr: none) discounted by turn_gamma (credit::returns_turn_step).
 template <typename scalar_t, typename mask_t, typename acc_t>
-int64_t discounted_returns(const scalar_t* rewards, const mask_t* mask, Rows rows, double gamma,
-                           credit::ReturnsMode mode, acc_t* out);
+int64_t discounted_returns(const scalar_t* rewards, const mask_t* mask, const bool* dones,
+                           Rows rows, double gamma, credit::ReturnsMode mode, double turn_gamma,
+                           acc_t* out);
 
 // (count, mean, m2) of the x[i] whose mask[i] is 1, over n elements (credit::Moments).
 template <typename scalar_t, typename mask_t>

@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(kBlock)
         const int64_t pos = tile_end - 1 - k;
         s_r[k] = to_acc(rewards[pos]);
         if (kGae) s_v[k] = to_acc(values[pos]);
-        s_m[k] = (is_valid(mask[pos]) ? 1 : 0) | (kGae && dones != nullptr && dones[pos] ? 2 : 0);
+        s_m[k] = (is_valid(mask[pos]) ? 1 : 0) | (dones != nullptr && dones[pos] ? 2 : 0);
       }
       __syncthreads();
 
@@ -138,21 +138,29 @@ __global__ void __launch_bounds__(kBlock)
         in[j] = k < len;
         valid[j] = in[j] && (s_m[k] & 1) != 0;
         done[j] = in[j] && (s_m[k] & 2) != 0;
-        step[j] = valid[j] || (kGae && dense && in[j]);
+        // a step position: GAE dense and returns cumsum step through masked positions too
+        step[j] = valid[j] || (in[j] && (kGae ? dense : credit::returns_is_step(false, mode)));
         r[j] = valid[j] ? s_r[k] : A(0);
         // GAE: the raw value (returns = A + v at skip/reset gaps); dense zeroes masked values
         v[j] = (kGae && in[j] && (valid[j] || !dense)) ? s_v[k] : A(0);
       }
-      if (kGae) {
-        NextValue<A> nv[kItems];
+      // GAE: next values and pending turn ends; returns: pending turn ends (only with dones)
+      NextValue<A> nv[kItems];
+      if (kGae || dones != nullptr) {  // block-uniform
 #pragma unroll
         for (int j = 0; j < kItems; ++j) {
-          const bool reset_gap = in[j] && !step[j] && gae_mode == credit::GaeMode::kReset;
+          const bool reset_gap =
+              kGae && in[j] && !step[j] && gae_mode == credit::GaeMode::kReset;
           nv[j] = NextValue<A>{step[j] || reset_gap, in[j] && !step[j] && done[j],
                                step[j] ? v[j] : A(0)};
         }
         NextScan(temp.next).ExclusiveScan(nv, nv, LatestValid(), next_prefix);
         __syncthreads();  // temp is reused by the affine scan
+      } else {
+#pragma unroll
+        for (int j = 0; j < kItems; ++j) nv[j] = NextValue<A>{false, false, A(0)};
+      }
+      if (kGae) {
 #pragma unroll
         for (int j = 0; j < kItems; ++j) {
           if (!in[j]) {
@@ -166,7 +174,8 @@ __global__ void __launch_bounds__(kBlock)
       } else {
 #pragma unroll
         for (int j = 0; j < kItems; ++j) {
-          f[j] = in[j] ? credit::returns_step(r[j], valid[j], coefs.gamma, mode)
+          f[j] = in[j] ? credit::returns_turn_step(r[j], valid[j], done[j] || nv[j].pend,
+                                                   coefs.gamma, coefs.turn_gamma, mode)
                        : credit::identity<A>();
         }
       }
@@ -352,6 +361,56 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
+// --------------------------------------------------------------------------- implicit rewards
+
+// Per-token rewards: elementwise, grid-stride (a token's reward does not depend on its row).
+template <typename T, typename M>
+__global__ void implicit_token_kernel(const T* __restrict__ logp, const T* __restrict__ ref,
+                                      const M* __restrict__ mask, int64_t n,
+                                      typename CreditAcc<T>::type beta,
+                                      typename CreditAcc<T>::type* __restrict__ out) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    out[i] = is_valid_at(mask, i) ? credit::implicit_reward(to_acc(logp[i]), to_acc(ref[i]), beta)
+                                  : typename CreditAcc<T>::type(0);
+  }
+}
+
+// Step sums: one block per row. The block zeroes the row (coalesced), then each thread that owns a
+// step start (the row's first position or the position after a flag) walks its step forwards,
+// summing in fp64 in token order exactly as the CPU kernel does, and writes the sum at the step's
+// last valid token: bitwise the CPU result, deterministic, no atomics. A step is walked by one
+// thread, so the latency is that of the longest step (PRIME's steps are short; all-zero flags make
+// the whole row one step).
+template <typename T, typename M>
+__global__ void __launch_bounds__(kBlock)
+    implicit_step_kernel(const T* __restrict__ logp, const T* __restrict__ ref,
+                         const M* __restrict__ mask, const bool* __restrict__ step_ends,
+                         const int64_t* __restrict__ cu_seqlens, int64_t num_rows,
+                         int64_t row_len, int64_t num_tokens, typename CreditAcc<T>::type beta,
+                         typename CreditAcc<T>::type* __restrict__ out) {
+  using A = typename CreditAcc<T>::type;
+  for (int64_t b = blockIdx.x; b < num_rows; b += gridDim.x) {  // block-uniform
+    int64_t begin, end;
+    row_range(cu_seqlens, b, row_len, num_tokens, begin, end);
+    for (int64_t i = begin + threadIdx.x; i < end; i += kBlock) out[i] = A(0);
+    __syncthreads();  // the zeros land before any step sum overwrites one
+    for (int64_t s = begin + threadIdx.x; s < end; s += kBlock) {
+      if (s != begin && !step_ends[s - 1]) continue;
+      double sum = 0.0;
+      int64_t last = -1;
+      for (int64_t i = s; i < end; ++i) {
+        if (is_valid_at(mask, i)) {
+          sum += static_cast<double>(credit::implicit_reward(to_acc(logp[i]), to_acc(ref[i]), beta));
+          last = i;
+        }
+        if (step_ends[i]) break;
+      }
+      if (last >= 0) out[last] = static_cast<A>(sum);
+    }
+  }
+}
+
 bool bad_sizes(int64_t num_rows, int64_t row_len, int64_t num_tokens, const int64_t* cu_seqlens) {
   if (num_rows < 0 || row_len < 0 || num_tokens < 0) return true;
   return cu_seqlens == nullptr && num_rows * row_len != num_tokens;
@@ -381,16 +440,18 @@ cudaError_t launch_gae(const T* rewards, const T* values, const M* mask, const b
 }
 
 template <typename T, typename M>
-cudaError_t launch_discounted_returns(const T* rewards, const M* mask, const int64_t* cu_seqlens,
-                                      int64_t num_rows, int64_t row_len, int64_t num_tokens,
-                                      double gamma, ReturnsMode mode,
+cudaError_t launch_discounted_returns(const T* rewards, const M* mask, const bool* dones,
+                                      const int64_t* cu_seqlens, int64_t num_rows,
+                                      int64_t row_len, int64_t num_tokens, double gamma,
+                                      ReturnsMode mode, double turn_gamma,
                                       typename CreditAcc<T>::type* out, cudaStream_t stream) {
   using A = typename CreditAcc<T>::type;
   if (bad_sizes(num_rows, row_len, num_tokens, cu_seqlens)) return cudaErrorInvalidValue;
   if (num_rows == 0) return cudaSuccess;
-  const credit::GaeCoefs<A> coefs{static_cast<A>(gamma), A(0), A(0), A(0)};  // gamma only
+  // returns use the discounts only (no lambda)
+  const credit::GaeCoefs<A> coefs{static_cast<A>(gamma), A(0), static_cast<A>(turn_gamma), A(0)};
   scan_kernel<false, T, M><<<grid_for(num_rows), kBlock, 0, stream>>>(
-      rewards, nullptr, mask, nullptr, cu_seqlens, num_rows, row_len, num_tokens, coefs,
+      rewards, nullptr, mask, dones, cu_seqlens, num_rows, row_len, num_tokens, coefs,
       credit::GaeMode::kSkip, mode, out, nullptr);
   return cudaGetLastError();
 }
@@ -457,6 +518,26 @@ cudaError_t launch_segment_reduce_grad(const typename CreditAcc<T>::type* grad, 
   return cudaGetLastError();
 }
 
+template <typename T, typename M>
+cudaError_t launch_implicit_rewards(const T* logp, const T* ref, const M* mask,
+                                    const bool* step_ends, const int64_t* cu_seqlens,
+                                    int64_t num_rows, int64_t row_len, int64_t num_tokens,
+                                    double beta, typename CreditAcc<T>::type* out,
+                                    cudaStream_t stream) {
+  using A = typename CreditAcc<T>::type;
+  if (bad_sizes(num_rows, row_len, num_tokens, cu_seqlens)) return cudaErrorInvalidValue;
+  if (num_tokens == 0 || (step_ends != nullptr && num_rows == 0)) return cudaSuccess;
+  if (step_ends == nullptr) {
+    implicit_token_kernel<T, M><<<elementwise_grid(num_tokens), kBlock, 0, stream>>>(
+        logp, ref, mask, num_tokens, static_cast<A>(beta), out);
+  } else {
+    implicit_step_kernel<T, M><<<grid_for(num_rows), kBlock, 0, stream>>>(
+        logp, ref, mask, step_ends, cu_seqlens, num_rows, row_len, num_tokens,
+        static_cast<A>(beta), out);
+  }
+  return cudaGetLastError();
+}
+
 #define FASTRL_INSTANTIATE_KL(T, A, O)                                                          \
   template cudaError_t launch_kl_penalty<T, A, O>(const T*, const T*, int64_t, credit::KlKind,  \
                                                   credit::KlConvention, O*, cudaStream_t);      \
@@ -477,10 +558,13 @@ FASTRL_INSTANTIATE_KL(__nv_bfloat16, float, float)
                                         const int64_t*, int64_t, int64_t, int64_t, double,      \
                                         double, credit::GaeMode, double, double,                \
                                         CreditAcc<T>::type*, CreditAcc<T>::type*, cudaStream_t); \
-  template cudaError_t launch_discounted_returns<T, M>(const T*, const M*, const int64_t*,      \
-                                                       int64_t, int64_t, int64_t, double,       \
-                                                       ReturnsMode, CreditAcc<T>::type*,        \
-                                                       cudaStream_t);                           \
+  template cudaError_t launch_discounted_returns<T, M>(const T*, const M*, const bool*,          \
+                                                       const int64_t*, int64_t, int64_t, int64_t, \
+                                                       double, ReturnsMode, double,             \
+                                                       CreditAcc<T>::type*, cudaStream_t);      \
+  template cudaError_t launch_implicit_rewards<T, M>(const T*, const T*, const M*, const bool*,  \
+                                                     const int64_t*, int64_t, int64_t, int64_t,  \
+                                                     double, CreditAcc<T>::type*, cudaStream_t); \
   template cudaError_t launch_token_rewards<T, M>(const T*, const M*, const T*, const int64_t*, \
                                                   int64_t, int64_t, int64_t, double,            \
                                                   CreditAcc<T>::type*, cudaStream_t);           \

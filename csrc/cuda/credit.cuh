@@ -48,12 +48,25 @@ cudaError_t launch_gae(const T* rewards, const T* values, const M* mask, const b
                        double turn_gamma, double turn_lam, typename CreditAcc<T>::type* adv,
                        typename CreditAcc<T>::type* ret, cudaStream_t stream);
 
-// Discounted returns in credit::ReturnsMode `mode`, same layout and contract as launch_gae.
+// Discounted returns in credit::ReturnsMode `mode` with turn ends at dones[i] (nullptr: none)
+// discounted by turn_gamma (credit::returns_turn_step), same layout and contract as launch_gae.
 template <typename T, typename M>
-cudaError_t launch_discounted_returns(const T* rewards, const M* mask, const int64_t* cu_seqlens,
-                                      int64_t num_rows, int64_t row_len, int64_t num_tokens,
-                                      double gamma, credit::ReturnsMode mode,
+cudaError_t launch_discounted_returns(const T* rewards, const M* mask, const bool* dones,
+                                      const int64_t* cu_seqlens, int64_t num_rows,
+                                      int64_t row_len, int64_t num_tokens, double gamma,
+                                      credit::ReturnsMode mode, double turn_gamma,
                                       typename CreditAcc<T>::type* out, cudaStream_t stream);
+
+// PRIME implicit rewards (credit::implicit_reward; mask may be nullptr: every token valid), same
+// layout and contract as launch_gae. step_ends == nullptr: per token, elementwise. Otherwise each
+// step's rewards summed in fp64 in token order (one thread walks a step: bitwise the CPU kernel)
+// at the step's last valid token, 0 elsewhere; see cpu::implicit_rewards for the step rules.
+template <typename T, typename M>
+cudaError_t launch_implicit_rewards(const T* logp, const T* ref, const M* mask,
+                                    const bool* step_ends, const int64_t* cu_seqlens,
+                                    int64_t num_rows, int64_t row_len, int64_t num_tokens,
+                                    double beta, typename CreditAcc<T>::type* out,
+                                    cudaStream_t stream);
 
 // Elementwise KL estimator (credit::kl_value) of logp/ref [n]: inputs T, arithmetic A, output O
 // (verl: A = CreditAcc<T>, O = T; OpenRLHF: A = O = float). Grid-stride, no workspace.
@@ -97,8 +110,11 @@ cudaError_t launch_segment_reduce_grad(const typename CreditAcc<T>::type* grad, 
       double, double, credit::GaeMode, double, double, CreditAcc<T>::type*,                    \
       CreditAcc<T>::type*, cudaStream_t);                                                      \
   extern template cudaError_t launch_discounted_returns<T, M>(                                \
-      const T*, const M*, const int64_t*, int64_t, int64_t, int64_t, double,                   \
-      credit::ReturnsMode, CreditAcc<T>::type*, cudaStream_t);                                \
+      const T*, const M*, const bool*, const int64_t*, int64_t, int64_t, int64_t, double,      \
+      credit::ReturnsMode, double, CreditAcc<T>::type*, cudaStream_t);                        \
+  extern template cudaError_t launch_implicit_rewards<T, M>(                                  \
+      const T*, const T*, const M*, const bool*, const int64_t*, int64_t, int64_t, int64_t,    \
+      double, CreditAcc<T>::type*, cudaStream_t);                                              \
   extern template cudaError_t launch_token_rewards<T, M>(                                     \
       const T*, const M*, const T*, const int64_t*, int64_t, int64_t, int64_t, double,         \
       CreditAcc<T>::type*, cudaStream_t);                                                      \

@@ -7,7 +7,8 @@
 //   token_rewards             outcome score at the last valid token minus kl_coef * kl
 //   gae                       + turn ends (`dones`), modes skip (verl) / reset / dense (OpenRLHF)
 //   segment_reduce(_backward) token -> sequence sum / mean / geomean / last
-//   implicit_rewards          PRIME's beta * log-ratio per token or per step (CPU only so far)
+//   discounted_returns        + turn ends (`dones`) with a turn-level discount
+//   implicit_rewards          PRIME's beta * log-ratio per token or per step
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -391,10 +392,13 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
 
 at::Tensor discounted_returns_cpu(const at::Tensor& rewards, const at::Tensor& mask,
                                   const c10::optional<at::Tensor>& cu_seqlens, double gamma,
-                                  c10::string_view mode) {
+                                  c10::string_view mode, const c10::optional<at::Tensor>& dones,
+                                  double turn_gamma) {
   check_unit_interval(gamma, "gamma");
+  check_unit_interval(turn_gamma, "turn_gamma");
   const ReturnsMode m = parse_mode(std::string(mode));
   TokenInputs in = prepare_tokens(rewards, c10::nullopt, mask, cu_seqlens);
+  const at::Tensor done = prepare_flags(dones, "dones", mask, "mask");
   const auto opts = in.rewards.options().dtype(acc_dtype(in.rewards.scalar_type()));
   at::Tensor out = empty_streaming_output(in.rewards.sizes(), opts);
   int64_t bad = -1;
@@ -403,8 +407,8 @@ at::Tensor discounted_returns_cpu(const at::Tensor& rewards, const at::Tensor& m
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
     FASTRL_DISPATCH_MASK(in.mask.scalar_type(), [&] {
       bad = cpu::discounted_returns<scalar_t, mask_t, acc_t>(
-          in.rewards.data_ptr<scalar_t>(), in.mask.data_ptr<mask_t>(), in.rows, gamma, m,
-          out.data_ptr<acc_t>());
+          in.rewards.data_ptr<scalar_t>(), in.mask.data_ptr<mask_t>(), flags_ptr(done), in.rows,
+          gamma, m, turn_gamma, out.data_ptr<acc_t>());
     });
   });
   raise_bad_mask(bad, in.mask);
@@ -583,7 +587,12 @@ at::Tensor segment_reduce_backward_cpu(const at::Tensor& grad, const at::Tensor&
 
 // ----------------------------------------------------------------------------- implicit rewards
 
-at::Tensor implicit_rewards_cpu(const at::Tensor& logp, const at::Tensor& ref_logp,
+struct ImplicitInputs {
+  at::Tensor logp, ref, mask, ends;  // contiguous, common dtype; mask, ends undefined when not given
+  cpu::Rows rows;
+};
+
+ImplicitInputs prepare_implicit(const at::Tensor& logp, const at::Tensor& ref_logp,
                                 const c10::optional<at::Tensor>& mask,
                                 const c10::optional<at::Tensor>& cu_seqlens,
                                 const c10::optional<at::Tensor>& step_ends, double beta) {
@@ -592,28 +601,38 @@ at::Tensor implicit_rewards_cpu(const at::Tensor& logp, const at::Tensor& ref_lo
   check_same_shape(ref_logp, "ref_logp", logp, "logp");
   check_same_device(ref_logp, "ref_logp", logp, "logp");
   TORCH_CHECK_VALUE(std::isfinite(beta), "fastrl: `beta` must be finite, got ", beta);
-  const cpu::Rows rows = token_rows(logp, "logp", cu_seqlens);
-  at::Tensor m;
+  ImplicitInputs in;
+  in.rows = token_rows(logp, "logp", cu_seqlens);
   if (mask.has_value()) {
     check_same_shape(*mask, "mask", logp, "logp");
     check_same_device(*mask, "mask", logp, "logp");
     check_mask_dtype(*mask);
-    m = mask->contiguous();
+    in.mask = mask->contiguous();
   }
-  const at::Tensor ends = prepare_flags(step_ends, "step_ends", logp, "logp");
+  in.ends = prepare_flags(step_ends, "step_ends", logp, "logp");
   const auto dtype = at::promote_types(logp.scalar_type(), ref_logp.scalar_type());
-  const at::Tensor lp = logp.to(dtype).contiguous(), rf = ref_logp.to(dtype).contiguous();
-  at::Tensor out = empty_streaming_output(lp.sizes(), lp.options().dtype(acc_dtype(dtype)));
+  in.logp = logp.to(dtype).contiguous();
+  in.ref = ref_logp.to(dtype).contiguous();
+  return in;
+}
+
+at::Tensor implicit_rewards_cpu(const at::Tensor& logp, const at::Tensor& ref_logp,
+                                const c10::optional<at::Tensor>& mask,
+                                const c10::optional<at::Tensor>& cu_seqlens,
+                                const c10::optional<at::Tensor>& step_ends, double beta) {
+  ImplicitInputs in = prepare_implicit(logp, ref_logp, mask, cu_seqlens, step_ends, beta);
+  const auto dtype = in.logp.scalar_type();
+  at::Tensor out = empty_streaming_output(in.logp.sizes(), in.logp.options().dtype(acc_dtype(dtype)));
   int64_t bad = -1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastrl::implicit_rewards", [&] {
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
-    FASTRL_DISPATCH_OPT_MASK(m, [&] {
+    FASTRL_DISPATCH_OPT_MASK(in.mask, [&] {
       bad = cpu::implicit_rewards<scalar_t, mask_t, acc_t>(
-          lp.data_ptr<scalar_t>(), rf.data_ptr<scalar_t>(), opt_mask_ptr<mask_t>(m),
-          flags_ptr(ends), rows, beta, out.data_ptr<acc_t>());
+          in.logp.data_ptr<scalar_t>(), in.ref.data_ptr<scalar_t>(), opt_mask_ptr<mask_t>(in.mask),
+          flags_ptr(in.ends), in.rows, beta, out.data_ptr<acc_t>());
     });
   });
-  if (bad >= 0) raise_bad_mask(bad, m);
+  if (bad >= 0) raise_bad_mask(bad, in.mask);
   return out;
 }
 
@@ -657,10 +676,13 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
 
 at::Tensor discounted_returns_cuda(const at::Tensor& rewards, const at::Tensor& mask,
                                    const c10::optional<at::Tensor>& cu_seqlens, double gamma,
-                                   c10::string_view mode) {
+                                   c10::string_view mode, const c10::optional<at::Tensor>& dones,
+                                   double turn_gamma) {
   check_unit_interval(gamma, "gamma");
+  check_unit_interval(turn_gamma, "turn_gamma");
   const ReturnsMode m = parse_mode(std::string(mode));
   TokenInputs in = prepare_tokens(rewards, c10::nullopt, mask, cu_seqlens);
+  const at::Tensor done = prepare_flags(dones, "dones", mask, "mask");
   const c10::cuda::CUDAGuard guard(in.rewards.device());
   at::Tensor out = at::empty(in.rewards.sizes(),
                              in.rewards.options().dtype(acc_dtype(in.rewards.scalar_type())));
@@ -672,8 +694,9 @@ at::Tensor discounted_returns_cuda(const at::Tensor& rewards, const at::Tensor& 
     FASTRL_DISPATCH_MASK(in.mask.scalar_type(), [&] {
       err = cuda::launch_discounted_returns<cuda_t, mask_t>(
           reinterpret_cast<const cuda_t*>(in.rewards.data_ptr<scalar_t>()),
-          in.mask.data_ptr<mask_t>(), in.rows.cu_seqlens, in.rows.num_rows, in.rows.row_len,
-          in.rewards.numel(), gamma, m, out.data_ptr<acc_t>(), stream_of(in.rewards));
+          in.mask.data_ptr<mask_t>(), flags_ptr(done), in.rows.cu_seqlens, in.rows.num_rows,
+          in.rows.row_len, in.rewards.numel(), gamma, m, turn_gamma, out.data_ptr<acc_t>(),
+          stream_of(in.rewards));
     });
   });
   C10_CUDA_CHECK(err);
@@ -820,6 +843,32 @@ at::Tensor segment_reduce_backward_cuda(const at::Tensor& grad, const at::Tensor
   C10_CUDA_CHECK(err);
   return grad_x;
 }
+
+// Mask values, step_ends flags and cu_seqlens are not checked on CUDA (cuda/credit.cuh).
+at::Tensor implicit_rewards_cuda(const at::Tensor& logp, const at::Tensor& ref_logp,
+                                 const c10::optional<at::Tensor>& mask,
+                                 const c10::optional<at::Tensor>& cu_seqlens,
+                                 const c10::optional<at::Tensor>& step_ends, double beta) {
+  ImplicitInputs in = prepare_implicit(logp, ref_logp, mask, cu_seqlens, step_ends, beta);
+  const c10::cuda::CUDAGuard guard(in.logp.device());
+  const auto dtype = in.logp.scalar_type();
+  at::Tensor out = at::empty(in.logp.sizes(), in.logp.options().dtype(acc_dtype(dtype)));
+  cudaError_t err = cudaSuccess;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastrl::implicit_rewards", [&] {
+    using cuda_t = typename CudaScalar<scalar_t>::type;
+    using acc_t = typename cuda::CreditAcc<cuda_t>::type;
+    FASTRL_DISPATCH_OPT_MASK(in.mask, [&] {
+      err = cuda::launch_implicit_rewards<cuda_t, mask_t>(
+          reinterpret_cast<const cuda_t*>(in.logp.data_ptr<scalar_t>()),
+          reinterpret_cast<const cuda_t*>(in.ref.data_ptr<scalar_t>()),
+          opt_mask_ptr<mask_t>(in.mask), flags_ptr(in.ends), in.rows.cu_seqlens,
+          in.rows.num_rows, in.rows.row_len, in.logp.numel(), beta, out.data_ptr<acc_t>(),
+          stream_of(in.logp));
+    });
+  });
+  C10_CUDA_CHECK(err);
+  return out;
+}
 #endif
 
 }  // namespace
@@ -832,8 +881,8 @@ TORCH_LIBRARY_FRAGMENT(fastrl, m) {
       " bool whiten=False)"
       " -> (Tensor advantages, Tensor returns)");
   m.def(
-      "discounted_returns(Tensor rewards, Tensor mask, Tensor? cu_seqlens, float gamma, str mode)"
-      " -> Tensor");
+      "discounted_returns(Tensor rewards, Tensor mask, Tensor? cu_seqlens, float gamma, str mode,"
+      " Tensor? dones=None, float turn_gamma=0.0) -> Tensor");
   m.def("masked_moments(Tensor x, Tensor mask) -> (Tensor count, Tensor mean, Tensor m2)");
   m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps) -> Tensor");
   m.def("kl_penalty(Tensor logp, Tensor ref_logp, str kind, str convention) -> Tensor");
@@ -863,7 +912,7 @@ TORCH_LIBRARY_IMPL(fastrl, CPU, m) {
   m.impl("token_rewards", &token_rewards_cpu);
   m.impl("segment_reduce", &segment_reduce_cpu);
   m.impl("segment_reduce_backward", &segment_reduce_backward_cpu);
-  m.impl("implicit_rewards", &implicit_rewards_cpu);  // CPU only for now (no CUDA kernel yet)
+  m.impl("implicit_rewards", &implicit_rewards_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fastrl, CUDA, m) {
@@ -878,6 +927,7 @@ TORCH_LIBRARY_IMPL(fastrl, CUDA, m) {
   m.impl("token_rewards", &token_rewards_cuda);
   m.impl("segment_reduce", &segment_reduce_cuda);
   m.impl("segment_reduce_backward", &segment_reduce_backward_cuda);
+  m.impl("implicit_rewards", &implicit_rewards_cuda);
 #endif
 }
 

@@ -32,10 +32,7 @@ OPS: dict[str, tuple[str, ...]] = {
 }
 
 # (op, implementation) pairs fastrl does not have yet: reported as such, not as a build problem.
-NOT_IMPLEMENTED: dict[tuple[str, str], str] = {
-    ("implicit_rewards", "cuda"): "not implemented yet (no CUDA kernel for this op; use CPU tensors "
-                                  "or FASTRL_BACKEND=reference)",
-}
+NOT_IMPLEMENTED: dict[tuple[str, str], str] = {}
 
 
 def _why_not(impl: str) -> str | None:

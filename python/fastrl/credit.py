@@ -8,7 +8,8 @@ int64, float32 or float64 holding only 0 and 1.
 * :func:`gae` -- generalized advantage estimation, verl's multi-turn semantics (masked tokens are
   transparent), a reset or OpenRLHF's dense convention as options, turn ends (``dones``) with a
   turn-level gamma/lambda; one compiled backward scan per row.
-* :func:`discounted_returns` -- reward-to-go: verl REINFORCE++'s skip, a reset, or ReMax's cumsum.
+* :func:`discounted_returns` -- reward-to-go: verl REINFORCE++'s skip, a reset, or ReMax's cumsum;
+  turn ends (``dones``) with a turn-level discount, as in :func:`gae`.
 * :func:`masked_mean`, :func:`masked_var`, :func:`masked_whiten` -- verl's token-weighted batch
   statistics, fp64 accumulation, deterministic.
 * :func:`broadcast_to_tokens` -- a per-sample value on every token.
@@ -17,7 +18,7 @@ int64, float32 or float64 holding only 0 and 1.
 * :func:`segment_reduce` -- token -> sequence reductions (sum, mean, GSPO's geometric-mean ratio,
   last valid token), differentiable in the token values.
 * :func:`implicit_rewards` -- PRIME's implicit process rewards ``beta * (logp - ref_logp)`` per token
-  or summed per step at the step's last token (CPU kernel; no CUDA kernel yet).
+  or summed per step at the step's last token.
 * :func:`token_rewards` -- the outcome score at each row's last valid token minus ``kl_coef * kl``
   (OpenRLHF ``compute_reward`` / TRL PPO), one pass.
 
@@ -154,7 +155,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, *, mode: str = "skip",
-                       cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                       cu_seqlens: torch.Tensor | None = None, dones: torch.Tensor | None = None,
+                       turn_gamma: float = 0.0) -> torch.Tensor:
     """Discounted reward-to-go per row, backwards from the row's end (``G`` after the end is 0).
 
     ``mode`` says what a masked position (``mask_t == 0``) does:
@@ -167,19 +169,41 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, 
     * ``"cumsum"``: ``G_t = mask_t * r_t + gamma * G_{t+1}`` at every position (ReMax's returns with
       ``gamma = 1``; masked positions hold the running return).
 
+    ``dones`` (turn ends, the same rule as :func:`gae`'s, in every mode): a 0/1 flag per token,
+    ``mask``'s shape. The *step* positions are the valid tokens (``"skip"``, ``"reset"``) or every
+    position (``"cumsum"``). A flag on a step position t ends a turn at t; a flag on a non-step
+    position ends the turn at the nearest step position before it (a flag anywhere in an observation
+    span ends the preceding response's turn). At a turn end the discount is ``turn_gamma``::
+
+        G_t = r_t + turn_gamma * G_{t+1}
+
+    ``turn_gamma = 0`` (default) makes each turn its own episode (no return flows back across the
+    boundary); ``gamma = 1`` with ``turn_gamma < 1`` discounts per turn instead of per token. In
+    ``"reset"`` mode a masked span already restarts the return, so only flags on valid tokens change
+    anything there. Without ``dones`` (or with ``turn_gamma = gamma``) the result is bitwise the
+    plain call's.
+
     Args:
         rewards: ``[B, T]`` or packed ``[N]``, floating. mask: same shape, 0/1. gamma: in [0, 1].
         cu_seqlens: ``int64[B+1]`` for the packed layout.
+        dones: optional 0/1 turn-end flags, ``mask``'s shape (bool, uint8, int32, int64, float32, float64).
+        turn_gamma: in [0, 1]; the discount at turn ends.
 
     Returns:
         The inputs' shape, float64 for float64 rewards else float32. Not differentiable.
+        Extra memory: none beyond the output (plus a bool copy of a non-bool ``dones``).
 
     >>> fastrl.credit.discounted_returns(torch.tensor([[1.0, 5.0, 1.0]]), torch.tensor([[1, 0, 1]]), 0.5)
     tensor([[1.5000, 0.0000, 1.0000]])
+    >>> fastrl.credit.discounted_returns(torch.tensor([[1.0, 2.0, 4.0]]), torch.ones(1, 3), 1.0,
+    ...                                  dones=torch.tensor([[0, 1, 0]]), turn_gamma=0.5)  # turn ends at t=1
+    tensor([[5., 4., 4.]])
     """
     if _extension.use_reference():
-        return _ref.discounted_returns(rewards, mask, gamma, mode=mode, cu_seqlens=cu_seqlens)
-    return torch.ops.fastrl.discounted_returns(rewards, mask, cu_seqlens, float(gamma), mode)
+        return _ref.discounted_returns(rewards, mask, gamma, mode=mode, cu_seqlens=cu_seqlens, dones=dones,
+                                       turn_gamma=turn_gamma)
+    return torch.ops.fastrl.discounted_returns(rewards, mask, cu_seqlens, float(gamma), mode, dones,
+                                               float(turn_gamma))
 
 
 def _moments(x: torch.Tensor, mask: torch.Tensor, process_group=None):
@@ -446,8 +470,11 @@ def implicit_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float, *,
         ``logp``'s shape, float64 for float64 inputs else float32: ``r_t`` computed in that type
         (``d = logp - ref_logp`` first, then ``beta * d``), step sums accumulated in fp64 in token
         order and rounded once. Not differentiable (a reward; PRIME's PRM loss differentiates the
-        log-ratio sum, :func:`segment_reduce`). CPU kernel; CUDA tensors raise
-        ``NotImplementedError`` (``FASTRL_BACKEND=reference`` runs it in torch).
+        log-ratio sum, :func:`segment_reduce`). On CUDA: per-token rewards elementwise; step sums
+        with one block per row, each step summed by one thread in token order, so the results are
+        bitwise the CPU's (the latency is that of the longest step: a row without flags is walked
+        by one thread). Mask values, ``step_ends`` flags and ``cu_seqlens`` are not checked on CUDA
+        (no host sync; a nonzero value counts as 1).
 
     >>> lp = torch.tensor([[-1.0, -2.0, -0.5, -1.0]]); ref = torch.tensor([[-1.5, -1.0, -0.5, -2.0]])
     >>> fastrl.credit.implicit_rewards(lp, ref, 0.1)
@@ -457,9 +484,6 @@ def implicit_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float, *,
     """
     if _extension.use_reference():
         return _ref.implicit_rewards(logp, ref_logp, beta, mask=mask, cu_seqlens=cu_seqlens, step_ends=step_ends)
-    if logp.device.type != "cpu":
-        raise NotImplementedError(f"fastrl: implicit_rewards has no {logp.device.type.upper()} kernel yet (CPU only); "
-                                  "move the tensors to the CPU or set FASTRL_BACKEND=reference")
     return torch.ops.fastrl.implicit_rewards(logp, ref_logp, mask, cu_seqlens, step_ends, float(beta))
 
 
@@ -493,7 +517,7 @@ def _gae_fake(rewards, values, mask, cu_seqlens, gamma, lam, dones=None, mode="s
     return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape, dtype=dtype)
 
 
-def _returns_fake(rewards, mask, cu_seqlens, gamma, mode):
+def _returns_fake(rewards, mask, cu_seqlens, gamma, mode, dones=None, turn_gamma=0.0):
     return rewards.new_empty(rewards.shape, dtype=_token_dtype(rewards.dtype))
 
 

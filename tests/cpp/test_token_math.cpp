@@ -60,6 +60,18 @@ void test_gae_row_matches_recurrence() {
   }
 }
 
+// The row's maps composed in two chunks (what the CUDA tile scan does): [split, T) composed, then
+// [0, split) continued from that composite; the carry at t is the composite's d.
+void check_two_chunks(const std::vector<fastrl::credit::Affine<double>>& f,
+                      const std::vector<double>& expect, int split) {
+  auto acc = fastrl::credit::identity<double>();
+  for (int t = static_cast<int>(f.size()) - 1; t >= split; --t) acc = fastrl::credit::then(acc, f[t]);
+  for (int t = split - 1; t >= 0; --t) {
+    acc = fastrl::credit::then(acc, f[t]);
+    CHECK_NEAR(acc.d, expect[t], 1e-12);
+  }
+}
+
 // GAE with turn ends and a gap mode, by the header's steps: (a) sequentially equals the textbook
 // recurrence with per-position (gamma, lambda) written out, and (b) composing the row's maps in two
 // chunks (what the CUDA tile scan does) gives the same advantages up to rounding.
@@ -106,16 +118,61 @@ void test_gae_turn_steps() {
       carry = fastrl::credit::apply(f[t], carry);
       CHECK_NEAR(carry, expect[t], 1e-12);
     }
-    // two chunks: [4, T) composed, then [0, 4) continued from the chunk's composite
-    auto right = fastrl::credit::identity<double>();
-    for (int t = T - 1; t >= 4; --t) right = fastrl::credit::then(right, f[t]);
-    auto acc = right;
-    for (int t = 3; t >= 0; --t) {
-      acc = fastrl::credit::then(acc, f[t]);
-      CHECK_NEAR(acc.d, expect[t], 1e-12);
-    }
+    check_two_chunks(f, expect, 4);
   }
   CHECK(fastrl::credit::implicit_reward(-1.0f, -1.5f, 0.1f) == 0.1f * 0.5f);
+}
+
+// Discounted returns with turn ends, by the header's steps, in each mode: (a) sequentially equal
+// the recurrence written out, and (b) composing the row's maps in two chunks (the CUDA tile scan)
+// gives the same returns up to rounding.
+void test_returns_turn_steps() {
+  using fastrl::credit::ReturnsMode;
+  const std::vector<double> r = {0.1, -0.2, 0.7, 0.3, 1.0, 0.4, 0.5};
+  const std::vector<bool> valid = {true, true, false, true, true, false, true};
+  const std::vector<bool> done = {false, false, true, true, false, false, false};  // t=2 masked
+  const double gamma = 0.9, tg = 0.5;
+  const int T = static_cast<int>(r.size());
+  for (auto mode : {ReturnsMode::kSkip, ReturnsMode::kReset, ReturnsMode::kCumsum}) {
+    std::vector<double> expect(T);
+    double g = 0.0;
+    bool pending = false;
+    for (int t = T - 1; t >= 0; --t) {  // written out
+      const bool step = valid[t] || mode == ReturnsMode::kCumsum;
+      if (step) {
+        g = (valid[t] ? r[t] : 0.0) + ((done[t] || pending) ? tg : gamma) * g;
+        pending = false;
+      } else {
+        if (mode == ReturnsMode::kReset) g = 0.0;
+        pending = pending || done[t];
+      }
+      expect[t] = g;
+    }
+    std::vector<fastrl::credit::Affine<double>> f(T);
+    double carry = 0.0;
+    pending = false;
+    for (int t = T - 1; t >= 0; --t) {  // the header's steps
+      f[t] = fastrl::credit::returns_turn_step(r[t], static_cast<bool>(valid[t]),
+                                               done[t] || pending, gamma, tg, mode);
+      carry = fastrl::credit::apply(f[t], carry);
+      CHECK_NEAR(carry, expect[t], 1e-12);
+      pending = !fastrl::credit::returns_is_step(valid[t], mode) && (pending || done[t]);
+    }
+    check_two_chunks(f, expect, 3);
+  }
+  // the pending flag of t=2 reached t=1 in skip mode: G_1 = -0.2 + tg * G_3
+  const double g3 = 0.3 + tg * (1.0 + gamma * 0.5);
+  const double g1 = -0.2 + tg * g3;
+  double carry = 0.0;
+  bool pending = false;
+  for (int t = T - 1; t >= 1; --t) {
+    carry = fastrl::credit::apply(
+        fastrl::credit::returns_turn_step(r[t], static_cast<bool>(valid[t]), done[t] || pending,
+                                          gamma, tg, ReturnsMode::kSkip),
+        carry);
+    pending = !fastrl::credit::returns_is_step(valid[t], ReturnsMode::kSkip) && (pending || done[t]);
+  }
+  CHECK_NEAR(carry, g1, 1e-12);
 }
 
 fastrl::logprobs::SoftmaxState single(float z) {
@@ -203,6 +260,7 @@ int main() {
   test_affine_composition_is_associative();
   test_gae_row_matches_recurrence();
   test_gae_turn_steps();
+  test_returns_turn_steps();
   test_online_softmax_merge();
   test_grad_z_matches_finite_differences();
   return check_summary("test_token_math");

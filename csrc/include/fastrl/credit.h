@@ -139,6 +139,23 @@ FASTRL_HOST_DEVICE Affine<A> returns_step(A r, bool valid, A gamma, ReturnsMode 
   }
 }
 
+// Turn ends (the `dones` input), as for GAE: the step positions are the valid tokens (kSkip,
+// kReset) or every position (kCumsum); a done flag on a step position t ends a turn at t, a flag on
+// a non-step position ends the turn at the nearest step position before it. At a turn end the
+// discount is turn_gamma:  G_t = r_t + turn_gamma * G_{t+1}  (turn_gamma = 0: each turn its own
+// episode; gamma = 1, turn_gamma < 1: discounting per turn instead of per token).
+FASTRL_HOST_DEVICE bool returns_is_step(bool valid, ReturnsMode mode) {
+  return valid || mode == ReturnsMode::kCumsum;
+}
+
+// The step of position t; `turn_end` = done_t or a done flag pending from the non-step positions
+// right after t (ignored at non-step positions).
+template <typename A>
+FASTRL_HOST_DEVICE Affine<A> returns_turn_step(A r, bool valid, bool turn_end, A gamma,
+                                               A turn_gamma, ReturnsMode mode) {
+  return returns_step(r, valid, turn_end ? turn_gamma : gamma, mode);
+}
+
 // The returns output at a position whose carry (after applying its step) is `carry`.
 template <typename A>
 FASTRL_HOST_DEVICE A returns_output(A carry, bool valid, ReturnsMode mode) {

@@ -83,26 +83,34 @@ def gae(rewards, values, mask, gamma: float, lam: float, *, cu_seqlens=None, don
     return adv, ret
 
 
-def discounted_returns(rewards, mask, gamma: float, *, mode: str = "skip", cu_seqlens=None):
-    """Reward-to-go in ``mode`` (see :func:`fastrl.credit.discounted_returns`)."""
+def discounted_returns(rewards, mask, gamma: float, *, mode: str = "skip", cu_seqlens=None, dones=None,
+                       turn_gamma: float = 0.0):
+    """Reward-to-go in ``mode`` with turn ends (see :func:`fastrl.credit.discounted_returns`)."""
     if mode not in RETURNS_MODES:
         raise ValueError(f"`mode` must be one of {RETURNS_MODES}, got {mode!r}")
-    if cu_seqlens is not None:
-        out = discounted_returns(_pad(rewards, cu_seqlens), _pad(mask, cu_seqlens), gamma, mode=mode)
+    if cu_seqlens is not None:  # padding after a row's end: masked, no done (cumsum: zero steps, no effect)
+        out = discounted_returns(_pad(rewards, cu_seqlens), _pad(mask, cu_seqlens), gamma, mode=mode,
+                                 dones=None if dones is None else _pad(dones, cu_seqlens), turn_gamma=turn_gamma)
         return _unpad(out, cu_seqlens)
     r, m = rewards.to(_acc_dtype(rewards.dtype)), mask.bool()
+    d = torch.zeros_like(m) if dones is None else dones.bool()
     B, T = r.shape
+    g, tg = (torch.tensor(x, dtype=r.dtype) for x in (gamma, turn_gamma))  # each rounded once, as the kernels
     carry = r.new_zeros(B)
+    pending = torch.zeros(B, dtype=torch.bool)
     out = r.new_zeros(B, T)
     zero = r.new_zeros(())
     for t in reversed(range(T)):
+        step = torch.ones_like(m[:, t]) if mode == "cumsum" else m[:, t]
+        disc = torch.where(d[:, t] | pending, tg, g)
         if mode == "cumsum":
-            carry = torch.where(m[:, t], r[:, t], zero) + gamma * carry
+            carry = torch.where(m[:, t], r[:, t], zero) + disc * carry
             out[:, t] = carry
         else:
-            new = r[:, t] + gamma * carry
+            new = r[:, t] + disc * carry
             carry = torch.where(m[:, t], new, carry if mode == "skip" else zero)
             out[:, t] = torch.where(m[:, t], new, zero)
+        pending = ~step & (pending | d[:, t])
     return out
 
 
