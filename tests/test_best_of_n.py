@@ -1,6 +1,7 @@
 """Best-of-N family (fastrl.sampling.groups): the compiled best_of_n vs its brute-force reference,
 pairs, filters, the quantile mask, exact pass@k / best@k / worst@k / maj@k vs enumeration of all
-k-subsets, resampling, bad input, opcheck, determinism."""
+k-subsets (maj@k also vs an exact-integer DP), resampling, bad input, opcheck, determinism, no host
+sync on the device paths (meta tensors), CPU == CUDA."""
 from __future__ import annotations
 
 import types
@@ -432,6 +433,59 @@ def test_maj_at_k_equals_enumeration(seed):
                                    rtol=1e-13, atol=1e-14, equal_nan=True)
 
 
+def random_votes(seed, num_groups, max_size, num_answers, min_size=1):
+    """Shuffled ragged groups of answer ids; answers 1, 4, 7 are correct (several correct answers
+    can tie)."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(min_size, max_size + 1, (num_groups,), generator=gen)
+    ids = torch.repeat_interleave(torch.arange(num_groups), sizes)
+    answers = torch.randint(0, num_answers, (ids.numel(),), generator=gen)
+    perm = torch.randperm(ids.numel(), generator=gen)
+    return answers[perm], answers[perm] % 3 == 1, ids[perm]
+
+
+@settings(max_examples=20, deadline=None)
+@given(num_groups=st.integers(1, 4), max_size=st.integers(1, 14), num_answers=st.integers(1, 9),
+       seed=st.integers(0, 2**31 - 1))
+def test_maj_at_k_compiled_equals_exact_dp(num_groups, max_size, num_answers, seed):
+    answers, correct, ids = random_votes(seed, num_groups, max_size, num_answers)
+    ks = [1, 2, 3, 5, 8, 13, 15]
+    got = maj_at_k(answers, correct, ids, ks, num_groups=num_groups + 1)  # the last group is empty: NaN
+    want = ref.maj_at_k_dp(answers, correct, ids, ks, num_groups=num_groups + 1)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15, equal_nan=True)
+
+
+def test_maj_at_k_large_group_and_reference_backend(monkeypatch):
+    # n = 150..200, binomials up to C(200, 25) ~ 5e31: the scaled fp64 DP stays at full precision
+    answers, correct, ids = random_votes(21, 2, 200, 5, min_size=150)
+    ks = [1, 7, 25]
+    got = maj_at_k(answers, correct, ids, ks)
+    want = ref.maj_at_k_dp(answers, correct, ids, ks, num_groups=2)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    monkeypatch.setattr(fastrl._extension, "BACKEND", "reference")
+    small = random_votes(22, 5, 7, 3)
+    assert torch.equal(maj_at_k(*small, [1, 3]).nan_to_num(-1), ref.maj_at_k_dp(*small, [1, 3], num_groups=5).nan_to_num(-1))
+
+
+def test_maj_at_k_deterministic_across_thread_counts_and_opcheck():
+    answers, correct, ids = random_votes(23, 300, 16, 5)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = maj_at_k(answers, correct, ids, [1, 4, 16])
+        torch.set_num_threads(max(2, before))
+        many = maj_at_k(answers, correct, ids, [1, 4, 16])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one.nan_to_num(-1), many.nan_to_num(-1))
+    # a group's value does not depend on the other groups of the batch
+    keep = ids < 10
+    assert torch.equal(maj_at_k(answers[keep], correct[keep], ids[keep], [1, 4, 16]).nan_to_num(-1),
+                       one[:10].nan_to_num(-1))
+    small = random_votes(24, 6, 8, 3, min_size=5)  # no NaN (k <= n): opcheck compares outputs with ==
+    torch.library.opcheck(torch.ops.fastrl.maj_at_k.default, (*small, 6, [1, 2, 5]))
+
+
 def test_maj_at_k_ties_and_bad_input():
     # answers A (correct) x2, B (wrong) x2: k=2 draws AA (1/6), BB (1/6), AB (4/6, a tie: 1/2)
     got = maj_at_k(torch.tensor([0, 0, 1, 1]), torch.tensor([1, 1, 0, 0]), torch.zeros(4, dtype=torch.int64), 2)
@@ -440,6 +494,14 @@ def test_maj_at_k_ties_and_bad_input():
         maj_at_k(torch.tensor([0, 0]), torch.tensor([1, 0]), torch.zeros(2, dtype=torch.int64), 1)
     with pytest.raises(ValueError, match="`answer_ids` must be int64"):
         maj_at_k(torch.tensor([0, 0], dtype=torch.int32), torch.tensor([1, 1]), torch.zeros(2, dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match="answer id 5 has both in group 1"):  # the first bad group
+        maj_at_k(torch.tensor([3, 5, 5, 5, 3]), torch.tensor([1, 0, 0, 1, 0]), torch.tensor([0, 1, 1, 1, 2]), 2)
+    with pytest.raises(ValueError, match=r"\[0, num_groups=1\), got group_ids\[1\] = 1"):
+        maj_at_k(torch.tensor([0, 0]), torch.tensor([1, 1]), torch.tensor([0, 1]), 1, num_groups=1)
+    with pytest.raises(ValueError, match="`k` must be an int >= 1"):
+        maj_at_k(torch.tensor([0, 0]), torch.tensor([1, 1]), torch.tensor([0, 0]), [2, 0])
+    e = torch.empty(0, dtype=torch.int64)
+    assert maj_at_k(e, e, e, [1, 2], num_groups=2).isnan().all()  # empty groups: NaN
 
 
 # ------------------------------------------------------------------------------------ resample
@@ -488,6 +550,48 @@ def test_resample_empty_group_and_bad_input():
         resample(torch.ones(3), ids, 2, method="stratified")
 
 
+# ------------------------------------------------------------------------------------ host syncs
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    """Makes every Python-level way to read a tensor's data on the host raise."""
+    def boom(*a, **k):
+        raise AssertionError("host sync")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+
+
+def test_device_paths_run_without_host_sync(no_host_sync):
+    """The device (non-CPU) paths on meta tensors, which have no data: a host sync raises there
+    (and the patched Tensor methods raise anywhere). Meta takes the same branches as CUDA."""
+    B, G = 40, 9
+    s = torch.empty(B, device="meta")
+    ids = torch.empty(B, dtype=torch.int64, device="meta")
+    assert best_of_n(s, ids, 3, num_groups=G).shape == (G, 3)
+    assert pass_at_k(s > 0, ids, [1, 4], num_groups=G).shape == (G, 2)
+    assert pass_at_k(s > 0, ids, 2, num_groups=G).shape == (G,)
+    for fn in (best_at_k, worst_at_k):
+        assert fn(s, ids, [1, 2, 8], num_groups=G).shape == (G, 3)
+        assert fn(s, ids, 2, replacement=True, num_groups=G).shape == (G,)
+    keep_s, keep_g = filter_groups(s, ids, min_std=0.1, min_mean=0.2, num_groups=G)
+    assert keep_s.shape == (B,) and keep_g.shape == (G,)
+    for mode in ("best_worst", "best_random"):
+        c, r = select_pairs(s, ids, mode=mode, margin=0.5, num_groups=G)
+        assert c.shape == r.shape == (G,) and c.device.type == "meta"
+
+
+def test_group_counts_ignore_out_of_range_ids():
+    """What the device paths do with an out-of-range id (no sync to raise): count it nowhere."""
+    from fastrl.sampling.groups import _group_counts
+
+    ids = torch.tensor([0, 2, -1, 5, 2, 3])
+    assert _group_counts(ids, 4).tolist() == [1, 0, 2, 1]
+    assert _group_counts(ids, 4, weights=torch.tensor([1, 1, 1, 1, 0, 1]).bool()).tolist() == [1, 0, 1, 1]
+    assert _group_counts(ids[:0], 0).shape == (0,)
+
+
 # ------------------------------------------------------------------------------------ CUDA
 
 
@@ -509,6 +613,61 @@ def test_best_of_n_cuda_is_bitwise_equal_to_cpu(k):
     sub = best_of_n(scores[keep], ids[keep], k, num_groups=3000)
     pos = torch.nonzero(keep)[:, 0]
     assert torch.equal(gpu, torch.where(sub >= 0, pos[sub.clamp(min=0)], -1))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and fastrl._extension.cuda_built()), reason="needs a CUDA GPU and the CUDA build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_expected_best_of_k_cuda_equals_cpu(dtype):
+    gen = torch.Generator().manual_seed(16)
+    scores, ids = ragged(gen, 2000, 20, levels=1000, nan_frac=0.002)
+    scores = scores.to(dtype)
+    scores[:4] = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0]).to(dtype)
+    ks = list(range(1, 41))  # > 32 ks: two kernel launches
+    for fn in (best_at_k, worst_at_k):
+        cpu = fn(scores, ids, ks, num_groups=2001)  # an empty last group
+        gpu = fn(scores.cuda(), ids.cuda(), ks, num_groups=2001).cpu()
+        assert torch.equal(cpu.nan_to_num(7.5), gpu.nan_to_num(7.5))  # bitwise, NaN where CPU has NaN
+        cpu = fn(scores, ids, [1, 3, 50], replacement=True, num_groups=2001)
+        gpu = fn(scores.cuda(), ids.cuda(), [1, 3, 50], replacement=True, num_groups=2001).cpu()
+        torch.testing.assert_close(cpu, gpu, rtol=1e-14, atol=1e-14, equal_nan=True)  # pow: last bits
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and fastrl._extension.cuda_built()), reason="needs a CUDA GPU and the CUDA build")
+def test_sync_free_paths_on_cuda_equal_cpu_and_ignore_bad_ids():
+    gen = torch.Generator().manual_seed(17)
+    scores, ids = ragged(gen, 500, 9, levels=4)
+    G = 500
+    c = scores > 0
+    torch.testing.assert_close(pass_at_k(c.cuda(), ids.cuda(), [1, 3], num_groups=G).cpu(),
+                               pass_at_k(c, ids, [1, 3], num_groups=G), rtol=0, atol=0, equal_nan=True)
+    for kw in (dict(), dict(min_std=0.3, min_mean=0.0)):
+        ks, kg = filter_groups(scores.cuda(), ids.cuda(), num_groups=G, **kw)
+        ws, wg = filter_groups(scores, ids, num_groups=G, **kw)
+        assert torch.equal(ks.cpu(), ws) and torch.equal(kg.cpu(), wg)
+    for mode in ("best_worst", "all_pairs"):
+        got = select_pairs(scores.cuda(), ids.cuda(), mode=mode, margin=0.2, num_groups=G)
+        want = select_pairs(scores, ids, mode=mode, margin=0.2, num_groups=G)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want))
+    c_r, r_r = select_pairs(scores.cuda(), ids.cuda(), mode="best_random", num_groups=G,
+                            generator=torch.Generator("cuda").manual_seed(0))
+    c_w, _ = select_pairs(scores, ids, num_groups=G)
+    assert torch.equal(c_r.cpu(), c_w)
+    ok = c_r >= 0
+    assert bool((scores.cuda()[c_r[ok]] > scores.cuda()[r_r[ok]]).all())
+    bad = ids.clone()
+    bad[:5] = torch.tensor([-1, G, G + 7, -3, 10 * G])  # ignored on CUDA (the CPU raises)
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[:5] = False
+    for fn in (lambda s, i: pass_at_k(s > 0, i, [1, 2], num_groups=G), lambda s, i: best_at_k(s, i, [1, 2], num_groups=G),
+               lambda s, i: select_pairs(s, i, mode="all_pairs", num_groups=G)[0].numel()):
+        got = fn(scores.cuda(), bad.cuda())
+        want = fn(scores[keep], ids[keep])
+        if isinstance(got, int):
+            assert got == want
+        else:
+            torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0, equal_nan=True)
 
 
 def test_docstring_examples():

@@ -25,5 +25,21 @@ int64_t expected_best_of_k(const scalar_t* scores, const int64_t* group_ids, int
                            int64_t num_groups, const int64_t* ks, int64_t num_k, bool replacement,
                            bool largest, double* out);
 
+// What maj_at_k found wrong (all -1: nothing).
+struct MajStatus {
+  int64_t bad_group_sample = -1;  // first sample whose group id lies outside [0, num_groups)
+  int64_t mixed_group = -1;       // first group with an answer id both correct and not ...
+  int64_t mixed_answer = 0;       // ... that answer id
+  int64_t too_large_group = -1;   // first group where min(max k, n) > 1000 (beyond the DP's range)
+};
+
+// maj@k of every group for each k of ks[num_k] (all >= 1): the exact expected correctness of a
+// majority vote (uniform tie-break) over a uniform k-subset drawn without replacement.
+// correct[i] is sample i's answer's correctness (must agree within an answer id of a group).
+// out[num_groups * num_k] fp64, NaN where k > n. On a bad input (MajStatus) out is partial.
+MajStatus maj_at_k(const int64_t* answer_ids, const bool* correct, const int64_t* group_ids,
+                   int64_t num_samples, int64_t num_groups, const int64_t* ks, int64_t num_k,
+                   double* out);
+
 }  // namespace cpu
 }  // namespace fastrl

@@ -20,7 +20,7 @@
 namespace fastrl {
 namespace cuda {
 
-// Largest num_groups best_of_n takes on CUDA (group ids are sorted as 32-bit keys).
+// Largest num_groups best_of_n and expected_best_of_k take on CUDA (group ids are sorted as 32-bit keys).
 constexpr int64_t kMaxSelectionGroups = 2147483646;
 
 // Bytes of device workspace launch_best_of_n needs (call with the launch's device current);
@@ -44,10 +44,31 @@ cudaError_t launch_best_of_n(const T* scores, const int64_t* group_ids, int64_t 
                              int64_t num_groups, int64_t k, bool largest, int64_t* out,
                              void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
-#define FASTRL_DECLARE_LAUNCH(T)                                                               \
-  extern template cudaError_t launch_best_of_n<T>(const T*, const int64_t*, int64_t, int64_t, \
-                                                  int64_t, bool, int64_t*, void*, size_t,     \
-                                                  cudaStream_t);
+// Bytes of device workspace launch_expected_best_of_k needs (call with the launch's device
+// current); 0 if the size query failed (the launch then returns that error).
+size_t expected_best_of_k_workspace_bytes(int64_t num_samples, int64_t num_groups);
+
+// best@k (largest) or worst@k of every group for each k of ks[num_k] (a host array, all >= 1),
+// as fastrl::cpu::expected_best_of_k: writes out[num_groups * num_k] fp64 (NaN for a group with a
+// NaN score, an empty group, or k > n without replacement). Samples with an out-of-range group id
+// are ignored. Pipeline: scores to fp64, a cub radix sort of (value, group key) by value, a
+// stable one by group key, then one thread per group (binary search for its segment) sums the
+// order-statistic weights of fastrl/selection.h best first: bitwise the CPU result without
+// replacement. Extra memory: the workspace, about 24 * num_samples bytes plus cub's storage.
+template <typename T>
+cudaError_t launch_expected_best_of_k(const T* scores, const int64_t* group_ids,
+                                      int64_t num_samples, int64_t num_groups, const int64_t* ks,
+                                      int64_t num_k, bool replacement, bool largest, double* out,
+                                      void* workspace, size_t workspace_bytes,
+                                      cudaStream_t stream);
+
+#define FASTRL_DECLARE_LAUNCH(T)                                                                \
+  extern template cudaError_t launch_best_of_n<T>(const T*, const int64_t*, int64_t, int64_t,  \
+                                                  int64_t, bool, int64_t*, void*, size_t,      \
+                                                  cudaStream_t);                               \
+  extern template cudaError_t launch_expected_best_of_k<T>(                                    \
+      const T*, const int64_t*, int64_t, int64_t, const int64_t*, int64_t, bool, bool, double*, \
+      void*, size_t, cudaStream_t);
 FASTRL_DECLARE_LAUNCH(float)
 FASTRL_DECLARE_LAUNCH(double)
 FASTRL_DECLARE_LAUNCH(__half)

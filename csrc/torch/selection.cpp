@@ -16,6 +16,17 @@ struct Inputs {
   at::Tensor scores, group_ids;  // contiguous
 };
 
+void check_num_groups(int64_t num_groups, int64_t num_samples) {
+  TORCH_CHECK(num_groups >= 0, "fastrl: `num_groups` must be >= 0, got ", num_groups);
+  TORCH_CHECK(num_groups > 0 || num_samples == 0,
+              "fastrl: `num_groups` is 0 but there are ", num_samples, " samples");
+}
+
+void check_ks(at::IntArrayRef ks) {
+  TORCH_CHECK(!ks.empty(), "fastrl: `ks` must hold at least one k");
+  for (const int64_t k : ks) TORCH_CHECK(k >= 1, "fastrl: every k of `ks` must be >= 1, got ", k);
+}
+
 Inputs check_grouped(const at::Tensor& scores, const at::Tensor& group_ids, int64_t num_groups) {
   check_dim(scores, "scores", 1);
   check_floating(scores, "scores");
@@ -23,9 +34,7 @@ Inputs check_grouped(const at::Tensor& scores, const at::Tensor& group_ids, int6
   check_dtype(group_ids, "group_ids", at::kLong);
   check_same_size0(group_ids, "group_ids", scores, "scores");
   check_same_device(group_ids, "group_ids", scores, "scores");
-  TORCH_CHECK(num_groups >= 0, "fastrl: `num_groups` must be >= 0, got ", num_groups);
-  TORCH_CHECK(num_groups > 0 || scores.numel() == 0,
-              "fastrl: `num_groups` is 0 but there are ", scores.numel(), " samples");
+  check_num_groups(num_groups, scores.numel());
   return {scores.contiguous(), group_ids.contiguous()};
 }
 
@@ -55,8 +64,7 @@ at::Tensor expected_best_of_k_cpu(const at::Tensor& scores, const at::Tensor& gr
                                   int64_t num_groups, at::IntArrayRef ks, bool replacement,
                                   bool largest) {
   Inputs in = check_grouped(scores, group_ids, num_groups);
-  TORCH_CHECK(!ks.empty(), "fastrl: `ks` must hold at least one k");
-  for (const int64_t k : ks) TORCH_CHECK(k >= 1, "fastrl: every k of `ks` must be >= 1, got ", k);
+  check_ks(ks);
   at::Tensor out = at::empty({num_groups, static_cast<int64_t>(ks.size())},
                              in.scores.options().dtype(at::kDouble));
   int64_t bad = -1;
@@ -71,21 +79,54 @@ at::Tensor expected_best_of_k_cpu(const at::Tensor& scores, const at::Tensor& gr
   return out;
 }
 
+at::Tensor maj_at_k_cpu(const at::Tensor& answer_ids, const at::Tensor& correct,
+                        const at::Tensor& group_ids, int64_t num_groups, at::IntArrayRef ks) {
+  check_dim(answer_ids, "answer_ids", 1);
+  check_dtype(answer_ids, "answer_ids", at::kLong);
+  check_dim(correct, "correct", 1);
+  check_dtype(correct, "correct", at::kBool);
+  check_dim(group_ids, "group_ids", 1);
+  check_dtype(group_ids, "group_ids", at::kLong);
+  check_same_size0(correct, "correct", answer_ids, "answer_ids");
+  check_same_size0(group_ids, "group_ids", answer_ids, "answer_ids");
+  check_num_groups(num_groups, answer_ids.numel());
+  check_ks(ks);
+  const at::Tensor a = answer_ids.contiguous(), c = correct.contiguous(), g = group_ids.contiguous();
+  at::Tensor out = at::empty({num_groups, static_cast<int64_t>(ks.size())},
+                             a.options().dtype(at::kDouble));
+  const cpu::MajStatus st =
+      cpu::maj_at_k(a.data_ptr<int64_t>(), c.data_ptr<bool>(), g.data_ptr<int64_t>(), a.size(0),
+                    num_groups, ks.data(), static_cast<int64_t>(ks.size()), out.data_ptr<double>());
+  check_group_id(g, st.bad_group_sample, num_groups);
+  TORCH_CHECK_VALUE(st.mixed_group < 0,
+                    "fastrl: `correct` must be the same for every sample with the same answer id "
+                    "within a group; answer id ", st.mixed_answer, " has both in group ",
+                    st.mixed_group);
+  TORCH_CHECK_VALUE(st.too_large_group < 0, "fastrl: maj_at_k computes k <= 1000 exactly; group ",
+                    st.too_large_group, " has more than 1000 samples and a k above 1000");
+  return out;
+}
+
 #ifdef FASTRL_WITH_CUDA
+// The byte workspace of a launch on `like`'s device (whose guard the caller holds: cub's size
+// queries read the current device), after the group-count limit of the 32-bit sort keys.
+at::Tensor cuda_workspace(const at::Tensor& like, int64_t num_groups, size_t bytes) {
+  TORCH_CHECK(num_groups <= cuda::kMaxSelectionGroups, "fastrl: `num_groups` must be <= ",
+              cuda::kMaxSelectionGroups, " on CUDA, got ", num_groups);
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
 // Same result as the CPU op, bitwise, except that an out-of-range group id is ignored instead of
 // raised (raising would need a host sync).
 at::Tensor best_of_n_cuda(const at::Tensor& scores, const at::Tensor& group_ids,
                           int64_t num_groups, int64_t k, bool largest) {
   Inputs in = check_grouped(scores, group_ids, num_groups);
   TORCH_CHECK(k >= 1, "fastrl: `k` must be >= 1, got ", k);
-  const c10::cuda::CUDAGuard guard(in.scores.device());  // cub's size query reads the current device
-  TORCH_CHECK(num_groups <= cuda::kMaxSelectionGroups, "fastrl: `num_groups` must be <= ",
-              cuda::kMaxSelectionGroups, " on CUDA, got ", num_groups);
-  at::Tensor out = at::empty({num_groups, k}, in.group_ids.options());
+  const c10::cuda::CUDAGuard guard(in.scores.device());
   const int64_t n = in.scores.size(0);
   const size_t bytes = cuda::best_of_n_workspace_bytes(n, num_groups, k);
-  at::Tensor workspace =
-      at::empty({static_cast<int64_t>(bytes)}, in.scores.options().dtype(at::kByte));
+  at::Tensor workspace = cuda_workspace(in.scores, num_groups, bytes);
+  at::Tensor out = at::empty({num_groups, k}, in.group_ids.options());
   cudaError_t err = cudaSuccess;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(),
                                   "fastrl::best_of_n", [&] {
@@ -93,6 +134,33 @@ at::Tensor best_of_n_cuda(const at::Tensor& scores, const at::Tensor& group_ids,
     err = cuda::launch_best_of_n<cuda_t>(
         reinterpret_cast<const cuda_t*>(in.scores.data_ptr<scalar_t>()),
         in.group_ids.data_ptr<int64_t>(), n, num_groups, k, largest, out.data_ptr<int64_t>(),
+        workspace.data_ptr(), bytes, stream_of(in.scores));
+  });
+  C10_CUDA_CHECK(err);
+  return out;
+}
+
+// The CPU op's result (bitwise without replacement), except that an out-of-range group id is
+// ignored instead of raised. No host sync: the ks travel as kernel arguments.
+at::Tensor expected_best_of_k_cuda(const at::Tensor& scores, const at::Tensor& group_ids,
+                                   int64_t num_groups, at::IntArrayRef ks, bool replacement,
+                                   bool largest) {
+  Inputs in = check_grouped(scores, group_ids, num_groups);
+  check_ks(ks);
+  const c10::cuda::CUDAGuard guard(in.scores.device());
+  const int64_t n = in.scores.size(0);
+  const size_t bytes = cuda::expected_best_of_k_workspace_bytes(n, num_groups);
+  at::Tensor workspace = cuda_workspace(in.scores, num_groups, bytes);
+  at::Tensor out = at::empty({num_groups, static_cast<int64_t>(ks.size())},
+                             in.scores.options().dtype(at::kDouble));
+  cudaError_t err = cudaSuccess;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(),
+                                  "fastrl::expected_best_of_k", [&] {
+    using cuda_t = typename CudaScalar<scalar_t>::type;
+    err = cuda::launch_expected_best_of_k<cuda_t>(
+        reinterpret_cast<const cuda_t*>(in.scores.data_ptr<scalar_t>()),
+        in.group_ids.data_ptr<int64_t>(), n, num_groups, ks.data(),
+        static_cast<int64_t>(ks.size()), replacement, largest, out.data_ptr<double>(),
         workspace.data_ptr(), bytes, stream_of(in.scores));
   });
   C10_CUDA_CHECK(err);
@@ -107,15 +175,22 @@ TORCH_LIBRARY_FRAGMENT(fastrl, m) {
   m.def(
       "expected_best_of_k(Tensor scores, Tensor group_ids, int num_groups, int[] ks, "
       "bool replacement, bool largest) -> Tensor");
+  m.def(
+      "maj_at_k(Tensor answer_ids, Tensor correct, Tensor group_ids, int num_groups, int[] ks) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastrl, CPU, m) {
   m.impl("best_of_n", &best_of_n_cpu);
   m.impl("expected_best_of_k", &expected_best_of_k_cpu);
+  m.impl("maj_at_k", &maj_at_k_cpu);
 }
 
 #ifdef FASTRL_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastrl, CUDA, m) { m.impl("best_of_n", &best_of_n_cuda); }
+TORCH_LIBRARY_IMPL(fastrl, CUDA, m) {
+  m.impl("best_of_n", &best_of_n_cuda);
+  m.impl("expected_best_of_k", &expected_best_of_k_cuda);
+}
 #endif
 
 }  // namespace fastrl

@@ -26,7 +26,8 @@ OPS: dict[str, tuple[str, ...]] = {
     "implicit_rewards": ("cpu", "cuda", "reference"),
     "sample_tokens": ("cpu", "cuda", "reference"),
     "best_of_n": ("cpu", "cuda", "reference"),
-    "expected_best_of_k": ("cpu", "torch-cuda", "reference"),  # best_at_k / worst_at_k; CUDA: vectorized torch
+    "expected_best_of_k": ("cpu", "cuda", "reference"),  # best_at_k / worst_at_k
+    "maj_at_k": ("cpu", "reference"),                    # CUDA inputs are copied to the CPU
     "policy_loss_rows": ("cpu", "cuda", "reference"),           # fastrl.losses.policy_loss
     "policy_loss_rows_backward": ("cpu", "cuda", "reference"),  # reference: autograd through the fp64 formulas
 }

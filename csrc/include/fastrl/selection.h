@@ -55,27 +55,32 @@ FASTRL_HOST_DEVICE void topk_write(const int64_t* idx, int64_t k, int64_t* out) 
   for (int64_t j = 0; j < k; ++j) out[j] = idx[j] == kNoSample ? -1 : idx[j];
 }
 
-// Expected best of k draws from a group of n values given best first (v[0] the best: the largest
-// for best@k, the smallest for worst@k), summed in rank order in fp64:
-//   without replacement: sum_r C(n-r, k-1) / C(n, k) v[r-1]    (mean over all k-subsets; k <= n)
-//   with replacement:    sum_r (((n-r+1)/n)^k - ((n-r)/n)^k) v[r-1]
+// Expected best of k draws from a group of n values given best first — rank r (1-based) at
+// v[(r-1) * step], so a group sorted in either direction is read in place (step = -1 from its last
+// element); the best is the largest for best@k, the smallest for worst@k — summed in rank order
+// in fp64:
+//   without replacement: sum_r C(n-r, k-1) / C(n, k) v_r     (mean over all k-subsets; k <= n)
+//   with replacement:    sum_r (((n-r+1)/n)^k - ((n-r)/n)^k) v_r
 // The first weights come from w_1 = k/n, w_{r+1} = w_r (n-r-k+1) / (n-r): every factor lies in
 // [0, 1], so no binomial is ever formed (no overflow, no cancellation). NaN where undefined (n = 0,
 // or k > n without replacement). A zero weight never multiplies a value (0 * inf would be NaN).
-FASTRL_HOST_DEVICE double expected_best(const double* v, int64_t n, int64_t k, bool replacement) {
+// Without replacement the CPU and CUDA kernels agree bitwise (mul_rn, no libm call); with
+// replacement they may differ in the last bits (the device pow is not correctly rounded).
+FASTRL_HOST_DEVICE double expected_best(const double* v, int64_t step, int64_t n, int64_t k,
+                                        bool replacement) {
   if (n == 0 || (!replacement && k > n)) return NAN;
   const double dn = static_cast<double>(n), dk = static_cast<double>(k);
   double sum = 0.0;
   if (replacement) {
     for (int64_t r = 1; r <= n; ++r) {
       const double w = pow((dn - r + 1) / dn, dk) - pow((dn - r) / dn, dk);
-      if (w > 0.0) sum += mul_rn(w, v[r - 1]);
+      if (w > 0.0) sum += mul_rn(w, v[(r - 1) * step]);
     }
     return sum;
   }
   double w = dk / dn;
   for (int64_t r = 1; r <= n - k + 1; ++r) {
-    sum += mul_rn(w, v[r - 1]);
+    sum += mul_rn(w, v[(r - 1) * step]);
     w = w * static_cast<double>(n - r - k + 1) / static_cast<double>(n - r);
   }
   return sum;

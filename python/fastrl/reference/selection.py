@@ -99,6 +99,49 @@ def maj_at_k(answer_ids: torch.Tensor, correct: torch.Tensor, group_ids: torch.T
     return torch.tensor(out, dtype=torch.float64)
 
 
+def maj_at_k_dp(answer_ids: torch.Tensor, correct: torch.Tensor, group_ids: torch.Tensor, ks: list[int], *,
+                num_groups: int) -> torch.Tensor:
+    """float64[G, len(ks)]: maj@k by the vote-count dynamic program in exact integers (Python big
+    ints, one division per value), a Python loop over groups: what ``FASTRL_BACKEND=reference``
+    runs, and the baseline of the compiled op's benchmark. Polynomial, unlike :func:`maj_at_k`."""
+    a, c = answer_ids.tolist(), (correct != 0).tolist()
+    out = torch.full((num_groups, len(ks)), float("nan"), dtype=torch.float64)
+    for g, members in enumerate(_members(group_ids.cpu(), num_groups)):
+        classes: dict[int, list] = {}
+        for i in members:
+            size_ok = classes.setdefault(a[i], [0, c[i]])
+            if size_ok[1] != c[i]:
+                raise ValueError(f"fastrl: `correct` must be the same for every sample with the same answer id "
+                                 f"within a group; answer id {a[i]} has both in group {g}")
+            size_ok[0] += 1
+        answers = [(m, ok) for _, (m, ok) in sorted(classes.items())]
+        for j, k in enumerate(ks):
+            out[g, j] = _maj_expectation(answers, k)
+    return out
+
+
+def _maj_expectation(answers: list[tuple[int, bool]], k: int) -> float:
+    """Exact E[majority correct] of a k-subset of a group whose answers have the given
+    (size, correct) classes; uniform tie-break."""
+    n = sum(m for m, _ in answers)
+    if k > n:
+        return float("nan")
+    total = Fraction(0)
+    for t in range(1, k + 1):
+        # dp[(s, a, b)]: number of ways (product of C(m, count)) to draw s samples from the answers
+        # seen so far with every count <= t, a correct and b wrong answers at exactly t.
+        dp: dict[tuple[int, int, int], int] = {(0, 0, 0): 1}
+        for m, ok in answers:
+            nxt: dict[tuple[int, int, int], int] = {}
+            for (s, na, nb), ways in dp.items():
+                for cnt in range(0, min(m, t, k - s) + 1):
+                    key = (s + cnt, na + (cnt == t and ok), nb + (cnt == t and not ok))
+                    nxt[key] = nxt.get(key, 0) + ways * comb(m, cnt)
+            dp = nxt
+        total += sum(Fraction(ways * na, na + nb) for (s, na, nb), ways in dp.items() if s == k and na)
+    return float(total / comb(n, k))
+
+
 def resample_probabilities(weights: torch.Tensor, group_ids: torch.Tensor, *, num_groups: int) -> torch.Tensor:
     """float64[B]: each sample's probability w_i / sum_g w within its group (what resample draws)."""
     w = weights.double().tolist()

@@ -17,11 +17,14 @@ Per-group outputs have one row per group id, in id order; an id with no sample i
     tensor([[0.6667, 1.0000],
             [0.0000, 0.0000]], dtype=torch.float64)
 
-:func:`best_of_n` is a compiled op (C++ on the CPU, CUDA kernels on the GPU), and so are
-:func:`best_at_k` / :func:`worst_at_k` on the CPU. The others (and best/worst@k on CUDA) are
-vectorized PyTorch over a padded ``[G, max n]`` layout of the groups (no Python loop over groups
-or samples), except :func:`maj_at_k` (an exact dynamic program per group, in Python); host syncs
-are listed in each docstring.
+:func:`best_of_n` and :func:`best_at_k` / :func:`worst_at_k` are compiled ops (C++ on the CPU,
+CUDA kernels on the GPU), :func:`maj_at_k` a compiled CPU op (an exact dynamic program over vote
+counts, parallel over groups). The others are vectorized PyTorch (no Python loop over groups or
+samples). On CUDA, :func:`best_of_n`, :func:`best_at_k`, :func:`worst_at_k`, :func:`pass_at_k`,
+:func:`filter_groups` and :func:`select_pairs` (``"best_worst"``, ``"best_random"``) never sync
+with the host when ``num_groups`` is given; there, a sample whose group id lies outside
+``[0, num_groups)`` is ignored (raising would need a sync), where the CPU raises. The remaining
+host syncs are listed in each docstring.
 """
 from __future__ import annotations
 
@@ -84,9 +87,10 @@ def _grouped(fn: str, name: str, x, group_ids, num_groups, *, floating: bool = T
     return num_groups
 
 
-def _check_id_range(fn: str, group_ids: torch.Tensor, G: int) -> None:
-    """Raises for an id outside [0, G) (one host sync)."""
-    if group_ids.numel() and bool(((group_ids < 0) | (group_ids >= G)).any()):
+def _check_id_range(fn: str, group_ids: torch.Tensor, G: int, *, on_device: bool = False) -> None:
+    """Raises for an id outside [0, G). On a device only with ``on_device`` (a host sync, for the
+    paths that sync anyway); the sync-free device paths ignore such samples instead."""
+    if (on_device or group_ids.device.type == "cpu") and group_ids.numel() and bool(((group_ids < 0) | (group_ids >= G)).any()):
         bad = int(((group_ids < 0) | (group_ids >= G)).int().argmax())
         raise ValueError(f"fastrl.sampling.{fn}: `group_ids` must lie in [0, num_groups={G}), got "
                          f"group_ids[{bad}] = {int(group_ids[bad])}")
@@ -148,8 +152,21 @@ if _extension._C is not None:
     def _expected_best_of_k_fake(scores, group_ids, num_groups, ks, replacement, largest):
         return scores.new_empty((num_groups, len(ks)), dtype=torch.float64)
 
+    @torch.library.register_fake("fastrl::maj_at_k")
+    def _maj_at_k_fake(answer_ids, correct, group_ids, num_groups, ks):
+        return answer_ids.new_empty((num_groups, len(ks)), dtype=torch.float64)
+
 
 # ------------------------------------------------------------------------- padded group layout
+
+
+def _group_counts(group_ids: torch.Tensor, G: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``int64[G]``: per group, the number of samples (or the sum of the int ``weights``); samples
+    with an id outside ``[0, G)`` count nowhere. No host sync (``torch.bincount`` has one on CUDA)."""
+    valid = (group_ids >= 0) & (group_ids < G)
+    w = valid.long() if weights is None else weights.long() * valid
+    counts = torch.zeros(G, dtype=torch.int64, device=group_ids.device)
+    return counts.index_add_(0, torch.where(valid, group_ids, 0), w) if G else counts
 
 
 class _Layout:
@@ -168,7 +185,7 @@ class _Layout:
         order = order[torch.argsort(group_ids[order], stable=True)]
         self.order = order
         self.row = group_ids[order]
-        self.count = torch.bincount(group_ids, minlength=G) if G else torch.zeros(0, dtype=torch.int64, device=dev)
+        self.count = _group_counts(group_ids, G)
         start = torch.cumsum(self.count, 0) - self.count
         self.col = torch.arange(order.numel(), device=dev) - start[self.row]
         self.m = int(self.count.max()) if G and order.numel() else 0
@@ -196,12 +213,14 @@ def select_pairs(scores: torch.Tensor, group_ids: torch.Tensor, *, mode: str = "
     * ``"best_worst"``: per group, its best sample vs its worst (ties: lower index, as
       :func:`best_of_n`). Returns ``[G]`` and ``[G]``; ``-1`` in both where the group has no pair.
     * ``"best_random"``: its best sample vs a uniformly random member ``r`` with
-      ``s_best - s_r > margin`` (drawn with ``generator``). ``[G]`` each, ``-1`` where none.
+      ``s_best - s_r > margin`` (drawn with ``generator``: the eligible member with the largest of
+      ``B`` fresh uniform keys). ``[G]`` each, ``-1`` where none.
     * ``"all_pairs"``: every ordered pair ``(c, r)`` of a group with ``s_c - s_r > margin``, ordered
       by group, then ``c``, then ``r``. ``[P]`` each; builds a ``sum_g n_g^2`` candidate list.
 
-    Host syncs: ``"best_random"`` two (id range check, largest group size), ``"all_pairs"`` three
-    (the same and the number of candidates).
+    Host syncs: none for ``"best_worst"`` and ``"best_random"`` (two :func:`best_of_n` calls, then
+    elementwise ops). ``"all_pairs"`` has two, because its output size depends on the data: the
+    number of candidates (to size the candidate list) and the number of pairs kept.
 
     >>> s, ids = torch.tensor([1., 3., 2., 5., 5.]), torch.tensor([0, 0, 0, 1, 1])
     >>> select_pairs(s, ids)
@@ -217,8 +236,6 @@ def select_pairs(scores: torch.Tensor, group_ids: torch.Tensor, *, mode: str = "
     x = scores.double()
     if mode == "all_pairs":
         return _all_pairs(x, group_ids, G, float(margin))
-    if mode == "best_random":
-        _check_id_range("select_pairs", group_ids, G)
     if x.numel() == 0:
         none = torch.full((G,), -1, dtype=torch.int64, device=x.device)
         return none, none.clone()
@@ -228,16 +245,13 @@ def select_pairs(scores: torch.Tensor, group_ids: torch.Tensor, *, mode: str = "
         other = best_of_n(scores, group_ids, 1, largest=False, num_groups=G)[:, 0]
         ok = (best >= 0) & (best_val - x[other.clamp(min=0)] > margin)
     else:
-        lay = _Layout(group_ids, G)
-        member = lay.pad(torch.arange(x.numel(), device=x.device), -1)
-        eligible = lay.valid & (best_val[:, None] - lay.pad(x, float("nan")) > margin)
-        n_elig = eligible.sum(1)
-        u = torch.rand(G, generator=generator, dtype=torch.float64, device=x.device)
-        pick = (u * n_elig).long()  # the pick-th eligible member, in sample order
-        rank = torch.cumsum(eligible.long(), 1) - 1
-        hit = eligible & (rank == pick[:, None])
-        other = (member * hit).sum(1)
-        ok = n_elig > 0
+        # (best_of_n raised on the CPU for an out-of-range id; on a device such samples are ignored)
+        valid = (group_ids >= 0) & (group_ids < G)
+        g = torch.where(valid, group_ids, 0)
+        eligible = valid & (best[g] >= 0) & (best_val[g] - x > margin)
+        u = torch.rand(x.shape, generator=generator, dtype=torch.float64, device=x.device)
+        other = best_of_n(torch.where(eligible, u, float("nan")), group_ids, 1, num_groups=G)[:, 0]
+        ok = other >= 0
     minus = torch.full_like(best, -1)
     return torch.where(ok, best, minus), torch.where(ok, other, minus)
 
@@ -245,15 +259,20 @@ def select_pairs(scores: torch.Tensor, group_ids: torch.Tensor, *, mode: str = "
 def _all_pairs(x: torch.Tensor, group_ids: torch.Tensor, G: int, margin: float):
     dev = x.device
     _check_id_range("select_pairs", group_ids, G)
-    lay = _Layout(group_ids, G)
-    n = lay.count[lay.row]  # per sorted sample: its group's size = its number of candidates
-    c_pos = torch.repeat_interleave(torch.arange(lay.order.numel(), device=dev), n)
+    valid = (group_ids >= 0) & (group_ids < G)
+    gid = torch.where(valid, group_ids, G)  # a sentinel group G for out-of-range ids: no candidates
+    order = torch.argsort(gid, stable=True)
+    row = gid[order]
+    count = _group_counts(gid, G + 1)
+    start = torch.cumsum(count, 0) - count
+    n = torch.where(row < G, count[row], 0)  # per sorted sample: its number of candidates
+    total = int(n.sum())  # host sync: the size of the candidate list
+    c_pos = torch.repeat_interleave(torch.arange(order.numel(), device=dev), n, output_size=total)
     first = torch.cumsum(n, 0) - n  # where each sorted sample's candidate run starts
-    start = c_pos - lay.col[c_pos]  # sorted position of the group's first member
-    r_pos = start + torch.arange(c_pos.numel(), device=dev) - first[c_pos]
-    c, r = lay.order[c_pos], lay.order[r_pos]
+    r_pos = start[row[c_pos]] + torch.arange(total, device=dev) - first[c_pos]
+    c, r = order[c_pos], order[r_pos]
     keep = x[c] - x[r] > margin
-    return c[keep], r[keep]
+    return c[keep], r[keep]  # host sync: the number of pairs
 
 
 # ------------------------------------------------------------------------------------- filters
@@ -360,8 +379,7 @@ def pass_at_k(correct: torch.Tensor, group_ids: torch.Tensor, k, *, num_groups: 
         k: an int or a list of ints ``>= 1``, all computed in one call.
 
     Returns:
-        ``float64[G]`` for an int ``k``, ``float64[G, len(k)]`` for a list.
-        One host sync (the id range check).
+        ``float64[G]`` for an int ``k``, ``float64[G, len(k)]`` for a list. No host sync.
 
     >>> pass_at_k(torch.tensor([True, False, False, True]), torch.tensor([0, 0, 0, 1]), [1, 2])
     tensor([[0.3333, 0.6667],
@@ -371,8 +389,8 @@ def pass_at_k(correct: torch.Tensor, group_ids: torch.Tensor, k, *, num_groups: 
     ks, single = _ks("pass_at_k", k)
     _check_id_range("pass_at_k", group_ids, G)
     dev = correct.device
-    n = torch.bincount(group_ids, minlength=G)
-    c = torch.zeros(G, dtype=torch.int64, device=dev).index_add_(0, group_ids, (correct != 0).long())
+    n = _group_counts(group_ids, G)
+    c = _group_counts(group_ids, G, weights=correct != 0)
     i = torch.arange(max(ks), device=dev)
     num = (n - c)[:, None] - i
     den = n[:, None] - i
@@ -403,10 +421,12 @@ def best_at_k(scores: torch.Tensor, group_ids: torch.Tensor, k, *, replacement: 
     Args:
         scores: ``[B]`` float scores.  group_ids: ``int64[B]``.  k: int or list of ints ``>= 1``.
 
-    CPU: one compiled pass (a counting sort of the values by group, then per group, in parallel,
-    a sort and the weighted sums; O(B log n) time, O(B) extra memory). CUDA:
-    vectorized PyTorch over a padded ``[G, max n]`` matrix per k (host syncs: the id range check
-    and the largest group size).
+    A compiled op. CPU: a counting sort of the values by group, then per group, in parallel, a
+    sort and the weighted sums (O(B log n) time, O(B) extra memory). CUDA: two cub radix sorts
+    (by value, then stably by group id), then one thread per group sums its segment best first
+    (~24 B per sample of workspace); no host sync, out-of-range group ids ignored. Both give the
+    same bits without replacement (the weights avoid libm; with replacement ``pow`` may differ in
+    the last bit).
 
     Returns:
         ``float64[G]`` (int ``k``) or ``float64[G, len(k)]``.
@@ -418,12 +438,12 @@ def best_at_k(scores: torch.Tensor, group_ids: torch.Tensor, k, *, replacement: 
 
 
 def _expected_max(fn: str, scores, group_ids, k, replacement: bool, num_groups, sign: float):
-    """``sign * best_at_k(sign * scores)``, with ``fn`` named in error messages: the compiled op on
-    the CPU, the vectorized PyTorch path elsewhere (and under ``FASTRL_BACKEND=reference``)."""
+    """``sign * best_at_k(sign * scores)``, with ``fn`` named in error messages: the compiled op,
+    or the vectorized PyTorch path under ``FASTRL_BACKEND=reference``."""
     G = _grouped(fn, "scores", scores, group_ids, num_groups)
     ks, single = _ks(fn, k)
-    _check_id_range(fn, group_ids, G)
-    if scores.device.type == "cpu" and not _extension.use_reference():
+    _check_id_range(fn, group_ids, G, on_device=_extension.use_reference())
+    if not _extension.use_reference():
         out = torch.ops.fastrl.expected_best_of_k(scores, group_ids, G, ks, bool(replacement), sign > 0)
         return out[:, 0] if single else out
     return _expected_max_torch(scores, group_ids, ks, single, replacement, G, sign)
@@ -431,7 +451,8 @@ def _expected_max(fn: str, scores, group_ids, k, replacement: bool, num_groups, 
 
 def _expected_max_torch(scores, group_ids, ks: list[int], single: bool, replacement: bool, G: int,
                         sign: float):
-    """The vectorized PyTorch path of :func:`_expected_max` over the padded layout."""
+    """The vectorized PyTorch path of :func:`_expected_max` over the padded layout (host syncs:
+    the largest group size)."""
     x = scores.double() * sign
     lay = _Layout(group_ids, G, key=x)
     vals = lay.pad(x, 0.0)  # ascending within each row; NaN last
@@ -476,10 +497,10 @@ def maj_at_k(answer_ids: torch.Tensor, correct: torch.Tensor, group_ids: torch.T
     The expectation over all ``C(n, k)`` subsets is computed by a dynamic program over the group's
     distinct answers (multivariate hypergeometric counts), per vote count ``t`` of the winner::
 
-        sum_t sum_{a, b >= 1 answers... } P(a correct and b wrong answers get exactly t votes, all
-        others fewer) * a / (a + b)
+        maj@k = sum_{t=1..k} sum_{a + b >= 1} P(a correct and b wrong answers get exactly t votes,
+                                                every other answer fewer) * a / (a + b)
 
-    exactly in fp64 (no sampling). ``k > n``: NaN.
+    exactly (no sampling). ``k > n``: NaN.
 
     Args:
         answer_ids: ``int64[B]`` answer of each sample (equal ids = equal answers).
@@ -487,9 +508,14 @@ def maj_at_k(answer_ids: torch.Tensor, correct: torch.Tensor, group_ids: torch.T
         group_ids: ``int64[B]``.  k: int or list of ints ``>= 1``.
 
     Returns:
-        ``float64[G]`` (int ``k``) or ``float64[G, len(k)]``. Runs on the CPU (inputs are copied
-        there): cost per group O(k^2 A^3) for A distinct answers, a Python loop over groups —
-        an evaluation metric, not a hot-path op.
+        ``float64[G]`` (int ``k``) or ``float64[G, len(k)]``, on the inputs' device. A compiled CPU
+        op (inputs on a GPU are copied to the CPU: a host sync; it is an evaluation metric): per
+        group, in parallel, one DP pass gives every ``k`` of the list, O(A k^3 log k) for A
+        distinct answers and the largest k, with positive terms only (fp64, ~1e-15 relative).
+        ``k`` up to 1000 where a group has more than 1000 samples.
+
+    Raises:
+        ValueError: an answer id with both correct and wrong samples in a group.
 
     >>> maj_at_k(torch.tensor([7, 7, 3]), torch.tensor([1, 1, 0]), torch.tensor([0, 0, 0]), [1, 3])
     tensor([[0.6667, 1.0000]], dtype=torch.float64)
@@ -499,49 +525,14 @@ def maj_at_k(answer_ids: torch.Tensor, correct: torch.Tensor, group_ids: torch.T
     if answer_ids.dtype != torch.int64:
         raise ValueError(f"fastrl.sampling.maj_at_k: `answer_ids` must be int64, got {answer_ids.dtype}")
     ks, single = _ks("maj_at_k", k)
-    _check_id_range("maj_at_k", group_ids, G)
     g, a, c = group_ids.cpu(), answer_ids.cpu(), (correct != 0).cpu()
-    keys = torch.stack([g, a], 1)
-    uniq, inv = torch.unique(keys, dim=0, return_inverse=True)
-    sizes = torch.bincount(inv, minlength=uniq.shape[0])
-    n_corr = torch.zeros(uniq.shape[0], dtype=torch.int64).index_add_(0, inv, c.long())
-    if bool(((n_corr != 0) & (n_corr != sizes)).any()):
-        bad = int(uniq[((n_corr != 0) & (n_corr != sizes)).int().argmax(), 1])
-        raise ValueError(f"fastrl.sampling.maj_at_k: `correct` must be the same for every sample with the same "
-                         f"answer id within a group; answer id {bad} has both")
-    out = torch.full((G, len(ks)), float("nan"), dtype=torch.float64)
-    per_group: dict[int, list[tuple[int, bool]]] = {}
-    for (gg, _), m, nc in zip(uniq.tolist(), sizes.tolist(), n_corr.tolist()):
-        per_group.setdefault(gg, []).append((m, nc > 0))
-    for gg, answers in per_group.items():
-        for j, kk in enumerate(ks):
-            out[gg, j] = _maj_expectation(answers, kk)
+    _check_id_range("maj_at_k", g, G)
+    if _extension.use_reference():
+        out = _ref.maj_at_k_dp(a, c, g, ks, num_groups=G)
+    else:
+        out = torch.ops.fastrl.maj_at_k(a, c, g, G, ks)
     out = out.to(answer_ids.device)
     return out[:, 0] if single else out
-
-
-def _maj_expectation(answers: list[tuple[int, bool]], k: int) -> float:
-    """Exact E[majority correct] of a k-subset of a group whose answers have the given
-    (size, correct) classes; uniform tie-break."""
-    from math import comb
-
-    n = sum(m for m, _ in answers)
-    if k > n:
-        return float("nan")
-    total = 0.0
-    for t in range(1, k + 1):
-        # dp[(s, a, b)]: number of ways (product of C(m, count)) to draw s samples from the answers
-        # seen so far with every count <= t, a correct and b wrong answers at exactly t.
-        dp: dict[tuple[int, int, int], int] = {(0, 0, 0): 1}
-        for m, ok in answers:
-            nxt: dict[tuple[int, int, int], int] = {}
-            for (s, a, b), ways in dp.items():
-                for cnt in range(0, min(m, t, k - s) + 1):
-                    key = (s + cnt, a + (cnt == t and ok), b + (cnt == t and not ok))
-                    nxt[key] = nxt.get(key, 0) + ways * comb(m, cnt)
-            dp = nxt
-        total += sum(ways * a / (a + b) for (s, a, b), ways in dp.items() if s == k and a + b > 0 and a)
-    return total / comb(n, k)
 
 
 # ---------------------------------------------------------------------------------- resampling
@@ -579,7 +570,7 @@ def resample(weights: torch.Tensor, group_ids: torch.Tensor, n: int, *, method: 
         raise ValueError(f"fastrl.sampling.resample: `method` must be one of {RESAMPLE_METHODS}, got {method!r}")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"fastrl.sampling.resample: `n` must be an int >= 1, got {n!r}")
-    _check_id_range("resample", group_ids, G)
+    _check_id_range("resample", group_ids, G, on_device=True)
     w = weights.double()
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
         raise ValueError("fastrl.sampling.resample: `weights` must be finite and >= 0 (got a negative, NaN or inf weight)")
