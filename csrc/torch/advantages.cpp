@@ -47,15 +47,7 @@ Prepared prepare(const at::Tensor& scores, const at::Tensor& group_ids,
                  const c10::optional<at::Tensor>& weights, int64_t num_groups,
                  const std::string& baseline, const std::string& scale, bool unbiased, double eps,
                  bool eps_on_var, bool singleton_zero, bool ignore_nan) {
-  check_dim(scores, "scores", 1);
-  check_floating(scores, "scores");
-  check_dim(group_ids, "group_ids", 1);
-  check_dtype(group_ids, "group_ids", at::kLong);
-  check_same_size0(group_ids, "group_ids", scores, "scores");
-  check_same_device(group_ids, "group_ids", scores, "scores");
-  TORCH_CHECK(num_groups >= 0, "fastrl: `num_groups` must be >= 0, got ", num_groups);
-  TORCH_CHECK(num_groups > 0 || scores.numel() == 0,
-              "fastrl: `num_groups` is 0 but there are ", scores.numel(), " samples");
+  check_grouped_scores(scores, group_ids, num_groups);
   TORCH_CHECK(eps >= 0.0, "fastrl: `eps` must be >= 0, got ", eps);
   Prepared p;
   p.params.baseline = parse_baseline(baseline);

@@ -36,6 +36,23 @@ inline void check_same_size0(const at::Tensor& t, const char* name, const at::Te
               " entries but `", ref_name, "` has ", ref.size(0));
 }
 
+inline void check_num_groups(int64_t num_groups, int64_t num_samples) {
+  TORCH_CHECK(num_groups >= 0, "fastrl: `num_groups` must be >= 0, got ", num_groups);
+  TORCH_CHECK(num_groups > 0 || num_samples == 0,
+              "fastrl: `num_groups` is 0 but there are ", num_samples, " samples");
+}
+
+// Per-sample floating `scores` [B] and int64 `group_ids` [B] on one device, with num_groups ids.
+inline void check_grouped_scores(const at::Tensor& scores, const at::Tensor& group_ids, int64_t num_groups) {
+  check_dim(scores, "scores", 1);
+  check_floating(scores, "scores");
+  check_dim(group_ids, "group_ids", 1);
+  check_dtype(group_ids, "group_ids", at::kLong);
+  check_same_size0(group_ids, "group_ids", scores, "scores");
+  check_same_device(group_ids, "group_ids", scores, "scores");
+  check_num_groups(num_groups, scores.numel());
+}
+
 // Masks may be bool, uint8, int32, int64, float32 or float64 (what trainers pass); kernels are
 // templated on the mask type, so no converted copy is made.
 inline void check_mask_dtype(const at::Tensor& mask) {

@@ -16,25 +16,13 @@ struct Inputs {
   at::Tensor scores, group_ids;  // contiguous
 };
 
-void check_num_groups(int64_t num_groups, int64_t num_samples) {
-  TORCH_CHECK(num_groups >= 0, "fastrl: `num_groups` must be >= 0, got ", num_groups);
-  TORCH_CHECK(num_groups > 0 || num_samples == 0,
-              "fastrl: `num_groups` is 0 but there are ", num_samples, " samples");
-}
-
 void check_ks(at::IntArrayRef ks) {
   TORCH_CHECK(!ks.empty(), "fastrl: `ks` must hold at least one k");
   for (const int64_t k : ks) TORCH_CHECK(k >= 1, "fastrl: every k of `ks` must be >= 1, got ", k);
 }
 
 Inputs check_grouped(const at::Tensor& scores, const at::Tensor& group_ids, int64_t num_groups) {
-  check_dim(scores, "scores", 1);
-  check_floating(scores, "scores");
-  check_dim(group_ids, "group_ids", 1);
-  check_dtype(group_ids, "group_ids", at::kLong);
-  check_same_size0(group_ids, "group_ids", scores, "scores");
-  check_same_device(group_ids, "group_ids", scores, "scores");
-  check_num_groups(num_groups, scores.numel());
+  check_grouped_scores(scores, group_ids, num_groups);
   return {scores.contiguous(), group_ids.contiguous()};
 }
 
