@@ -9,6 +9,7 @@ import torch
 
 import fastrl
 from fastrl.reference import logprobs as ref
+from _isa import ISAS, assert_same_bits, run_capped
 
 TRL_UTILS = pytest.importorskip("trl.trainer.utils")
 VERL_TF = pytest.importorskip("verl.utils.torch_functional")
@@ -350,23 +351,18 @@ def _isa_cases():
     return cases
 
 
-@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ISAS)
 def test_cpu_isa_paths_match_reference_and_each_other(isa, tmp_path):
-    # FASTRL_CPU_ISA caps the runtime-dispatched CPU kernels (read once per process, hence the
-    # subprocess). The paths run the same IEEE operations per lane (no FMA), so they agree bitwise
-    # with the default (widest) path; on a CPU without the ISA the cap is a no-op.
+    # The paths run the same IEEE operations per lane (no FMA), so they agree bitwise with the
+    # default (widest) path.
     cases = _isa_cases()
-    torch.save(cases, tmp_path / "cases.pt")
-    env = dict(os.environ, FASTRL_CPU_ISA=isa)
-    subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")],
-                   env=env, check=True, capture_output=True, text=True)
-    got = torch.load(tmp_path / "out.pt")
+    got = run_capped(isa, _ISA_SCRIPT, cases, tmp_path)
     for (logits, labels, T), (lp, ent, lse, grad) in zip(cases, got):
         x = logits.clone().requires_grad_(True)
         want = run_all(x, labels, temperature=T)
         (want[0].sum() + 0.5 * want[1].sum() + 0.25 * want[2].sum()).backward()
         for a, b in zip((lp, ent, lse, grad), (*want, x.grad)):
-            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+            assert_same_bits(a, b)
         finite = ~torch.isnan(logits).any(-1) & ~torch.isinf(logits).any(-1)
         rlp, rent, rlse = ref.logprobs(logits[finite], labels[finite], temperature=T)
         torch.testing.assert_close(lp[finite].double(), rlp, rtol=1e-5, atol=2e-5)

@@ -12,37 +12,28 @@
 // or the ISA (no FMA contraction: setup.py builds with -ffp-contract=off). Rows run in parallel.
 // The logits are read from memory once per row (the block's second read hits L1).
 //
-// ISA dispatch: the extension is built for baseline x86-64 (SSE2, 4 floats a vector), where the
-// exp polynomial is the bottleneck. The row loops are therefore templates over the lane type
-// (float, or a GCC vector of 8 or 16 floats), instantiated for AVX2 and AVX-512 in thin wrappers
-// with GCC target attributes, and the widest variant the CPU supports is picked once at runtime
-// (about 4x faster forward at V = 32768). The variants run the same IEEE operations in the same
-// order per lane (no FMA, no reassociation), so they give bitwise-identical results;
-// FASTRL_CPU_ISA=baseline|avx2|avx512 (read once) caps the choice, which is how the tests run the
-// baseline path on a machine with AVX.
+// The row loops are templates over the lane type and run for the widest ISA the CPU supports
+// (cpu/simd.h: about 4x faster forward than SSE2 at V = 32768); every ISA gives the same bits.
 // -fno-trapping-math for this file only: lets GCC turn the selects of fast_exp and the lane loops
 // into vector blends (it does not change any result: no program here inspects FP exception flags).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
 
-// The lane helpers below take and return GCC vectors; they are always inlined into the
+// The lane helpers (cpu/simd.h) take and return GCC vectors; they are always inlined into the
 // target-attributed wrappers, so GCC's note about the ABI of vector returns does not apply.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
 #include "cpu/logprobs.h"
+#include "cpu/simd.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
-#include <stdexcept>
-#include <string>
 #include <vector>
 
 namespace fastrl {
@@ -51,112 +42,10 @@ namespace {
 
 using logprobs::SoftmaxState;
 
-// Forced inlining: the row loops and their helpers must be inlined into each ISA wrapper below to be
-// vectorized for that ISA (GCC inlines default-target code into a wider target, not the reverse).
-#define FASTRL_CPU_INLINE inline __attribute__((always_inline))
+using namespace simd;  // NOLINT: the lane helpers are this file's vocabulary
 
 constexpr int64_t kLanes = 16;
 constexpr int64_t kBlock = 1024;  // a multiple of kLanes
-
-// Lane arithmetic written once for V = float (the baseline, which GCC vectorizes for SSE2 across
-// the lanes) and for V = a GCC vector of floats (the AVX2 / AVX-512 paths, which spell out the
-// vectors because GCC does not vectorize the lane loops reliably inside target-attributed code).
-// Vector operators act elementwise with IEEE semantics, so both give the same bits per lane.
-template <int W>
-struct VecF {
-  typedef float type __attribute__((vector_size(4 * W)));
-};
-
-template <typename V>
-struct LaneTraits {  // V: a VecF<W>::type
-  static constexpr int kWidth = sizeof(V) / sizeof(float);
-  typedef int32_t Int __attribute__((vector_size(sizeof(V))));
-};
-template <>
-struct LaneTraits<float> {
-  static constexpr int kWidth = 1;
-  using Int = int32_t;
-};
-
-template <typename V>
-FASTRL_CPU_INLINE V splat(float v) {
-  if constexpr (LaneTraits<V>::kWidth == 1) {
-    return v;
-  } else {
-    return V{} + v;  // 0 + v == v exactly for every constant used here
-  }
-}
-
-// cond ? a : b per lane (cond: a bool, or a vector comparison's all-ones / zero lanes).
-template <typename M, typename V>
-FASTRL_CPU_INLINE V select(M cond, V a, V b) {
-  return cond ? a : b;
-}
-
-template <typename V>
-FASTRL_CPU_INLINE typename LaneTraits<V>::Int trunc_to_int(V v) {
-  if constexpr (LaneTraits<V>::kWidth == 1) {
-    return static_cast<int32_t>(v);
-  } else {
-    return __builtin_convertvector(v, typename LaneTraits<V>::Int);
-  }
-}
-
-template <typename V, typename I>
-FASTRL_CPU_INLINE V int_to_float(I n) {
-  if constexpr (LaneTraits<V>::kWidth == 1) {
-    return static_cast<float>(n);
-  } else {
-    return __builtin_convertvector(n, V);
-  }
-}
-
-template <typename V, typename I>
-FASTRL_CPU_INLINE V bits_to_float(I bits) {
-  V r;
-  std::memcpy(&r, &bits, sizeof(r));
-  return r;
-}
-
-template <typename V>
-FASTRL_CPU_INLINE V load_lanes(const float* p) {
-  V r;
-  std::memcpy(&r, p, sizeof(r));
-  return r;
-}
-
-template <typename V>
-FASTRL_CPU_INLINE void store_lanes(float* p, V v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-// exp(x), ~1 ulp, for x <= 88.37 (larger x return a large finite value, never reached here: the
-// kernels only take exp of z - max z). x < -87.33 (e.g. -inf) gives 0, NaN gives NaN.
-template <typename V>
-FASTRL_CPU_INLINE V fast_exp(V x) {
-  using I = typename LaneTraits<V>::Int;
-  constexpr float kLo = -87.33654f, kHi = 88.37626f;
-  constexpr float kLog2e = 1.44269504088896341f, kC1 = 0.693359375f, kC2 = -2.12194440e-4f;
-  const auto nan = x != x;
-  V xc = select(x < kLo, splat<V>(kLo), x);
-  xc = select(xc > kHi, splat<V>(kHi), xc);
-  xc = select(nan, splat<V>(0.0f), xc);
-  const V fx = xc * kLog2e;
-  const I n = trunc_to_int(fx + select(fx < 0.0f, splat<V>(-0.5f), splat<V>(0.5f)));  // round to nearest
-  const V fn = int_to_float<V>(n);
-  V r = xc - fn * kC1;
-  r = r - fn * kC2;
-  V p = splat<V>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const V y = p * (r * r) + r + 1.0f;
-  const V scale = bits_to_float<V>((n + 127) << 23);
-  const V e = y * scale;
-  return select(nan, x, select(x < kLo, splat<V>(0.0f), e));
-}
 
 // logprobs::clamp_diff per lane.
 template <typename V>
@@ -316,68 +205,8 @@ FASTRL_CPU_INLINE void backward_rows(const BackwardArgs<scalar_t>& a, int64_t be
   }
 }
 
-// The same row loops compiled for wider ISAs (see the top of the file). Only GCC/Clang on x86-64.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FASTRL_CPU_DISPATCH 1
-#define FASTRL_TARGET_AVX2 __attribute__((target("avx2")))
-// GCC's generic tuning prefers 256-bit vectors even with AVX-512; ask for the full width.
-#define FASTRL_TARGET_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,prefer-vector-width=512")))
-
-template <typename scalar_t>
-FASTRL_TARGET_AVX2 void forward_rows_avx2(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
-  forward_rows<VecF<8>::type>(a, begin, end);
-}
-template <typename scalar_t>
-FASTRL_TARGET_AVX512 void forward_rows_avx512(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
-  forward_rows<VecF<16>::type>(a, begin, end);
-}
-template <typename scalar_t>
-FASTRL_TARGET_AVX2 void backward_rows_avx2(const BackwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
-  backward_rows<VecF<8>::type>(a, begin, end);
-}
-template <typename scalar_t>
-FASTRL_TARGET_AVX512 void backward_rows_avx512(const BackwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
-  backward_rows<VecF<16>::type>(a, begin, end);
-}
-#endif
-
-enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
-
-// The widest ISA the CPU (and OS) supports, capped by FASTRL_CPU_ISA when set.
-Isa detect_isa() {
-  Isa best = Isa::kBaseline;
-#ifdef FASTRL_CPU_DISPATCH
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2")) best = Isa::kAvx2;
-  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
-    best = Isa::kAvx512;
-  }
-#endif
-  const char* cap = std::getenv("FASTRL_CPU_ISA");
-  if (cap == nullptr || *cap == '\0') return best;
-  Isa limit;
-  if (std::strcmp(cap, "baseline") == 0) {
-    limit = Isa::kBaseline;
-  } else if (std::strcmp(cap, "avx2") == 0) {
-    limit = Isa::kAvx2;
-  } else if (std::strcmp(cap, "avx512") == 0) {
-    limit = Isa::kAvx512;
-  } else {
-    throw std::invalid_argument(std::string("fastrl: FASTRL_CPU_ISA must be baseline, avx2 or avx512, got '") +
-                                cap + "'");
-  }
-  return std::min(best, limit);
-}
-
-Isa cpu_isa() {
-  static const Isa isa = detect_isa();
-  return isa;
-}
-
-template <typename Args>
-using RowsFn = void (*)(const Args&, int64_t, int64_t);
+FASTRL_CPU_ISA_VARIANTS(forward_rows)
+FASTRL_CPU_ISA_VARIANTS(backward_rows)
 
 }  // namespace
 
@@ -397,13 +226,9 @@ int64_t logprobs_forward(const scalar_t* logits, int64_t row_stride, const int64
   if (bad >= 0) return bad;
   const ForwardArgs<scalar_t> args{logits, row_stride, labels, num_labels, vocab, inv_temperature,
                                    ignore_index, logprobs, entropy, lse};
-  RowsFn<ForwardArgs<scalar_t>> rows = forward_rows<float, scalar_t>;
-#ifdef FASTRL_CPU_DISPATCH
-  if (cpu_isa() == Isa::kAvx2) rows = forward_rows_avx2<scalar_t>;
-  if (cpu_isa() == Isa::kAvx512) rows = forward_rows_avx512<scalar_t>;
-#endif
-  at::parallel_for(0, num_rows, grain_rows(vocab),
-                   [&](int64_t begin, int64_t end) { rows(args, begin, end); });
+  at::parallel_for(0, num_rows, grain_rows(vocab), [&](int64_t begin, int64_t end) {
+    FASTRL_CPU_ISA_CALL(forward_rows, args, begin, end);
+  });
   return -1;
 }
 
@@ -418,13 +243,9 @@ int64_t logprobs_backward(const scalar_t* logits, int64_t row_stride, const int6
   const BackwardArgs<scalar_t> args{logits, row_stride, labels, num_labels, vocab, inv_temperature,
                                     ignore_index, lse, entropy, g_lp, g_ent, g_lse, grad_logits,
                                     grad_row_stride};
-  RowsFn<BackwardArgs<scalar_t>> rows = backward_rows<float, scalar_t>;
-#ifdef FASTRL_CPU_DISPATCH
-  if (cpu_isa() == Isa::kAvx2) rows = backward_rows_avx2<scalar_t>;
-  if (cpu_isa() == Isa::kAvx512) rows = backward_rows_avx512<scalar_t>;
-#endif
-  at::parallel_for(0, num_rows, grain_rows(vocab),
-                   [&](int64_t begin, int64_t end) { rows(args, begin, end); });
+  at::parallel_for(0, num_rows, grain_rows(vocab), [&](int64_t begin, int64_t end) {
+    FASTRL_CPU_ISA_CALL(backward_rows, args, begin, end);
+  });
   return -1;
 }
 

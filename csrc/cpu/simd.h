@@ -1,0 +1,198 @@
+// SIMD lanes and runtime ISA dispatch shared by the CPU kernels (log-probs, credit, losses).
+//
+// The extension is built for baseline x86-64 (SSE2: 4 floats a vector; never -march=native). A
+// kernel that is bound by arithmetic (exp, mostly) writes its inner loops once as a template over a
+// lane type V: float (the baseline; GCC vectorizes plain loops of it for SSE2), or a GCC vector of
+// 8 or 16 floats (VecF<W>::type) that FASTRL_CPU_ISA_VARIANTS instantiates inside wrappers compiled
+// for AVX2 / AVX-512 with GCC target attributes. FASTRL_CPU_ISA_CALL picks the widest variant the
+// CPU supports, once per process. Vector operators act elementwise with IEEE semantics and the
+// translation units are built with -ffp-contract=off, so every variant runs the same operations in
+// the same order per lane: the results are bitwise the same whatever the ISA. The environment
+// variable FASTRL_CPU_ISA=baseline|avx2|avx512 (read once) caps the choice; the tests use it to run
+// the baseline path on a machine with AVX.
+//
+// The helpers must be inlined into the ISA wrappers to be compiled for their ISA (GCC inlines
+// default-target code into a wider target, not the reverse), hence FASTRL_CPU_INLINE everywhere.
+// A translation unit using this header should add, before its includes,
+//   #pragma GCC optimize("no-trapping-math")   (lets GCC turn the selects into vector blends)
+//   #pragma GCC diagnostic ignored "-Wpsabi"    (vector returns of always-inlined helpers)
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#define FASTRL_CPU_INLINE inline __attribute__((always_inline))
+
+namespace fastrl {
+namespace cpu {
+namespace simd {
+
+template <int W>
+struct VecF {
+  typedef float type __attribute__((vector_size(4 * W)));
+};
+
+template <typename V>
+struct LaneTraits {  // V: a VecF<W>::type
+  static constexpr int kWidth = sizeof(V) / sizeof(float);
+  typedef int32_t Int __attribute__((vector_size(sizeof(V))));
+};
+template <>
+struct LaneTraits<float> {
+  static constexpr int kWidth = 1;
+  using Int = int32_t;
+};
+
+template <typename V>
+FASTRL_CPU_INLINE V splat(float v) {
+  if constexpr (LaneTraits<V>::kWidth == 1) {
+    return v;
+  } else {
+    return V{} + v;  // 0 + v == v exactly for every finite v and infinities (and -0 is never splat)
+  }
+}
+
+// cond ? a : b per lane (cond: a bool, or a vector comparison's all-ones / zero lanes).
+template <typename M, typename V>
+FASTRL_CPU_INLINE V select(M cond, V a, V b) {
+  return cond ? a : b;
+}
+
+template <typename V>
+FASTRL_CPU_INLINE typename LaneTraits<V>::Int trunc_to_int(V v) {
+  if constexpr (LaneTraits<V>::kWidth == 1) {
+    return static_cast<int32_t>(v);
+  } else {
+    return __builtin_convertvector(v, typename LaneTraits<V>::Int);
+  }
+}
+
+template <typename V, typename I>
+FASTRL_CPU_INLINE V int_to_float(I n) {
+  if constexpr (LaneTraits<V>::kWidth == 1) {
+    return static_cast<float>(n);
+  } else {
+    return __builtin_convertvector(n, V);
+  }
+}
+
+template <typename V, typename I>
+FASTRL_CPU_INLINE V bits_to_float(I bits) {
+  V r;
+  std::memcpy(&r, &bits, sizeof(r));
+  return r;
+}
+
+template <typename V>
+FASTRL_CPU_INLINE V load_lanes(const float* p) {
+  V r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+
+template <typename V>
+FASTRL_CPU_INLINE void store_lanes(float* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// exp(x), ~1 ulp: a branch-free Cephes-style polynomial that vectorizes. x < -87.34 (-inf
+// included) gives 0, x > 88.72 gives +inf, NaN gives NaN.
+template <typename V>
+FASTRL_CPU_INLINE V fast_exp(V x) {
+  using I = typename LaneTraits<V>::Int;
+  constexpr float kLo = -87.33654f, kHi = 88.7228f;
+  constexpr float kLog2e = 1.44269504088896341f, kC1 = 0.693359375f, kC2 = -2.12194440e-4f;
+  const auto nan = x != x;
+  V xc = select(x < kLo, splat<V>(kLo), x);
+  xc = select(xc > kHi, splat<V>(kHi), xc);
+  xc = select(nan, splat<V>(0.0f), xc);
+  const V fx = xc * kLog2e;
+  const I n = trunc_to_int(fx + select(fx < 0.0f, splat<V>(-0.5f), splat<V>(0.5f)));  // round to nearest
+  const V fn = int_to_float<V>(n);
+  V r = xc - fn * kC1;
+  r = r - fn * kC2;
+  V p = splat<V>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const V y = p * (r * r) + r + 1.0f;
+  // 2^n as float bits; n = 128 (x above ~88.03) is 2^127 * 2 so that exp stays finite up to FLT_MAX
+  const auto top = n > 127;
+  const V scale = bits_to_float<V>((select(top, n - 1, n) + 127) << 23);
+  const V e = select(top, y * 2.0f, y) * scale;
+  return select(nan, x, select(x < kLo, splat<V>(0.0f), select(x > kHi, splat<V>(INFINITY), e)));
+}
+
+enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The widest ISA the CPU (and OS) supports, capped by FASTRL_CPU_ISA when set.
+inline Isa detect_isa() {
+  Isa best = Isa::kBaseline;
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2")) best = Isa::kAvx2;
+  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
+    best = Isa::kAvx512;
+  }
+#endif
+  const char* cap = std::getenv("FASTRL_CPU_ISA");
+  if (cap == nullptr || *cap == '\0') return best;
+  Isa limit;
+  if (std::strcmp(cap, "baseline") == 0) {
+    limit = Isa::kBaseline;
+  } else if (std::strcmp(cap, "avx2") == 0) {
+    limit = Isa::kAvx2;
+  } else if (std::strcmp(cap, "avx512") == 0) {
+    limit = Isa::kAvx512;
+  } else {
+    throw std::invalid_argument(std::string("fastrl: FASTRL_CPU_ISA must be baseline, avx2 or avx512, got '") +
+                                cap + "'");
+  }
+  return best < limit ? best : limit;
+}
+
+// Detected once per process (an inline function's static: one instance across translation units).
+inline Isa cpu_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+}  // namespace simd
+}  // namespace cpu
+}  // namespace fastrl
+
+// FASTRL_CPU_ISA_VARIANTS(impl) defines impl_avx2(args...) and impl_avx512(args...): the function
+// template impl<V, ...>(args...) instantiated with 8 / 16 float lanes inside wrappers compiled for
+// AVX2 / AVX-512 (impl's other template parameters are deduced from the arguments).
+// FASTRL_CPU_ISA_CALL(impl, args...) calls the variant of the process's ISA (impl<float> for the
+// baseline). Only GCC/Clang on x86-64 get the wide variants.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTRL_TARGET_AVX2 __attribute__((target("avx2")))
+// GCC's generic tuning prefers 256-bit vectors even with AVX-512; ask for the full width.
+#define FASTRL_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,prefer-vector-width=512")))
+#define FASTRL_CPU_ISA_VARIANTS(impl)                                                  \
+  template <typename... Args>                                                          \
+  FASTRL_TARGET_AVX2 void impl##_avx2(Args... args) {                                  \
+    impl<::fastrl::cpu::simd::VecF<8>::type>(args...);                                 \
+  }                                                                                    \
+  template <typename... Args>                                                          \
+  FASTRL_TARGET_AVX512 void impl##_avx512(Args... args) {                              \
+    impl<::fastrl::cpu::simd::VecF<16>::type>(args...);                                \
+  }
+#define FASTRL_CPU_ISA_CALL(impl, ...)                                                 \
+  (::fastrl::cpu::simd::cpu_isa() == ::fastrl::cpu::simd::Isa::kAvx512                 \
+       ? impl##_avx512(__VA_ARGS__)                                                    \
+       : (::fastrl::cpu::simd::cpu_isa() == ::fastrl::cpu::simd::Isa::kAvx2            \
+              ? impl##_avx2(__VA_ARGS__)                                               \
+              : impl<float>(__VA_ARGS__)))
+#else
+#define FASTRL_CPU_ISA_VARIANTS(impl)
+#define FASTRL_CPU_ISA_CALL(impl, ...) impl<float>(__VA_ARGS__)
+#endif
