@@ -1,6 +1,6 @@
 """Token-level credit-assignment benchmarks: fastrl vs verl 0.9.1's GAE and REINFORCE++ loops, verl's
-kl_penalty, a PyTorch composition of OpenRLHF's compute_reward, and PyTorch loops for GAE with turn
-ends (dones) and OpenRLHF's dense GAE.
+kl_penalty, PyTorch compositions of OpenRLHF's compute_approx_kl and compute_reward, and PyTorch
+loops for GAE with turn ends (dones) and OpenRLHF's dense GAE.
 
 Inputs look like a multi-turn PPO batch: B responses x T tokens, fp32 rewards (a score on each
 response's last valid token plus small per-token rewards) and values, verl's int64 response mask
@@ -62,6 +62,12 @@ def scan_then_whiten(r, v, m):
     return fastrl.credit.masked_whiten(adv, m), ret
 
 
+def returns_then_whiten(r, m, gamma):
+    """REINFORCE++ as the drop-in computed it before the fused statistics: scan, whiten, mask."""
+    ret = fastrl.credit.discounted_returns(r, m, gamma)
+    return fastrl.credit.masked_whiten(ret, m).mul_(m), ret
+
+
 def gae_turns_loop(r, v, m, dones, gamma, lam, turn_gamma):
     """GAE with turn ends as a user writes it in PyTorch (the loop of fastrl.reference.credit.gae):
     one step of small tensor ops per token position."""
@@ -80,6 +86,14 @@ def openrlhf_gae_loop(values, rewards, action_mask, gamma, lambd):
         rev.append(lastgaelam)
     adv = torch.stack(rev[::-1], dim=1)
     return adv, adv + values
+
+
+def openrlhf_approx_kl(log_probs, log_probs_base, clamp):
+    """OpenRLHF's compute_approx_kl(kl_estimator='k3'), formula for formula (fp32), with or without
+    its final clamp."""
+    log_ratio = -(log_probs.float() - log_probs_base.float())
+    log_ratio = log_ratio.exp() - 1 - log_ratio
+    return log_ratio.clamp(min=-10, max=10) if clamp else log_ratio
 
 
 def openrlhf_reward_torch(scores, kl, mask, kl_coef, clip):
@@ -120,11 +134,12 @@ def cases(ctx) -> list[Case]:
             return core_algos
         return lambda a: core_algos.kl_penalty(a.lp, a.rf, kind)
 
-    def kl_case(name, kind, note):
+    def kl_case(name, kind, note, convention="verl", baseline=None):
+        base = {"verl": verl_kl(kind)} if baseline is None else {"torch": baseline}
         return Case(
             name=f"kl_penalty_{name}", shape=f"f32[{B}, {T}] logp, ref_logp", setup=setup_kl,
             bytes_moved=B * T * 3 * F32,
-            impls={"fastrl": lambda a: fastrl.credit.kl_penalty(a.lp, a.rf, kind), "verl": verl_kl(kind),
+            impls={"fastrl": lambda a: fastrl.credit.kl_penalty(a.lp, a.rf, kind, convention=convention), **base,
                    "stream-floor": lambda a: Floor((torch.sub(a.lp, a.rf),))},
             target={"stream-floor": 0.5}, check=check_single, note=note)
 
@@ -143,9 +158,10 @@ def cases(ctx) -> list[Case]:
     rpp_bytes = B * T * (F32 + I64 + F32 + F32)        # read rewards, mask; write adv, returns
     gae_floor = lambda a: Floor((a.r.clone(), torch.mul(a.v, a.m)))          # same bytes as gae_bytes
     rpp_floor = lambda a: Floor((torch.mul(a.r, a.m), torch.zeros_like(a.r)))  # same bytes as rpp_bytes
-    note_ws = ("fastrl = fastrl.integrations.verl drop-in: compiled scan + compiled fp64 whitening "
-               "(two more passes over the advantages); bytes_moved counts only the bytes the op must "
-               "read and write once.")
+    note_ws = ("fastrl = fastrl.integrations.verl drop-in: compiled scan emitting per-row fp64 moments "
+               "(fused whitening statistics) + one whitening pass over the advantages; scan+whiten = the scan, "
+               "then masked_whiten (the drop-in before the fused statistics); bytes_moved counts only the "
+               "bytes the op must read and write once.")
     return [
         Case(
             name="gae_verl", shape=shape, setup=setup, bytes_moved=gae_bytes,
@@ -153,6 +169,7 @@ def cases(ctx) -> list[Case]:
                 "fastrl": (dropin if isinstance(dropin, Skip) else
                            lambda a: dropin.compute_gae_advantage_return(a.r, a.v, a.m, 0.99, 0.95)),
                 "verl": verl("compute_gae_advantage_return", "r", "v", "m", gae_kw),
+                "scan+whiten": lambda a: scan_then_whiten(a.r, a.v, a.m),
                 "stream-floor": gae_floor,
             },
             target={"verl": 100, "stream-floor": 0.5}, check=check_pair(1e-5, 1e-5), note=note_ws,
@@ -163,6 +180,7 @@ def cases(ctx) -> list[Case]:
                 "fastrl": (dropin if isinstance(dropin, Skip) else
                            lambda a: dropin.compute_reinforce_plus_plus_outcome_advantage(a.r, a.m, config=a.cfg)),
                 "verl": verl("compute_reinforce_plus_plus_outcome_advantage", "r", "m", rpp_kw),
+                "scan+whiten": lambda a: returns_then_whiten(a.r, a.m, 0.99),
                 "stream-floor": rpp_floor,
             },
             target={"verl": 100, "stream-floor": 0.5}, check=check_pair(1e-5, 1e-5), note=note_ws,
@@ -190,7 +208,8 @@ def cases(ctx) -> list[Case]:
             target={"verl": 100, "stream-floor": 0.5}, check=check_pair(1e-5, 1e-5),
             note="verl's GAE + whitening with the whitening statistics fused into the scan "
                  "(fastrl.credit.gae(whiten=True): per-row fp64 moments while the row is in cache) vs "
-                 "scan+whiten = fastrl.credit.gae then fastrl.credit.masked_whiten (the current drop-in).",
+                 "scan+whiten = fastrl.credit.gae then fastrl.credit.masked_whiten (the drop-in before it used the "
+                 "fused path).",
         ),
         Case(
             name="gae_turn_ends", shape=shape + ", bool dones (~1 turn end per 256 tokens)",
@@ -214,6 +233,12 @@ def cases(ctx) -> list[Case]:
         kl_case("k3", "low_var_kl", "verl 0.9.1 core_algos.kl_penalty(logp, ref, 'low_var_kl'): clamp/exp/sub/"
                 "clamp as torch ops (several passes); fastrl: one elementwise pass."),
         kl_case("k1", "kl", "k1 is one subtraction: both sides are one streaming pass; the case shows no overhead."),
+        kl_case("k3_openrlhf", "k3", "OpenRLHF compute_approx_kl 'k3' with its [-10, 10] clamp; torch = its "
+                "formula as torch ops (written from openrlhf/models/utils.py; OpenRLHF is not installed).",
+                convention="openrlhf", baseline=lambda a: openrlhf_approx_kl(a.lp, a.rf, clamp=True)),
+        kl_case("k3_openrlhf_unclamped", "k3", "OpenRLHF compute_approx_kl 'k3' before the clamp was added "
+                "(convention='openrlhf_unclamped'); torch = its formula as torch ops.",
+                convention="openrlhf_unclamped", baseline=lambda a: openrlhf_approx_kl(a.lp, a.rf, clamp=False)),
         Case(
             name="token_rewards", shape=shape + ", f32 kl, scores f32[B]", setup=setup_rewards,
             bytes_moved=B * T * (I64 + F32 + F32),

@@ -61,6 +61,7 @@ import hypothesis.strategies as st  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
 from fastrl.reference import credit as ref  # noqa: E402
+from _isa import assert_same_bits, run_capped  # noqa: E402
 
 verl_core = pytest.importorskip("verl.trainer.ppo.core_algos")
 verl_F = pytest.importorskip("verl.utils.torch_functional")
@@ -117,6 +118,25 @@ def test_gae_dropin_matches_verl(mask_dtype, B, T):
     torch.testing.assert_close(got_adv, want_adv, rtol=1e-6, atol=1e-6)  # verl whitens in fp32, we in fp64
 
 
+@pytest.mark.parametrize("dtype, mask_dtype, fused", [
+    (torch.float32, torch.int64, True), (torch.float32, torch.bool, True), (torch.float32, torch.float32, True),
+    (torch.float64, torch.int64, True), (torch.float32, torch.float64, False), (torch.bfloat16, torch.int64, False)])
+def test_gae_dropin_whitening_is_fused_where_the_dtype_allows(dtype, mask_dtype, fused):
+    r, v, m = multiturn_batch(9, 70, seed=19, mask_dtype=mask_dtype, all_masked_rows=(2,), dtype=dtype)
+    got_adv, got_ret = fverl.compute_gae_advantage_return(r, v, m, gamma=0.99, lam=0.95)
+    adv, ret = fastrl.credit.gae(r, v, m, 0.99, 0.95)
+    out_dtype = torch.promote_types(dtype, mask_dtype)
+    unfused = fastrl.credit.masked_whiten(adv.to(out_dtype), m)
+    assert got_adv.dtype == got_ret.dtype == out_dtype and torch.equal(got_ret, ret.to(out_dtype))
+    if fused:  # the scan's fused statistics: the same op as gae(whiten=True), equal to the unfused up to fp64 rounding
+        assert torch.equal(got_adv, fastrl.credit.gae(r, v, m, 0.99, 0.95, whiten=True)[0])
+        torch.testing.assert_close(got_adv, unfused, rtol=2e-7 if dtype == torch.float32 else 1e-12, atol=1e-7)
+    else:
+        assert torch.equal(got_adv, unfused)
+    with pytest.raises(ValueError, match="at least 2 elements"):  # verl raises for < 2 valid tokens too
+        fverl.compute_gae_advantage_return(r[:1], v[:1], torch.zeros_like(m[:1]), gamma=0.99, lam=0.95)
+
+
 @pytest.mark.parametrize("mask_dtype", [torch.int64, torch.float64])
 @pytest.mark.parametrize("B, T", [(16, 64), (5, 1), (3, 300)])
 def test_reinforce_pp_dropin_matches_verl(mask_dtype, B, T):
@@ -129,6 +149,9 @@ def test_reinforce_pp_dropin_matches_verl(mask_dtype, B, T):
     assert_returns_match(got_ret, want_ret, mask_dtype)
     tol = 1e-5 if mask_dtype == torch.float64 else 1e-6  # fp64 mask: verl's returns carry in fp64, ours fp32
     torch.testing.assert_close(got_adv, want_adv, rtol=tol, atol=tol)
+    if mask_dtype == torch.int64:  # the fused path: the same op as discounted_returns(whiten=True)
+        fused = fastrl.credit.discounted_returns(r, m, 0.97, whiten=True)
+        assert torch.equal(got_adv, fused[0]) and torch.equal(got_ret, fused[1])
     assert fverl.ESTIMATORS["gae"] is fverl.compute_gae_advantage_return
     assert fverl.ESTIMATORS["reinforce_plus_plus"] is fverl.compute_reinforce_plus_plus_outcome_advantage
 
@@ -194,6 +217,45 @@ def test_packed_equals_padded(mode):
     torch.testing.assert_close(padv, ref_adv, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype, mask_dtype", [(torch.float32, torch.int64), (torch.float32, torch.bool),
+                                               (torch.float64, torch.float32), (torch.bfloat16, torch.float64)])
+def test_returns_whiten_fused_matches_scan_then_whiten(mode, dtype, mask_dtype):
+    r, _, m = multiturn_batch(12, 41, seed=29, all_masked_rows=(4,), dtype=dtype, mask_dtype=mask_dtype)
+    d = (torch.rand(12, 41, generator=torch.Generator().manual_seed(3)) < 0.05).to(torch.int64)
+    kw = dict(mode=mode, dones=d, turn_gamma=0.5)
+    adv, ret = fastrl.credit.discounted_returns(r, m, 0.9, whiten=True, **kw)
+    plain = fastrl.credit.discounted_returns(r, m, 0.9, **kw)
+    assert adv.dtype == ret.dtype == plain.dtype and torch.equal(ret, plain)
+    # what the fused op stands for (its mask product stays in the returns' dtype: exact for 0/1)
+    want = (fastrl.credit.masked_whiten(plain, m) * m).to(plain.dtype)
+    torch.testing.assert_close(adv, want, rtol=2e-7 if plain.dtype == torch.float32 else 1e-12, atol=1e-7)
+    assert torch.equal(adv[~m.bool()], torch.zeros_like(adv[~m.bool()]))
+    ref_adv, ref_ret = ref.discounted_returns(r, m, 0.9, whiten=True, **kw)
+    torch.testing.assert_close(adv, ref_adv.to(adv.dtype), rtol=1e-6, atol=1e-6)
+    # packed layout: the same rows, the same statistics
+    rp, cu, keep = pack(r, m)
+    padv, pret = fastrl.credit.discounted_returns(rp, m[keep], 0.9, cu_seqlens=cu, whiten=True, mode=mode,
+                                                  dones=d[keep], turn_gamma=0.5)
+    assert torch.equal(pret, ret[keep])
+    torch.testing.assert_close(padv, adv[keep], rtol=2e-7 if plain.dtype == torch.float32 else 1e-12, atol=1e-7)
+
+
+def test_returns_whiten_edge_cases():
+    with pytest.raises(ValueError, match="at least 2 elements.*got 0"):  # verl raises: so do we
+        fastrl.credit.discounted_returns(torch.randn(2, 3), torch.zeros(2, 3), 0.9, whiten=True)
+    with pytest.raises(ValueError, match="at least 2 elements.*got 1"):
+        fastrl.credit.discounted_returns(torch.randn(2, 3), torch.tensor([[0, 1, 0], [0, 0, 0]]), 0.9, whiten=True)
+    with pytest.raises(RuntimeError, match="`mask` must hold only 0 and 1, got 2"):
+        fastrl.credit.discounted_returns(torch.randn(2, 3), torch.tensor([[1, 1, 2], [1, 0, 0]]), 0.9, whiten=True)
+    r, _, m = multiturn_batch(3, 9, seed=31)
+    m[0, :2] = 1
+    torch.library.opcheck(torch.ops.fastrl.discounted_returns_whiten.default, (r, m, None, 0.9, "skip", None, 0.0))
+    f = torch.compile(lambda r, m: fastrl.credit.discounted_returns(r, m, 0.9, whiten=True), fullgraph=True,
+                      backend="eager")
+    assert all(torch.equal(a, b) for a, b in zip(f(r, m), fastrl.credit.discounted_returns(r, m, 0.9, whiten=True)))
+
+
 def test_empty_inputs():
     for shape in [(0, 4), (3, 0)]:
         adv, ret = fastrl.credit.gae(torch.zeros(shape), torch.zeros(shape), torch.ones(shape), 1.0, 1.0)
@@ -248,15 +310,16 @@ def test_deterministic_across_thread_counts():
     try:
         torch.set_num_threads(1)
         one = (fastrl.credit.gae(r, v, m, 0.99, 0.95), fastrl.credit.masked_whiten(x, mx),
-               torch.ops.fastrl.masked_moments(x, mx))
+               torch.ops.fastrl.masked_moments(x, mx), fastrl.credit.discounted_returns(r, m, 0.99, whiten=True))
         torch.set_num_threads(max(2, threads))
         many = (fastrl.credit.gae(r, v, m, 0.99, 0.95), fastrl.credit.masked_whiten(x, mx),
-                torch.ops.fastrl.masked_moments(x, mx))
+                torch.ops.fastrl.masked_moments(x, mx), fastrl.credit.discounted_returns(r, m, 0.99, whiten=True))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one[0], many[0]))
     assert torch.equal(one[1], many[1])
     assert all(torch.equal(a, b) for a, b in zip(one[2], many[2]))
+    assert all(torch.equal(a, b) for a, b in zip(one[3], many[3]))
 
 
 def test_opcheck_credit_ops():
@@ -392,15 +455,16 @@ def logprob_pair(shape, seed, *, dtype=torch.float32, spread=3.0):
     return logp.to(dtype), ref_logp.to(dtype)
 
 
-def openrlhf_compute_approx_kl(log_probs, log_probs_base, kl_estimator):
-    """OpenRLHF's compute_approx_kl, formula for formula from openrlhf/models/utils.py (2025)."""
+def openrlhf_compute_approx_kl(log_probs, log_probs_base, kl_estimator, clamp=True):
+    """OpenRLHF's compute_approx_kl, formula for formula from openrlhf/models/utils.py (2025, commit
+    473f61bd); clamp=False: the same file before the final clamp was added (commit 02a26057)."""
     log_ratio = log_probs.float() - log_probs_base.float()
     if kl_estimator == "k2":
         log_ratio = log_ratio**2 / 2.0
     if kl_estimator == "k3":
         log_ratio = -log_ratio
         log_ratio = log_ratio.exp() - 1 - log_ratio
-    return log_ratio.clamp(min=-10, max=10)
+    return log_ratio.clamp(min=-10, max=10) if clamp else log_ratio
 
 
 def openrlhf_compute_reward(r, kl_coef, kl, action_mask, reward_clip_range=None):
@@ -480,6 +544,104 @@ def test_kl_penalty_openrlhf_convention(kind, dtype):
     assert_kl_close(got, reference, kind)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("kind", OPENRLHF_KINDS)
+def test_kl_penalty_openrlhf_unclamped_convention(kind, dtype):
+    logp, ref_logp = logprob_pair((29, 97), seed=44, dtype=dtype, spread=6.0)  # past the +-10 clamp
+    f = lambda a, b: fastrl.credit.kl_penalty(a, b, kind, convention="openrlhf_unclamped")  # noqa: E731
+    got = value_and_grads(f, logp, ref_logp)
+    want = value_and_grads(lambda a, b: openrlhf_compute_approx_kl(a, b, kind, clamp=False), logp, ref_logp)
+    reference = value_and_grads(lambda a, b: ref.kl_penalty(a, b, kind, convention="openrlhf_unclamped"),
+                                logp, ref_logp)
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == dtype
+    assert (got[0].abs() > 10).any()  # no clamp: values and gradients beyond the clamped convention's
+    assert_kl_close(got, want, kind)
+    assert_kl_close(got, reference, kind)
+    clamped = fastrl.credit.kl_penalty(logp, ref_logp, kind, convention="openrlhf")
+    inside = got[0].abs() <= 10
+    assert torch.equal(got[0][inside], clamped[inside]) and torch.equal(clamped[~inside].abs(), torch.full_like(clamped[~inside], 10))
+
+
+def test_kl_penalty_openrlhf_unclamped_extremes():
+    # d = logp - ref: -100 -> k3 = exp(100) overflows fp32 (+inf, as torch.exp); +100 -> exp(-100) = 0,
+    # k3 = (0 - 1) + 100 = 99; NaN propagates. Gradients 1 - exp(-d): -inf, 1, NaN.
+    logp = torch.tensor([-100.0, 100.0, float("nan"), 0.5])
+    ref_logp = torch.zeros(4)
+    out, g_logp, g_ref = value_and_grads(
+        lambda a, b: fastrl.credit.kl_penalty(a, b, "k3", convention="openrlhf_unclamped"), logp, ref_logp, seed=5)
+    want, w_logp, w_ref = value_and_grads(lambda a, b: openrlhf_compute_approx_kl(a, b, "k3", clamp=False),
+                                          logp, ref_logp, seed=5)
+    assert out[0] == float("inf") and out[1] == 99.0 and out[2].isnan()
+    for g, w in ((out, want), (g_logp, w_logp), (g_ref, w_ref)):
+        assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.isinf(), w.isinf())
+        finite = g.isfinite()
+        torch.testing.assert_close(g[finite], w[finite], rtol=4e-7, atol=1e-6)
+
+
+_KL_ISA_SCRIPT = """
+import sys, torch, fastrl
+cases = torch.load(sys.argv[1])
+out = []
+for logp, ref_logp, kind, convention in cases:
+    a = logp.clone().requires_grad_(True)
+    v = fastrl.credit.kl_penalty(a, ref_logp, kind, convention=convention)
+    w = torch.linspace(-2, 2, v.numel()).reshape(v.shape).to(v.dtype)
+    v.backward(w)
+    out.append((v.detach(), a.grad))
+torch.save(out, sys.argv[2])
+"""
+
+
+def _kl_isa_cases():
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for convention in ("verl", "openrlhf", "openrlhf_unclamped"):
+            for n in (1, 7, 16, 37, 1000):  # whole vectors and padded tails of every width
+                logp, ref_logp = logprob_pair((n,), seed=n, dtype=dtype, spread=30.0)
+                cases.append((logp, ref_logp, "k3", convention))
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 88.0, -88.0, 90.0, -90.0,
+                            20.0, -20.0, 1e-30, -1e-30, 3.0, -3.0, 19.999998])
+    for convention in ("verl", "openrlhf", "openrlhf_unclamped"):
+        cases.append((special, torch.zeros_like(special), "k3", convention))
+    return cases
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_kl_penalty_k3_same_bits_on_every_cpu_isa(isa, tmp_path):
+    # The fp32 k3 runs on SIMD lanes for the widest ISA (cpu/simd.h); FASTRL_CPU_ISA caps it (read
+    # once per process, hence the subprocess). Every path runs the same operations per lane.
+    cases = _kl_isa_cases()
+    got = run_capped(isa, _KL_ISA_SCRIPT, cases, tmp_path)
+    for (logp, ref_logp, kind, convention), (value, grad) in zip(cases, got):
+        a = logp.clone().requires_grad_(True)
+        v = fastrl.credit.kl_penalty(a, ref_logp, kind, convention=convention)
+        v.backward(torch.linspace(-2, 2, v.numel()).reshape(v.shape).to(v.dtype))
+        for x, y in ((value, v.detach()), (grad, a.grad)):
+            assert_same_bits(x, y)
+
+
+@pytest.mark.parametrize("convention", ["verl", "openrlhf", "openrlhf_unclamped"])
+def test_kl_penalty_k3_tail_lanes_equal_whole_vectors(convention):
+    # An element gives the same bits in a vector body, in a zero-padded tail, or alone.
+    logp, ref_logp = logprob_pair((53,), seed=61, spread=10.0)
+    a = logp.clone().requires_grad_(True)
+    full = fastrl.credit.kl_penalty(a, ref_logp, "k3", convention=convention)
+    full.backward(torch.ones(53))
+    for i in (0, 7, 15, 16, 31, 47, 52):
+        b = logp[i:i + 1].clone().requires_grad_(True)
+        one = fastrl.credit.kl_penalty(b, ref_logp[i:i + 1], "k3", convention=convention)
+        one.backward(torch.ones(1))
+        assert torch.equal(one, full[i:i + 1]) and torch.equal(b.grad, a.grad[i:i + 1])
+    # and against the formula in fp64: a few ulps of exp (cpu/simd.h's fast_exp is ~1 ulp)
+    x = ref_logp.double() - logp.double()
+    if convention == "verl":
+        x = x.clamp(-20, 20)
+    want = x.exp() - x - 1
+    if convention != "openrlhf_unclamped":
+        want = want.clamp(-10, 10)
+    torch.testing.assert_close(full.double(), want, rtol=1e-6, atol=2e-6)
+
+
 @pytest.mark.parametrize("kind", VERL_KINDS_ALL)
 def test_kl_penalty_half_precision_rounds_once(kind):
     logp, ref_logp = logprob_pair((8, 300), seed=47, dtype=torch.bfloat16)
@@ -494,16 +656,17 @@ def test_kl_penalty_half_precision_rounds_once(kind):
     assert_kl_close((mixed,), (verl_core.kl_penalty(logp, ref_logp.float(), kind),), kind)
 
 
-@pytest.mark.parametrize("kind, convention", [(k, "verl") for k in VERL_KINDS] + [(k, "openrlhf") for k in OPENRLHF_KINDS])
+@pytest.mark.parametrize("kind, convention", [(k, "verl") for k in VERL_KINDS] + [(k, "openrlhf") for k in OPENRLHF_KINDS]
+                         + [(k, "openrlhf_unclamped") for k in OPENRLHF_KINDS])
 def test_kl_penalty_gradcheck(kind, convention):
     logp, ref_logp = logprob_pair((4, 9), seed=53, dtype=torch.float64, spread=1.0)
-    # plus points where a clamp is active (zero gradient), away from its boundary
-    logp = torch.cat([logp.flatten(), torch.tensor([-40.0, 25.0, -13.0, 12.0], dtype=torch.float64)])
-    ref_logp = torch.cat([ref_logp.flatten(), torch.zeros(4, dtype=torch.float64)])
+    if convention != "openrlhf_unclamped":  # plus points where a clamp is active (zero gradient), away from its boundary
+        logp = torch.cat([logp.flatten(), torch.tensor([-40.0, 25.0, -13.0, 12.0], dtype=torch.float64)])
+        ref_logp = torch.cat([ref_logp.flatten(), torch.zeros(4, dtype=torch.float64)])
     logp.requires_grad_(True)
     ref_logp.requires_grad_(True)
     # OpenRLHF computes in fp32 whatever the inputs: finite differences at fp32 resolution
-    tol = dict(eps=1e-3, atol=5e-3, rtol=5e-3) if convention == "openrlhf" else {}
+    tol = dict(eps=1e-3, atol=5e-3, rtol=5e-3) if convention != "verl" else {}
     torch.autograd.gradcheck(lambda a, b: fastrl.credit.kl_penalty(a, b, kind, convention=convention),
                              (logp, ref_logp), **tol)
 
@@ -536,7 +699,10 @@ def test_kl_penalty_reference_backend_matches():
         (("abs",), dict(convention="openrlhf"), ValueError,
          r"`kind` must be one of 'k1', 'k2', 'k3' with convention='openrlhf', got 'abs'"),
         (("k3+",), dict(convention="openrlhf"), ValueError, r"got 'k3\+'"),
-        (("k1",), dict(convention="trl"), ValueError, r"`convention` must be 'verl' or 'openrlhf', got 'trl'"),
+        (("k1",), dict(convention="trl"), ValueError,
+         r"`convention` must be 'verl', 'openrlhf' or 'openrlhf_unclamped', got 'trl'"),
+        (("abs",), dict(convention="openrlhf_unclamped"), ValueError,
+         r"`kind` must be one of 'k1', 'k2', 'k3' with convention='openrlhf_unclamped', got 'abs'"),
     ],
 )
 def test_kl_penalty_bad_kind(args, kwargs, exc, match):
@@ -644,7 +810,8 @@ def test_token_rewards_bad_input(kwargs, exc, match):
 def test_opcheck_kl_and_rewards():
     logp, ref_logp = logprob_pair((3, 7), seed=79)
     ops = torch.ops.fastrl
-    for kind, convention in [("k3", "verl"), ("abs+", "verl"), ("k3", "openrlhf")]:
+    for kind, convention in [("k3", "verl"), ("abs+", "verl"), ("k3", "openrlhf"), ("k3", "openrlhf_unclamped"),
+                             ("k2", "openrlhf_unclamped")]:
         torch.library.opcheck(ops.kl_penalty.default, (logp.requires_grad_(True), ref_logp, kind, convention))
         torch.library.opcheck(ops.kl_penalty_backward.default, (torch.ones(3, 7), logp.detach(), ref_logp, kind, convention))
     scores, m, kl = reward_batch(4, 9, seed=83, mask_dtype=torch.float32)

@@ -4,7 +4,20 @@
 // applying the affine steps of fastrl/credit.h in verl's order: one streaming pass over the inputs
 // and outputs. masked_moments: fixed chunks summarized in parallel and merged in chunk order, so
 // the result is bitwise the same whatever the thread count.
+//
+// kl_penalty(_grad) of the exp-based estimator (k3) on fp32 arithmetic is bound by exp: its element
+// loops are templates over SIMD lanes with cpu/simd.h's fast_exp, run for the widest ISA the CPU
+// has; every ISA gives the same bits (same IEEE operations per lane, no FMA). The other estimators
+// are a few exact operations that the compiler vectorizes as they are.
+// -fno-trapping-math lets GCC turn the lane selects into blends (no result changes: nothing here
+// reads FP exception flags); the lane helpers are always inlined, so GCC's vector-ABI note is moot.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 #include "cpu/credit.h"
+#include "cpu/simd.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -12,6 +25,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <vector>
 
 namespace fastrl {
@@ -53,6 +67,152 @@ inline int64_t row_grain(const Rows& rows) {
 
 constexpr int64_t kChunk = int64_t{1} << 16;  // masked_moments chunk (fixed: determinism)
 
+// credit::Moments of x[begin, end) over the valid tokens, two passes in fp64. Called right after a
+// scan wrote the row (still in cache): the fused whitening's statistics need no pass of their own.
+template <typename acc_t, typename mask_t>
+credit::Moments row_moments_of(const acc_t* x, const mask_t* mask, int64_t begin, int64_t end) {
+  double count = 0.0, sum = 0.0, m2 = 0.0;
+  for (int64_t i = begin; i < end; ++i) {
+    if (mask_bit(mask[i]) == 1) {
+      count += 1.0;
+      sum += static_cast<double>(x[i]);
+    }
+  }
+  const double mean = count > 0.0 ? sum / count : 0.0;
+  for (int64_t i = begin; i < end; ++i) {
+    if (mask_bit(mask[i]) == 1) {
+      const double d = static_cast<double>(x[i]) - mean;
+      m2 += d * d;
+    }
+  }
+  return credit::Moments{count, mean, m2};
+}
+
+// ------------------------------------------------------------- k3 KL estimators on SIMD lanes
+// credit::kl_value / kl_grad of KlKind::kK3 in fp32 per lane (V: float or a simd::VecF vector),
+// the same operations in the same order, with simd::fast_exp (~1 ulp) in place of expf.
+
+using simd::LaneTraits;
+using simd::fast_exp;
+using simd::select;
+using simd::splat;
+
+template <typename V>
+FASTRL_CPU_INLINE V clamp_lanes(V x, float lo, float hi) {  // credit::clamp_nan: NaN kept
+  return select(x < lo, splat<V>(lo), select(x > hi, splat<V>(hi), x));
+}
+
+template <typename V>
+FASTRL_CPU_INLINE auto in_range_lanes(V x, float lo, float hi) {  // credit::in_range
+  return (x >= lo) & (x <= hi);
+}
+
+template <credit::KlConvention C, typename V>
+FASTRL_CPU_INLINE V k3_value(V logp, V ref) {
+  if constexpr (C == credit::KlConvention::kVerl) {
+    const V kl = clamp_lanes(ref - logp, -20.0f, 20.0f);
+    return clamp_lanes((fast_exp(kl) - kl) - 1.0f, -10.0f, 10.0f);
+  } else {
+    const V x = -(logp - ref);
+    const V y = (fast_exp(x) - 1.0f) - x;
+    return C == credit::KlConvention::kOpenRLHF ? clamp_lanes(y, -10.0f, 10.0f) : y;
+  }
+}
+
+template <credit::KlConvention C, typename V>
+FASTRL_CPU_INLINE V k3_grad(V logp, V ref) {
+  if constexpr (C == credit::KlConvention::kVerl) {
+    const V raw = ref - logp;
+    const V kl = clamp_lanes(raw, -20.0f, 20.0f);
+    const V e = fast_exp(kl);
+    const V v = (e - kl) - 1.0f;
+    return select(in_range_lanes(raw, -20.0f, 20.0f) & in_range_lanes(v, -10.0f, 10.0f), 1.0f - e,
+                  splat<V>(0.0f));
+  } else {
+    const V x = -(logp - ref);
+    const V e = fast_exp(x);
+    if constexpr (C == credit::KlConvention::kOpenRLHFUnclamped) return 1.0f - e;
+    return select(in_range_lanes((e - 1.0f) - x, -10.0f, 10.0f), 1.0f - e, splat<V>(0.0f));
+  }
+}
+
+// W consecutive elements of p as fp32 lanes, and back (static_cast per element, as the scalar path).
+template <typename V, typename T>
+FASTRL_CPU_INLINE V load_f32(const T* p) {
+  if constexpr (std::is_same<T, float>::value) {
+    return simd::load_lanes<V>(p);
+  } else {
+    float t[LaneTraits<V>::kWidth];
+    for (int j = 0; j < LaneTraits<V>::kWidth; ++j) t[j] = static_cast<float>(p[j]);
+    return simd::load_lanes<V>(t);
+  }
+}
+template <typename V, typename T>
+FASTRL_CPU_INLINE void store_f32(T* p, V v) {
+  if constexpr (std::is_same<T, float>::value) {
+    simd::store_lanes(p, v);
+  } else {
+    float t[LaneTraits<V>::kWidth];
+    simd::store_lanes(t, v);
+    for (int j = 0; j < LaneTraits<V>::kWidth; ++j) p[j] = static_cast<T>(t[j]);
+  }
+}
+
+// out[i] = f(lanes of a[i], b[i], c[i]) for i in [begin, end): whole vectors, then the tail through
+// zero-padded buffers (only its real elements are written back). c may be null (then 0 lanes).
+template <typename V, typename F, typename TA, typename TC, typename TO>
+FASTRL_CPU_INLINE void map_lanes(F f, const TA* a, const TA* b, const TC* c, int64_t begin,
+                                 int64_t end, TO* out) {
+  constexpr int64_t W = LaneTraits<V>::kWidth;
+  int64_t i = begin;
+  for (; i + W <= end; i += W) {
+    const V cv = c != nullptr ? load_f32<V>(c + i) : splat<V>(0.0f);
+    store_f32(out + i, f(load_f32<V>(a + i), load_f32<V>(b + i), cv));
+  }
+  if (i < end) {
+    float ta[W] = {}, tb[W] = {}, tc[W] = {}, to[W];
+    for (int64_t j = 0; j < end - i; ++j) {
+      ta[j] = static_cast<float>(a[i + j]);
+      tb[j] = static_cast<float>(b[i + j]);
+      if (c != nullptr) tc[j] = static_cast<float>(c[i + j]);
+    }
+    simd::store_lanes(to, f(simd::load_lanes<V>(ta), simd::load_lanes<V>(tb),
+                            simd::load_lanes<V>(tc)));
+    for (int64_t j = 0; j < end - i; ++j) out[i + j] = static_cast<TO>(to[j]);
+  }
+}
+
+// The element function of map_lanes: the k3 value, or the incoming gradient times d value / d logp.
+// (A struct, not a lambda: its operator must be inlined into the ISA wrappers.)
+template <credit::KlConvention C, bool kGrad>
+struct K3Lanes {
+  template <typename V>
+  FASTRL_CPU_INLINE V operator()(V logp, V ref, V grad) const {
+    if constexpr (kGrad) {
+      return grad * k3_grad<C>(logp, ref);
+    } else {
+      return k3_value<C>(logp, ref);
+    }
+  }
+};
+
+template <typename V, typename Conv, typename scalar_t, typename out_t>
+FASTRL_CPU_INLINE void k3_forward_span(Conv, const scalar_t* logp, const scalar_t* ref,
+                                       int64_t begin, int64_t end, out_t* out) {
+  map_lanes<V>(K3Lanes<Conv::value, false>{}, logp, ref, static_cast<const float*>(nullptr), begin,
+               end, out);
+}
+
+template <typename V, typename Conv, typename scalar_t, typename out_t>
+FASTRL_CPU_INLINE void k3_backward_span(Conv, const out_t* grad, const scalar_t* logp,
+                                        const scalar_t* ref, int64_t begin, int64_t end,
+                                        scalar_t* grad_logp) {
+  map_lanes<V>(K3Lanes<Conv::value, true>{}, logp, ref, grad, begin, end, grad_logp);
+}
+
+FASTRL_CPU_ISA_VARIANTS(k3_forward_span)
+FASTRL_CPU_ISA_VARIANTS(k3_backward_span)
+
 }  // namespace
 
 template <typename scalar_t, typename mask_t, typename acc_t>
@@ -91,24 +251,7 @@ int64_t gae(const scalar_t* rewards, const scalar_t* values, const mask_t* mask,
         adv[i] = carry;
         ret[i] = carry + v;
       }
-      if (row_moments != nullptr) {  // the row's advantages are still in cache: no extra pass
-        const int64_t end = row_end(rows, b);
-        double count = 0.0, sum = 0.0, m2 = 0.0;
-        for (int64_t i = begin; i < end; ++i) {
-          if (mask_bit(mask[i]) == 1) {
-            count += 1.0;
-            sum += static_cast<double>(adv[i]);
-          }
-        }
-        const double mean = count > 0.0 ? sum / count : 0.0;
-        for (int64_t i = begin; i < end; ++i) {
-          if (mask_bit(mask[i]) == 1) {
-            const double d = static_cast<double>(adv[i]) - mean;
-            m2 += d * d;
-          }
-        }
-        row_moments[b] = credit::Moments{count, mean, m2};
-      }
+      if (row_moments != nullptr) row_moments[b] = row_moments_of(adv, mask, begin, row_end(rows, b));
     }
   });
   return bad.load();
@@ -117,7 +260,7 @@ int64_t gae(const scalar_t* rewards, const scalar_t* values, const mask_t* mask,
 template <typename scalar_t, typename mask_t, typename acc_t>
 int64_t discounted_returns(const scalar_t* rewards, const mask_t* mask, const bool* dones,
                            Rows rows, double gamma, credit::ReturnsMode mode, double turn_gamma,
-                           acc_t* out) {
+                           acc_t* out, credit::Moments* row_moments) {
   const acc_t g = static_cast<acc_t>(gamma), tg = static_cast<acc_t>(turn_gamma);
   std::atomic<int64_t> bad{-1};
   at::parallel_for(0, rows.num_rows, row_grain(rows), [&](int64_t b0, int64_t b1) {
@@ -138,6 +281,7 @@ int64_t discounted_returns(const scalar_t* rewards, const mask_t* mask, const bo
         out[i] = credit::returns_output(carry, bit == 1, mode);
         pending = !credit::returns_is_step(bit == 1, mode) && (pending || done);
       }
+      if (row_moments != nullptr) row_moments[b] = row_moments_of(out, mask, begin, row_end(rows, b));
     }
   });
   return bad.load();
@@ -192,14 +336,29 @@ void affine_transform(const scalar_t* x, int64_t n, double shift, double scale, 
   });
 }
 
+template <typename scalar_t, typename mask_t>
+void masked_affine_transform(const scalar_t* x, const mask_t* mask, int64_t n, double shift,
+                             double scale, double add, scalar_t* out) {
+  at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t w = static_cast<scalar_t>((static_cast<double>(x[i]) - shift) * scale + add);
+      out[i] = w * static_cast<scalar_t>(mask[i]);
+    }
+  });
+}
+
 template <typename scalar_t, typename acc_t, typename out_t>
 void kl_penalty(const scalar_t* logp, const scalar_t* ref, int64_t n, credit::KlKind kind,
                 credit::KlConvention conv, out_t* out) {
   credit::dispatch_kl(kind, conv, [&](auto k, auto c) {
     at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        out[i] = static_cast<out_t>(credit::kl_value<decltype(k)::value, decltype(c)::value>(
-            static_cast<acc_t>(logp[i]), static_cast<acc_t>(ref[i])));
+      if constexpr (decltype(k)::value == credit::KlKind::kK3 && std::is_same<acc_t, float>::value) {
+        FASTRL_CPU_ISA_CALL(k3_forward_span, c, logp, ref, begin, end, out);
+      } else {
+        for (int64_t i = begin; i < end; ++i) {
+          out[i] = static_cast<out_t>(credit::kl_value<decltype(k)::value, decltype(c)::value>(
+              static_cast<acc_t>(logp[i]), static_cast<acc_t>(ref[i])));
+        }
       }
     });
   });
@@ -210,10 +369,14 @@ void kl_penalty_grad(const out_t* grad, const scalar_t* logp, const scalar_t* re
                      credit::KlKind kind, credit::KlConvention conv, scalar_t* grad_logp) {
   credit::dispatch_kl(kind, conv, [&](auto k, auto c) {
     at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const acc_t g = credit::kl_grad<decltype(k)::value, decltype(c)::value>(
-            static_cast<acc_t>(logp[i]), static_cast<acc_t>(ref[i]));
-        grad_logp[i] = static_cast<scalar_t>(static_cast<acc_t>(grad[i]) * g);
+      if constexpr (decltype(k)::value == credit::KlKind::kK3 && std::is_same<acc_t, float>::value) {
+        FASTRL_CPU_ISA_CALL(k3_backward_span, c, grad, logp, ref, begin, end, grad_logp);
+      } else {
+        for (int64_t i = begin; i < end; ++i) {
+          const acc_t g = credit::kl_grad<decltype(k)::value, decltype(c)::value>(
+              static_cast<acc_t>(logp[i]), static_cast<acc_t>(ref[i]));
+          grad_logp[i] = static_cast<scalar_t>(static_cast<acc_t>(grad[i]) * g);
+        }
       }
     });
   });
@@ -367,7 +530,7 @@ FASTRL_INSTANTIATE_KL(c10::BFloat16, float, float)
   template int64_t gae<T, M, A>(const T*, const T*, const M*, const bool*, Rows, double, double,   \
                                 credit::GaeMode, double, double, A*, A*, credit::Moments*);      \
   template int64_t discounted_returns<T, M, A>(const T*, const M*, const bool*, Rows, double,      \
-                                               credit::ReturnsMode, double, A*);                    \
+                                               credit::ReturnsMode, double, A*, credit::Moments*);  \
   template int64_t masked_moments<T, M>(const T*, const M*, int64_t, credit::Moments*);       \
   template int64_t token_rewards<T, M, A>(const T*, const M*, const T*, Rows, double, A*);      \
   template int64_t segment_reduce<T, M, A>(const T*, const M*, Rows, credit::SegmentReduce, A*); \
@@ -389,6 +552,24 @@ FASTRL_INSTANTIATE(c10::Half, float)
 FASTRL_INSTANTIATE(c10::BFloat16, float)
 #undef FASTRL_INSTANTIATE
 #undef FASTRL_INSTANTIATE_MASKED
+
+// The fused whitening of discounted_returns: its fp32 / fp64 outputs, any mask type.
+#define FASTRL_INSTANTIATE_MASKED_AFFINE(A)                                                          \
+  template void masked_affine_transform<A, bool>(const A*, const bool*, int64_t, double, double,     \
+                                                 double, A*);                                        \
+  template void masked_affine_transform<A, uint8_t>(const A*, const uint8_t*, int64_t, double,       \
+                                                    double, double, A*);                             \
+  template void masked_affine_transform<A, int32_t>(const A*, const int32_t*, int64_t, double,       \
+                                                    double, double, A*);                             \
+  template void masked_affine_transform<A, int64_t>(const A*, const int64_t*, int64_t, double,       \
+                                                    double, double, A*);                             \
+  template void masked_affine_transform<A, float>(const A*, const float*, int64_t, double, double,   \
+                                                  double, A*);                                       \
+  template void masked_affine_transform<A, double>(const A*, const double*, int64_t, double, double, \
+                                                   double, A*);
+FASTRL_INSTANTIATE_MASKED_AFFINE(float)
+FASTRL_INSTANTIATE_MASKED_AFFINE(double)
+#undef FASTRL_INSTANTIATE_MASKED_AFFINE
 
 }  // namespace cpu
 }  // namespace fastrl

@@ -33,11 +33,12 @@ int64_t gae(const scalar_t* rewards, const scalar_t* values, const mask_t* mask,
             double turn_lam, acc_t* adv, acc_t* ret, credit::Moments* row_moments);
 
 // Discounted returns-to-go per row in one of the credit::ReturnsMode semantics, with turn ends at
-// dones[i] (nullptr: none) discounted by turn_gamma (credit::returns_turn_step).
+// dones[i] (nullptr: none) discounted by turn_gamma (credit::returns_turn_step). row_moments
+// (nullptr: not wanted) receives each row's credit::Moments of out over its valid tokens, as gae's.
 template <typename scalar_t, typename mask_t, typename acc_t>
 int64_t discounted_returns(const scalar_t* rewards, const mask_t* mask, const bool* dones,
                            Rows rows, double gamma, credit::ReturnsMode mode, double turn_gamma,
-                           acc_t* out);
+                           acc_t* out, credit::Moments* row_moments);
 
 // (count, mean, m2) of the x[i] whose mask[i] is 1, over n elements (credit::Moments).
 template <typename scalar_t, typename mask_t>
@@ -47,6 +48,12 @@ int64_t masked_moments(const scalar_t* x, const mask_t* mask, int64_t n, credit:
 template <typename scalar_t>
 void affine_transform(const scalar_t* x, int64_t n, double shift, double scale, double add,
                       scalar_t* out);
+
+// out[i] = scalar_t((x[i] - shift) * scale + add) * scalar_t(mask[i]): affine_transform, then
+// torch's `out * mask` in scalar_t (mask values are not checked here).
+template <typename scalar_t, typename mask_t>
+void masked_affine_transform(const scalar_t* x, const mask_t* mask, int64_t n, double shift,
+                             double scale, double add, scalar_t* out);
 
 // out[i] = credit::kl_value<kind, conv>(logp[i], ref[i]) computed in acc_t, rounded to out_t.
 template <typename scalar_t, typename acc_t, typename out_t>

@@ -8,6 +8,7 @@
 //   gae                       + turn ends (`dones`), modes skip (verl) / reset / dense (OpenRLHF)
 //   segment_reduce(_backward) token -> sequence sum / mean / geomean / last
 //   discounted_returns        + turn ends (`dones`) with a turn-level discount
+//   discounted_returns_whiten REINFORCE++'s whitened, masked returns (statistics fused into the scan)
 //   implicit_rewards          PRIME's beta * log-ratio per token or per step
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -204,8 +205,9 @@ KlSpec parse_kl(const std::string& kind, const std::string& convention) {
                         "'mse', 'k3', 'low_var_kl', each optionally with a '+' suffix (verl's "
                         "straight-through k2 gradient), got '", kind, "'");
     }
-  } else if (convention == "openrlhf") {
-    spec.conv = credit::KlConvention::kOpenRLHF;
+  } else if (convention == "openrlhf" || convention == "openrlhf_unclamped") {
+    spec.conv = convention == "openrlhf" ? credit::KlConvention::kOpenRLHF
+                                         : credit::KlConvention::kOpenRLHFUnclamped;
     if (base == "k1") {
       spec.kind = credit::KlKind::kK1;
     } else if (base == "k2") {
@@ -214,11 +216,11 @@ KlSpec parse_kl(const std::string& kind, const std::string& convention) {
       spec.kind = credit::KlKind::kK3;
     } else {
       TORCH_CHECK_VALUE(false, "fastrl: kl_penalty `kind` must be one of 'k1', 'k2', 'k3' with "
-                        "convention='openrlhf', got '", kind, "'");
+                        "convention='", convention, "', got '", kind, "'");
     }
   } else {
-    TORCH_CHECK_VALUE(false, "fastrl: kl_penalty `convention` must be 'verl' or 'openrlhf', got '",
-                      convention, "'");
+    TORCH_CHECK_VALUE(false, "fastrl: kl_penalty `convention` must be 'verl', 'openrlhf' or "
+                      "'openrlhf_unclamped', got '", convention, "'");
   }
   return spec;
 }
@@ -240,13 +242,13 @@ KlInputs prepare_kl(const at::Tensor& logp, const at::Tensor& ref_logp, c10::str
   const auto dtype = at::promote_types(logp.scalar_type(), ref_logp.scalar_type());
   in.logp = logp.to(dtype).contiguous();
   in.ref = ref_logp.to(dtype).contiguous();
-  // verl: the inputs' promoted dtype; OpenRLHF: float32 (it calls .float() on both).
+  // verl: the inputs' promoted dtype; OpenRLHF (both): float32 (it calls .float() on both).
   in.out_dtype = in.spec.conv == credit::KlConvention::kVerl ? dtype : at::kFloat;
   return in;
 }
 
 // Element loops over (scalar_t input, acc_t arithmetic, out_t output): verl keeps the input dtype
-// (fp32 arithmetic for half/bf16), OpenRLHF computes and returns fp32.
+// (fp32 arithmetic for half/bf16), OpenRLHF (clamped or not) computes and returns fp32.
 #define FASTRL_DISPATCH_KL(in, name, ...)                                                      \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (in).logp.scalar_type(), name, [&] { \
     if ((in).spec.conv == credit::KlConvention::kVerl) {                                      \
@@ -390,10 +392,14 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
   return {adv, ret};
 }
 
-at::Tensor discounted_returns_cpu(const at::Tensor& rewards, const at::Tensor& mask,
-                                  const c10::optional<at::Tensor>& cu_seqlens, double gamma,
-                                  c10::string_view mode, const c10::optional<at::Tensor>& dones,
-                                  double turn_gamma) {
+// The returns scan on the CPU; `row_moments` (nullptr: not wanted) gets each row's moments of the
+// returns over its valid tokens. Returns the output and the contiguous mask.
+std::tuple<at::Tensor, at::Tensor> returns_scan_cpu(const at::Tensor& rewards, const at::Tensor& mask,
+                                                    const c10::optional<at::Tensor>& cu_seqlens,
+                                                    double gamma, c10::string_view mode,
+                                                    const c10::optional<at::Tensor>& dones,
+                                                    double turn_gamma,
+                                                    std::vector<credit::Moments>* row_moments) {
   check_unit_interval(gamma, "gamma");
   check_unit_interval(turn_gamma, "turn_gamma");
   const ReturnsMode m = parse_mode(std::string(mode));
@@ -401,6 +407,7 @@ at::Tensor discounted_returns_cpu(const at::Tensor& rewards, const at::Tensor& m
   const at::Tensor done = prepare_flags(dones, "dones", mask, "mask");
   const auto opts = in.rewards.options().dtype(acc_dtype(in.rewards.scalar_type()));
   at::Tensor out = empty_streaming_output(in.rewards.sizes(), opts);
+  if (row_moments != nullptr) row_moments->resize(static_cast<size_t>(in.rows.num_rows));
   int64_t bad = -1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.rewards.scalar_type(),
                                   "fastrl::discounted_returns", [&] {
@@ -408,11 +415,42 @@ at::Tensor discounted_returns_cpu(const at::Tensor& rewards, const at::Tensor& m
     FASTRL_DISPATCH_MASK(in.mask.scalar_type(), [&] {
       bad = cpu::discounted_returns<scalar_t, mask_t, acc_t>(
           in.rewards.data_ptr<scalar_t>(), in.mask.data_ptr<mask_t>(), flags_ptr(done), in.rows,
-          gamma, m, turn_gamma, out.data_ptr<acc_t>());
+          gamma, m, turn_gamma, out.data_ptr<acc_t>(),
+          row_moments != nullptr ? row_moments->data() : nullptr);
     });
   });
   raise_bad_mask(bad, in.mask);
-  return out;
+  return {out, in.mask};
+}
+
+at::Tensor discounted_returns_cpu(const at::Tensor& rewards, const at::Tensor& mask,
+                                  const c10::optional<at::Tensor>& cu_seqlens, double gamma,
+                                  c10::string_view mode, const c10::optional<at::Tensor>& dones,
+                                  double turn_gamma) {
+  return std::get<0>(
+      returns_scan_cpu(rewards, mask, cu_seqlens, gamma, mode, dones, turn_gamma, nullptr));
+}
+
+// REINFORCE++'s advantages: (masked_whiten(G, mask) * mask, G) with verl's whitening (shift_mean,
+// unbiased, eps = 1e-8), its statistics from the rows' moments emitted by the scan (merged in row
+// order: deterministic), the whitening and the masking one more pass.
+std::tuple<at::Tensor, at::Tensor> discounted_returns_whiten_cpu(
+    const at::Tensor& rewards, const at::Tensor& mask, const c10::optional<at::Tensor>& cu_seqlens,
+    double gamma, c10::string_view mode, const c10::optional<at::Tensor>& dones, double turn_gamma) {
+  std::vector<credit::Moments> rows;
+  auto [ret, m] = returns_scan_cpu(rewards, mask, cu_seqlens, gamma, mode, dones, turn_gamma, &rows);
+  credit::Moments total = credit::moments_empty();
+  for (const auto& row : rows) total = credit::moments_merge(total, row);
+  const auto coef = whiten_coefficients(total, /*shift_mean=*/true, /*unbiased=*/true, 1e-8);
+  at::Tensor adv = empty_streaming_output(ret.sizes(), ret.options());
+  AT_DISPATCH_FLOATING_TYPES(ret.scalar_type(), "fastrl::discounted_returns_whiten", [&] {
+    FASTRL_DISPATCH_MASK(m.scalar_type(), [&] {
+      cpu::masked_affine_transform<scalar_t, mask_t>(ret.data_ptr<scalar_t>(), m.data_ptr<mask_t>(),
+                                                     ret.numel(), std::get<0>(coef), std::get<1>(coef),
+                                                     std::get<2>(coef), adv.data_ptr<scalar_t>());
+    });
+  });
+  return {adv, ret};
 }
 
 void check_masked_inputs(const at::Tensor& x, const at::Tensor& mask) {
@@ -703,6 +741,15 @@ at::Tensor discounted_returns_cuda(const at::Tensor& rewards, const at::Tensor& 
   return out;
 }
 
+// Not fused on CUDA yet: the scan, then masked_whiten_cuda (one host sync for verl's count check).
+std::tuple<at::Tensor, at::Tensor> discounted_returns_whiten_cuda(
+    const at::Tensor& rewards, const at::Tensor& mask, const c10::optional<at::Tensor>& cu_seqlens,
+    double gamma, c10::string_view mode, const c10::optional<at::Tensor>& dones, double turn_gamma) {
+  at::Tensor ret = discounted_returns_cuda(rewards, mask, cu_seqlens, gamma, mode, dones, turn_gamma);
+  at::Tensor adv = masked_whiten_cuda(ret, mask, true, true, 1e-8).mul_(mask);
+  return {adv, ret};
+}
+
 // Masked statistics on CUDA with torch's own (deterministic) fp64 reductions; the mask's 0/1
 // values are not checked (no host sync: a nonzero value counts as 1).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_moments_cuda(const at::Tensor& x,
@@ -883,6 +930,9 @@ TORCH_LIBRARY_FRAGMENT(fastrl, m) {
   m.def(
       "discounted_returns(Tensor rewards, Tensor mask, Tensor? cu_seqlens, float gamma, str mode,"
       " Tensor? dones=None, float turn_gamma=0.0) -> Tensor");
+  m.def(
+      "discounted_returns_whiten(Tensor rewards, Tensor mask, Tensor? cu_seqlens, float gamma,"
+      " str mode, Tensor? dones=None, float turn_gamma=0.0) -> (Tensor advantages, Tensor returns)");
   m.def("masked_moments(Tensor x, Tensor mask) -> (Tensor count, Tensor mean, Tensor m2)");
   m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps) -> Tensor");
   m.def("kl_penalty(Tensor logp, Tensor ref_logp, str kind, str convention) -> Tensor");
@@ -905,6 +955,7 @@ TORCH_LIBRARY_IMPL(fastrl, CPU, m) {
   m.impl("broadcast_to_tokens", &broadcast_to_tokens);
   m.impl("gae", &gae_cpu);
   m.impl("discounted_returns", &discounted_returns_cpu);
+  m.impl("discounted_returns_whiten", &discounted_returns_whiten_cpu);
   m.impl("masked_moments", &masked_moments_cpu);
   m.impl("masked_whiten", &masked_whiten_cpu);
   m.impl("kl_penalty", &kl_penalty_cpu);
@@ -920,6 +971,7 @@ TORCH_LIBRARY_IMPL(fastrl, CUDA, m) {
 #ifdef FASTRL_WITH_CUDA
   m.impl("gae", &gae_cuda);
   m.impl("discounted_returns", &discounted_returns_cuda);
+  m.impl("discounted_returns_whiten", &discounted_returns_whiten_cuda);
   m.impl("masked_moments", &masked_moments_cuda);
   m.impl("masked_whiten", &masked_whiten_cuda);
   m.impl("kl_penalty", &kl_penalty_cuda);

@@ -156,7 +156,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, *, mode: str = "skip",
                        cu_seqlens: torch.Tensor | None = None, dones: torch.Tensor | None = None,
-                       turn_gamma: float = 0.0) -> torch.Tensor:
+                       turn_gamma: float = 0.0,
+                       whiten: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Discounted reward-to-go per row, backwards from the row's end (``G`` after the end is 0).
 
     ``mode`` says what a masked position (``mask_t == 0``) does:
@@ -183,15 +184,29 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, 
     anything there. Without ``dones`` (or with ``turn_gamma = gamma``) the result is bitwise the
     plain call's.
 
+    ``whiten=True`` returns verl REINFORCE++'s ``(advantages, returns)`` instead of the returns:
+    ``advantages = masked_whiten(returns, mask) * mask`` in the returns' dtype (``shift_mean=True``,
+    unbiased, ``eps=1e-8``; fewer than 2 valid tokens raise ``ValueError``, as verl). On the CPU the
+    scan emits each row's fp64 moments of the returns while the row is in cache and they are merged
+    in row order (no statistics pass; equal to :func:`masked_whiten` up to fp64 rounding of the
+    merge order; deterministic), and one more pass whitens and masks. On CUDA it is the scan
+    followed by :func:`masked_whiten` (not fused yet).
+
+    >>> fastrl.credit.discounted_returns(torch.tensor([[1.0, 0.0, 2.0]]), torch.tensor([[1, 1, 0]]), 1.0,
+    ...                                  whiten=True)
+    (tensor([[ 0.7071, -0.7071, -0.0000]]), tensor([[1., 0., 0.]]))
+
     Args:
         rewards: ``[B, T]`` or packed ``[N]``, floating. mask: same shape, 0/1. gamma: in [0, 1].
         cu_seqlens: ``int64[B+1]`` for the packed layout.
         dones: optional 0/1 turn-end flags, ``mask``'s shape (bool, uint8, int32, int64, float32, float64).
         turn_gamma: in [0, 1]; the discount at turn ends.
+        whiten: return ``(advantages, returns)`` as above.
 
     Returns:
-        The inputs' shape, float64 for float64 rewards else float32. Not differentiable.
-        Extra memory: none beyond the output (plus a bool copy of a non-bool ``dones``).
+        The inputs' shape, float64 for float64 rewards else float32 (both tensors with ``whiten``).
+        Not differentiable. Extra memory: none beyond the output(s) (plus a bool copy of a non-bool
+        ``dones``).
 
     >>> fastrl.credit.discounted_returns(torch.tensor([[1.0, 5.0, 1.0]]), torch.tensor([[1, 0, 1]]), 0.5)
     tensor([[1.5000, 0.0000, 1.0000]])
@@ -201,9 +216,9 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, 
     """
     if _extension.use_reference():
         return _ref.discounted_returns(rewards, mask, gamma, mode=mode, cu_seqlens=cu_seqlens, dones=dones,
-                                       turn_gamma=turn_gamma)
-    return torch.ops.fastrl.discounted_returns(rewards, mask, cu_seqlens, float(gamma), mode, dones,
-                                               float(turn_gamma))
+                                       turn_gamma=turn_gamma, whiten=whiten)
+    op = torch.ops.fastrl.discounted_returns_whiten if whiten else torch.ops.fastrl.discounted_returns
+    return op(rewards, mask, cu_seqlens, float(gamma), mode, dones, float(turn_gamma))
 
 
 def _moments(x: torch.Tensor, mask: torch.Tensor, process_group=None):
@@ -328,14 +343,18 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1", *,
     vocabulary distributions and raises ``ValueError`` here.
 
     ``convention="openrlhf"`` is OpenRLHF's ``compute_approx_kl(log_probs, log_probs_base,
-    kl_estimator)`` as of its 2025 sources (openrlhf/models/utils.py: both inputs cast to fp32, then
-    ``k1 = d``, ``k2 = d**2 / 2``, ``k3 = exp(-d) - 1 + d`` computed as ``(exp(x) - 1) - x`` with
-    ``x = -d``, and the result clamped to [-10, 10] for every estimator), output float32. Written
-    from the source text, not run against OpenRLHF (not installable here); the final clamp is the
-    one detail that changed across OpenRLHF versions (older releases had none, some forks clamp
-    behind a flag), so to reproduce such a release use ``convention="verl"`` with ``"k1"``/``"k2"``
-    (same values without the clamp). Confidence: high for the formulas, medium for which release
-    you are matching.
+    kl_estimator)`` as of its 2025 sources (openrlhf/models/utils.py, e.g. commit 473f61bd: both
+    inputs cast to fp32, then ``k1 = d``, ``k2 = d**2 / 2``, ``k3 = exp(-d) - 1 + d`` computed as
+    ``(exp(x) - 1) - x`` with ``x = -d``, and the result clamped to [-10, 10] for every estimator),
+    output float32. ``convention="openrlhf_unclamped"`` is the same function before that final
+    clamp was added (e.g. commit 02a26057): the same fp32 formulas with no clamp, so k3 grows without
+    bound (``+inf`` once ``-d`` passes ~88.7, as ``torch.exp`` in fp32) and every gradient passes.
+    Both written from the source text, not run against OpenRLHF (not installable here).
+    Confidence: high for the formulas, medium for which release you are matching.
+
+    On the CPU the fp32 k3 of every convention runs on SIMD lanes with a vectorized ~1-ulp exp (the
+    same bits on every x86 ISA, ``FASTRL_CPU_ISA``); it differs from ``torch.exp``/``expf`` by
+    about an ulp of ``exp``.
 
     Differentiable in ``logp`` and ``ref_logp`` (closed-form gradient, a second elementwise kernel):
     ``d out/d logp = f'(d)`` with torch.clamp's rule (zero gradient where a clamp is active),
@@ -345,7 +364,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1", *,
     Args:
         logp, ref_logp: the same shape, any; floating (promoted to a common dtype).
         kind: an estimator name above (the error lists the valid ones).
-        convention: ``"verl"`` or ``"openrlhf"``.
+        convention: ``"verl"``, ``"openrlhf"`` or ``"openrlhf_unclamped"``.
 
     Returns:
         The inputs' shape. Extra memory: none beyond the output.
@@ -521,6 +540,10 @@ def _returns_fake(rewards, mask, cu_seqlens, gamma, mode, dones=None, turn_gamma
     return rewards.new_empty(rewards.shape, dtype=_token_dtype(rewards.dtype))
 
 
+def _returns_whiten_fake(rewards, mask, cu_seqlens, gamma, mode, dones=None, turn_gamma=0.0):
+    return tuple(_returns_fake(rewards, mask, cu_seqlens, gamma, mode) for _ in range(2))
+
+
 def _moments_fake(x, mask):
     return tuple(x.new_empty((), dtype=torch.float64) for _ in range(3))
 
@@ -589,6 +612,7 @@ if _extension._C is not None:
     torch.library.register_autograd("fastrl::broadcast_to_tokens", _broadcast_backward, setup_context=_broadcast_setup)
     torch.library.register_fake("fastrl::gae")(_gae_fake)
     torch.library.register_fake("fastrl::discounted_returns")(_returns_fake)
+    torch.library.register_fake("fastrl::discounted_returns_whiten")(_returns_whiten_fake)
     torch.library.register_fake("fastrl::masked_moments")(_moments_fake)
     torch.library.register_fake("fastrl::masked_whiten")(_whiten_fake)
     torch.library.register_fake("fastrl::kl_penalty")(_kl_fake)

@@ -254,6 +254,41 @@ void test_grad_z_matches_finite_differences() {
   }
 }
 
+// k3 in the three KL conventions against its closed form in double, and each gradient against a
+// central difference: verl clamps ref - logp to [-20, 20] and the value to [-10, 10], OpenRLHF
+// clamps the value to [-10, 10], the unclamped OpenRLHF convention clamps nothing.
+void test_k3_conventions() {
+  using fastrl::credit::KlConvention;
+  using fastrl::credit::KlKind;
+  const double refs[] = {-1.0, -2.5, 0.0};
+  const double ds[] = {-3.0, -0.5, 0.25, 2.0, 12.0, -25.0};  // d = logp - ref
+  for (double r : refs) {
+    for (double d : ds) {
+      const double lp = r + d, x = -d;
+      const double raw = std::exp(x) - 1.0 - x;  // all three before their clamps (verl's kl = x here)
+      const double verl = std::fmin(std::fmax(std::exp(std::fmin(std::fmax(x, -20.0), 20.0)) -
+                                                  std::fmin(std::fmax(x, -20.0), 20.0) - 1.0,
+                                              -10.0),
+                                    10.0);
+      CHECK_NEAR((fastrl::credit::kl_value<KlKind::kK3, KlConvention::kVerl>(lp, r)), verl, 1e-9);
+      CHECK_NEAR((fastrl::credit::kl_value<KlKind::kK3, KlConvention::kOpenRLHF>(lp, r)),
+                 std::fmin(std::fmax(raw, -10.0), 10.0), 1e-9);
+      CHECK_NEAR((fastrl::credit::kl_value<KlKind::kK3, KlConvention::kOpenRLHFUnclamped>(lp, r)), raw,
+                 1e-9 * std::fmax(1.0, std::fabs(raw)));
+      const double h = 1e-6;
+      const double fd = (std::exp(-(d + h)) + (d + h) - std::exp(-(d - h)) - (d - h)) / (2 * h);
+      CHECK_NEAR((fastrl::credit::kl_grad<KlKind::kK3, KlConvention::kOpenRLHFUnclamped>(lp, r)), fd,
+                 1e-5 * std::fmax(1.0, std::fabs(fd)));
+      const bool clamped = std::fabs(raw) > 10.0;  // OpenRLHF's clamp active: no gradient
+      CHECK_NEAR((fastrl::credit::kl_grad<KlKind::kK3, KlConvention::kOpenRLHF>(lp, r)),
+                 clamped ? 0.0 : fd, 1e-5 * std::fmax(1.0, std::fabs(fd)));
+    }
+  }
+  CHECK((fastrl::credit::kl_grad<KlKind::kK1, KlConvention::kOpenRLHFUnclamped>(50.0, 0.0)) == 1.0);
+  CHECK((fastrl::credit::kl_grad<KlKind::kK2, KlConvention::kOpenRLHFUnclamped>(50.0, 0.0)) == 50.0);
+  CHECK((fastrl::credit::kl_value<KlKind::kK2, KlConvention::kOpenRLHFUnclamped>(50.0, 0.0)) == 1250.0);
+}
+
 }  // namespace
 
 int main() {
@@ -263,5 +298,6 @@ int main() {
   test_returns_turn_steps();
   test_online_softmax_merge();
   test_grad_z_matches_finite_differences();
+  test_k3_conventions();
   return check_summary("test_token_math");
 }

@@ -208,12 +208,15 @@ FASTRL_HOST_DEVICE double masked_var(const Moments& m, bool unbiased) {
 //   k3     kl = clamp(ref - logp, -20, 20);                       x = -d;
 //          clamp((exp(kl) - kl) - 1, -10, 10)                    clamp((exp(x) - 1) - x, -10, 10)
 //
+// kOpenRLHFUnclamped is OpenRLHF's compute_approx_kl before its final clamp was added (the same
+// fp32 formulas, no clamp: k3 = (exp(x) - 1) - x grows without bound, +inf for x > ~88.7).
+//
 // clamp propagates NaN (as torch.clamp). kl_grad is d value / d logp with torch.clamp's gradient
 // rule (gradient passes where lo <= input <= hi, 0 outside); d value / d ref is its negative, as
 // every estimator is a function of d alone.
 
 enum class KlKind : int32_t { kK1 = 0, kAbs = 1, kK2 = 2, kK3 = 3 };
-enum class KlConvention : int32_t { kVerl = 0, kOpenRLHF = 1 };
+enum class KlConvention : int32_t { kVerl = 0, kOpenRLHF = 1, kOpenRLHFUnclamped = 2 };
 
 template <typename A>
 FASTRL_HOST_DEVICE A clamp_nan(A x, A lo, A hi) {
@@ -221,7 +224,7 @@ FASTRL_HOST_DEVICE A clamp_nan(A x, A lo, A hi) {
 }
 template <typename A>
 FASTRL_HOST_DEVICE bool in_range(A x, A lo, A hi) {
-  return x >= lo && x <= hi;
+  return (x >= lo) & (x <= hi);  // not &&: a select for the compiler, not a data-dependent branch
 }
 FASTRL_HOST_DEVICE float exp_acc(float x) { return ::expf(x); }
 FASTRL_HOST_DEVICE double exp_acc(double x) { return ::exp(x); }
@@ -252,7 +255,7 @@ FASTRL_HOST_DEVICE A kl_value(A logp, A ref) {
       const A x = -d;
       y = (exp_acc(x) - A(1)) - x;
     }
-    return clamp_nan(y, A(-10), A(10));
+    return C == KlConvention::kOpenRLHFUnclamped ? y : clamp_nan(y, A(-10), A(10));
   }
 }
 
@@ -274,6 +277,14 @@ FASTRL_HOST_DEVICE A kl_grad(A logp, A ref) {
       const A v = (e - kl) - A(1);
       return (in_range(raw, A(-20), A(20)) && in_range(v, A(-10), A(10))) ? A(1) - e : A(0);
     }
+  } else if constexpr (C == KlConvention::kOpenRLHFUnclamped) {
+    if constexpr (K == KlKind::kK1) {
+      return A(1);
+    } else if constexpr (K == KlKind::kK2) {
+      return d;
+    } else {
+      return A(1) - exp_acc(-d);
+    }
   } else {
     if constexpr (K == KlKind::kK1) {
       return in_range(d, A(-10), A(10)) ? A(1) : A(0);
@@ -293,6 +304,7 @@ template <typename F>
 inline void dispatch_kl(KlKind kind, KlConvention conv, F&& f) {
   using V = std::integral_constant<KlConvention, KlConvention::kVerl>;
   using O = std::integral_constant<KlConvention, KlConvention::kOpenRLHF>;
+  using U = std::integral_constant<KlConvention, KlConvention::kOpenRLHFUnclamped>;
   using K1 = std::integral_constant<KlKind, KlKind::kK1>;
   using K2 = std::integral_constant<KlKind, KlKind::kK2>;
   using K3 = std::integral_constant<KlKind, KlKind::kK3>;
@@ -303,11 +315,17 @@ inline void dispatch_kl(KlKind kind, KlConvention conv, F&& f) {
       case KlKind::kK2: f(K2{}, V{}); break;
       default: f(K3{}, V{}); break;
     }
-  } else {
+  } else if (conv == KlConvention::kOpenRLHF) {
     switch (kind) {
       case KlKind::kK1: f(K1{}, O{}); break;
       case KlKind::kK2: f(K2{}, O{}); break;
       default: f(K3{}, O{}); break;
+    }
+  } else {
+    switch (kind) {
+      case KlKind::kK1: f(K1{}, U{}); break;
+      case KlKind::kK2: f(K2{}, U{}); break;
+      default: f(K3{}, U{}); break;
     }
   }
 }

@@ -384,11 +384,21 @@ def compute_gae_advantage_return(
     On the CPU the returns are bitwise verl's for float32 rewards/values with an integer, bool or
     float32 mask (with a float64 mask verl's carries turn float64 mid-loop: equal to ~1e-7); the
     whitened advantages differ by verl's float32 statistics error (ours are fp64). The output dtype
-    is verl's: rewards, values and mask promoted."""
+    is verl's: rewards, values and mask promoted.
+
+    Where that dtype is the scan's own (float32, or float64 inputs) the whitening is fused into the
+    scan (:func:`fastrl.credit.gae` ``whiten=True``: the statistics come from the rows while they are
+    in cache, one pass less; equal to the unfused whitening up to fp64 rounding of the statistics);
+    otherwise (bf16/fp16, or a float64 mask with float32 values) the advantages are cast to verl's
+    dtype and whitened by :func:`fastrl.credit.masked_whiten`."""
     with torch.no_grad():
-        adv, returns = _credit.gae(token_level_rewards, values, response_mask, float(gamma), float(lam))
         dtype = _token_dtype(token_level_rewards, values, response_mask)  # verl's carries mix in the mask
-        adv = _credit.masked_whiten(adv.to(dtype), response_mask)
+        scan_dtype = torch.float64 if _token_dtype(token_level_rewards, values) == torch.float64 else torch.float32
+        fused = dtype == scan_dtype
+        adv, returns = _credit.gae(token_level_rewards, values, response_mask, float(gamma), float(lam),
+                                   whiten=fused)
+        if not fused:
+            adv = _credit.masked_whiten(adv.to(dtype), response_mask)
     return adv, returns.to(dtype)
 
 
@@ -400,11 +410,20 @@ def compute_reinforce_plus_plus_outcome_advantage(
     semantics (:func:`fastrl.credit.discounted_returns` ``mode="skip"``: valid tokens
     ``G_t = r_t + gamma G_{t+1}``, masked tokens 0 and transparent), whitened over the response
     tokens and masked. ``config.gamma`` is the discount (``config`` is required, as in verl).
-    Returns ``(advantages, returns)``, ``[bs, response_length]``."""
+    Returns ``(advantages, returns)``, ``[bs, response_length]``.
+
+    For float32/float64 rewards with a mask that does not widen them (verl's dtypes are then the
+    scan's) the whitening statistics are fused into the scan (:func:`fastrl.credit.discounted_returns`
+    ``whiten=True``: equal to the unfused whitening up to fp64 rounding of the statistics); otherwise
+    the returns are cast to the rewards' dtype and whitened by :func:`fastrl.credit.masked_whiten`."""
     if config is None:
         raise ValueError("compute_reinforce_plus_plus_outcome_advantage needs `config` (it reads config.gamma)")
     gamma = _cfg_get(config, "gamma", None)
     with torch.no_grad():
+        dtype = token_level_rewards.dtype
+        if dtype in (torch.float32, torch.float64) and _token_dtype(token_level_rewards, response_mask) == dtype:
+            return _credit.discounted_returns(token_level_rewards, response_mask, float(gamma), mode="skip",
+                                              whiten=True)
         returns = _credit.discounted_returns(token_level_rewards, response_mask, float(gamma), mode="skip")
         returns = returns.to(token_level_rewards.dtype)  # verl holds them in zeros_like(rewards)
         white = _credit.masked_whiten(returns, response_mask)
@@ -748,7 +767,7 @@ def compute_policy_loss_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tenso
     """verl's KL-Cov: ``-A * ratio`` (unclamped, unclipped) plus ``ppo_kl_coef * |log-ratio|`` at the
     ``max(1, int(kl_cov_ratio * N))`` valid tokens of largest covariance, chosen on the device by a
     stable sort (verl: a top-k after copying to the host; the same tokens barring exact ties).
-    ``rollout_is_weights`` is not supported (``ValueError``). Metric: ``actor/ppo_kl`` (mean |x|)."""
+    ``rollout_is_weights`` weights the policy term and the penalty, as verl. Metric: ``actor/ppo_kl`` (mean |x|)."""
     assert config is not None
     assert config.policy_loss is not None
     ratio = _cov_cfg(config, "kl_cov_ratio", 0.0002)

@@ -15,6 +15,7 @@ GAE_MODES = ("skip", "reset", "dense")
 KL_KINDS = {  # convention -> estimator names (verl's also take a "+" suffix)
     "verl": ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl"),
     "openrlhf": ("k1", "k2", "k3"),
+    "openrlhf_unclamped": ("k1", "k2", "k3"),
 }
 KL_CONVENTIONS = tuple(KL_KINDS)
 SEGMENT_REDUCTIONS = ("sum", "mean", "geomean", "last")
@@ -84,8 +85,13 @@ def gae(rewards, values, mask, gamma: float, lam: float, *, cu_seqlens=None, don
 
 
 def discounted_returns(rewards, mask, gamma: float, *, mode: str = "skip", cu_seqlens=None, dones=None,
-                       turn_gamma: float = 0.0):
-    """Reward-to-go in ``mode`` with turn ends (see :func:`fastrl.credit.discounted_returns`)."""
+                       turn_gamma: float = 0.0, whiten: bool = False):
+    """Reward-to-go in ``mode`` with turn ends (see :func:`fastrl.credit.discounted_returns`); with
+    ``whiten``, ``(masked_whiten(G, mask) * mask, G)`` (verl's REINFORCE++ advantages and returns)."""
+    if whiten:
+        ret = discounted_returns(rewards, mask, gamma, mode=mode, cu_seqlens=cu_seqlens, dones=dones,
+                                 turn_gamma=turn_gamma)
+        return masked_whiten(ret, mask) * mask, ret
     if mode not in RETURNS_MODES:
         raise ValueError(f"`mode` must be one of {RETURNS_MODES}, got {mode!r}")
     if cu_seqlens is not None:  # padding after a row's end: masked, no done (cumsum: zero steps, no effect)
@@ -153,7 +159,8 @@ def kl_penalty(logp, ref_logp, kind: str = "k1", *, convention: str = "verl"):
     """Per-token KL estimators (see :func:`fastrl.credit.kl_penalty`), torch ops in fp32 (fp64 for
     fp64 verl inputs), rounded once to the output dtype; gradients by autograd."""
     if convention not in KL_KINDS:
-        raise ValueError(f"fastrl: kl_penalty `convention` must be 'verl' or 'openrlhf', got {convention!r}")
+        raise ValueError("fastrl: kl_penalty `convention` must be 'verl', 'openrlhf' or 'openrlhf_unclamped', "
+                         f"got {convention!r}")
     straight_through = convention == "verl" and kind.endswith("+")
     base = kind[:-1] if straight_through else kind
     if base not in KL_KINDS[convention]:
@@ -163,7 +170,7 @@ def kl_penalty(logp, ref_logp, kind: str = "k1", *, convention: str = "verl"):
     acc = _acc_dtype(dtype) if convention == "verl" else torch.float32
     lp, rf = logp.to(acc), ref_logp.to(acc)
     d = lp - rf
-    if convention == "openrlhf":  # openrlhf/models/utils.py compute_approx_kl
+    if convention != "verl":  # openrlhf/models/utils.py compute_approx_kl, with or without its clamp
         if base == "k1":
             y = d
         elif base == "k2":
@@ -171,7 +178,7 @@ def kl_penalty(logp, ref_logp, kind: str = "k1", *, convention: str = "verl"):
         else:
             x = -d
             y = x.exp() - 1 - x
-        return y.clamp(min=-10, max=10)
+        return y.clamp(min=-10, max=10) if convention == "openrlhf" else y
     # verl 0.9.1 kl_penalty_forward / kl_penalty
     if base in ("k1", "kl"):
         out = d
