@@ -4,7 +4,18 @@
 // row-level quantities some kinds need (sequence ratio, GMPO means), then one pass over its tokens
 // that accumulates every statistic in fp64 in token order and writes each token's derivatives.
 // The backward scales those by the row's incoming gradients: one streaming pass.
+//
+// The token pass goes in blocks of kBlock tokens: the block's exps (the ratio's and the KL
+// estimator's, the bulk of the arithmetic) are taken first in SIMD lanes (cpu/simd.h: the same
+// bits on every ISA), then the scalar header math (fastrl/losses.h) runs on each token with them.
+// fp64 inputs take libm's exp inline instead.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")  // selects -> vector blends (see cpu/simd.h)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 #include "cpu/losses.h"
+#include "cpu/simd.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -12,6 +23,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 
 namespace fastrl {
 namespace cpu {
@@ -34,27 +46,50 @@ inline void keep_min(std::atomic<int64_t>& bad, int64_t i) {
   }
 }
 
+constexpr int64_t kBlock = 256;  // tokens per block of exps (a multiple of every lane width)
+
+// buf[i] = exp(buf[i]) for i < n rounded up to the lane width (buf holds kBlock floats).
+template <typename V>
+FASTRL_CPU_INLINE void exp_block(float* buf, int64_t n) {
+  constexpr int64_t kW = simd::LaneTraits<V>::kWidth;
+  for (int64_t i = 0; i < n; i += kW) simd::store_lanes(buf + i, simd::fast_exp(simd::load_lanes<V>(buf + i)));
+}
+
 template <typename scalar_t, typename mask_t, typename acc_t>
 class RowKernel {
  public:
   RowKernel(const LossInputs<scalar_t, mask_t>& in, Rows rows, const losses::Params& p) : in_(in), rows_(rows), p_(p) {}
 
-  // One row; returns its smallest bad mask index or -1.
-  int64_t forward(int64_t b, double* out, acc_t* dpol, acc_t* daux) const {
+  // One row; returns its smallest bad mask index or -1. V: the lane type of the exps.
+  template <typename V>
+  FASTRL_CPU_INLINE int64_t forward(int64_t b, double* out, acc_t* dpol, acc_t* daux) const {
+    constexpr bool kSimdExp = std::is_same<acc_t, float>::value;
+    alignas(64) float e_ratio[kBlock] = {}, e_kl[kBlock] = {};
     losses::RowCtx<acc_t> ctx;
     int64_t bad = row_ctx(b, &ctx);
     losses::Stats s = losses::stats_zero();
-    for (int64_t i = begin(b), e = end(b); i < e; ++i) {
-      const int bit = valid_bit(in_.mask[i]);
-      double dp = 0.0, da = 0.0;
-      if (bit == 1) {
-        const Token tok = token(b, i);
-        losses::stats_token(p_, ctx, tok.lp, tok.x, tok.adv, tok.ref_p(), tok.ent_p(), tok.is_w_p(), &s, &dp, &da);
-      } else if (bit < 0 && bad < 0) {
-        bad = i;
+    for (int64_t i0 = begin(b), e = end(b); i0 < e; i0 += kBlock) {
+      const int64_t n = std::min(kBlock, e - i0);
+      if constexpr (kSimdExp) block_exps<V>(i0, n, e_ratio, e_kl);
+      for (int64_t i = i0; i < i0 + n; ++i) {
+        const int bit = valid_bit(in_.mask[i]);
+        double dp = 0.0, da = 0.0;
+        if (bit == 1) {
+          const Token tok = token(b, i);
+          losses::TokenExps<acc_t> ex;
+          if constexpr (kSimdExp) {
+            ex = {e_ratio[i - i0], e_kl[i - i0]};
+          } else {
+            ex = losses::token_exps(p_, tok.lp, tok.x, tok.ref_p());
+          }
+          losses::stats_token(p_, ctx, tok.lp, tok.x, tok.adv, tok.ref_p(), tok.ent_p(), tok.is_w_p(), ex, &s, &dp,
+                              &da);
+        } else if (bit < 0 && bad < 0) {
+          bad = i;
+        }
+        dpol[i] = static_cast<acc_t>(dp);
+        if (daux) daux[i] = static_cast<acc_t>(da);
       }
-      dpol[i] = static_cast<acc_t>(dp);
-      if (daux) daux[i] = static_cast<acc_t>(da);
     }
     losses::stats_finish(p_, ctx, &s);
     for (int k = 0; k < losses::kNumStats; ++k) out[k] = s.v[k];
@@ -70,10 +105,10 @@ class RowKernel {
     const acc_t* is_w_p() const { return has_is_w ? &is_w : nullptr; }
   };
 
-  Token token(int64_t b, int64_t i) const {
+  FASTRL_CPU_INLINE Token token(int64_t b, int64_t i) const {
     Token t;
     t.lp = static_cast<acc_t>(in_.logp[i]);
-    t.x = t.lp - static_cast<acc_t>(in_.old_logp[i]);
+    t.x = log_ratio(i);
     t.adv = static_cast<acc_t>(in_.adv_per_row ? in_.adv[b] : in_.adv[i]);
     t.has_ref = in_.ref != nullptr;
     t.has_ent = in_.entropy != nullptr;
@@ -84,12 +119,30 @@ class RowKernel {
     return t;
   }
 
+  // The exps of tokens [i0, i0 + n) of row b (masked tokens included: their values go unused),
+  // as losses::token_exps computes them but with simd::fast_exp.
+  template <typename V>
+  FASTRL_CPU_INLINE void block_exps(int64_t i0, int64_t n, float* e_ratio, float* e_kl) const {
+    if (losses::ratio_uses_exp(p_)) {
+      for (int64_t k = 0; k < n; ++k) e_ratio[k] = losses::ratio_exp_arg(p_, log_ratio(i0 + k));
+      exp_block<V>(e_ratio, n);
+    }
+    if (in_.ref != nullptr && losses::kl_uses_exp(p_.kl)) {
+      for (int64_t k = 0; k < n; ++k) {
+        e_kl[k] = losses::kl_exp_arg(p_.kl, static_cast<float>(in_.logp[i0 + k]), static_cast<float>(in_.ref[i0 + k]));
+      }
+      exp_block<V>(e_kl, n);
+    }
+  }
+
+  FASTRL_CPU_INLINE acc_t log_ratio(int64_t i) const { return static_cast<acc_t>(in_.logp[i]) - static_cast<acc_t>(in_.old_logp[i]); }
+
   int64_t begin(int64_t b) const { return rows_.cu_seqlens ? rows_.cu_seqlens[b] : b * rows_.row_len; }
   int64_t end(int64_t b) const { return rows_.cu_seqlens ? rows_.cu_seqlens[b + 1] : (b + 1) * rows_.row_len; }
 
   // The first pass, for the kinds that need row sums (others get RowCtx defaults: their row
   // count comes from the token pass); also finds bad mask values.
-  int64_t row_ctx(int64_t b, losses::RowCtx<acc_t>* ctx) const {
+  FASTRL_CPU_INLINE int64_t row_ctx(int64_t b, losses::RowCtx<acc_t>* ctx) const {
     int64_t bad = -1;
     losses::RowSums sums = losses::row_sums_zero();
     for (int64_t i = begin(b), e = losses::needs_row_pass(p_) ? end(b) : begin(b); i < e; ++i) {
@@ -116,6 +169,18 @@ inline int64_t grain(const Rows& rows) {
   return std::max<int64_t>(1, (int64_t{1} << 15) / avg);
 }
 
+// Rows [b0, b1), compiled per ISA (the whole token pass: the scalar math gains the wider ISAs'
+// registers, the exps their lanes; the same bits on every ISA).
+template <typename V, typename scalar_t, typename mask_t, typename acc_t>
+FASTRL_CPU_INLINE void forward_rows(const RowKernel<scalar_t, mask_t, acc_t>* k, int64_t b0, int64_t b1,
+                                    double* stats, acc_t* dpol, acc_t* daux, std::atomic<int64_t>* bad) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t rb = k->template forward<V>(b, stats + b * losses::kNumStats, dpol, daux);
+    if (rb >= 0) keep_min(*bad, rb);
+  }
+}
+FASTRL_CPU_ISA_VARIANTS(forward_rows)
+
 }  // namespace
 
 template <typename scalar_t, typename mask_t, typename acc_t>
@@ -124,10 +189,7 @@ int64_t policy_loss_rows(const LossInputs<scalar_t, mask_t>& in, Rows rows, cons
   const RowKernel<scalar_t, mask_t, acc_t> k(in, rows, p);
   std::atomic<int64_t> bad{-1};
   at::parallel_for(0, rows.num_rows, grain(rows), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t rb = k.forward(b, stats + b * losses::kNumStats, dpol, daux);
-      if (rb >= 0) keep_min(bad, rb);
-    }
+    FASTRL_CPU_ISA_CALL(forward_rows, &k, b0, b1, stats, dpol, daux, &bad);
   });
   return bad.load();
 }

@@ -101,8 +101,9 @@ __global__ void __launch_bounds__(kLossBlock)
     double dp = 0.0, da = 0.0;
     if (is_valid(mask[i])) {
       const Token<A> t = load_token(in, b, i);
-      losses::stats_token(p, ctx, t.lp, t.x, t.adv, in.ref ? &t.ref : nullptr, in.entropy ? &t.ent : nullptr,
-                          in.is_w ? &t.is_w : nullptr, &s, &dp, &da);
+      const A* ref = in.ref ? &t.ref : nullptr;
+      losses::stats_token(p, ctx, t.lp, t.x, t.adv, ref, in.entropy ? &t.ent : nullptr, in.is_w ? &t.is_w : nullptr,
+                          losses::token_exps(p, t.lp, t.x, ref), &s, &dp, &da);
     }
     dpol[i] = static_cast<A>(dp);
     if (daux) daux[i] = static_cast<A>(da);

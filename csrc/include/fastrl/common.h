@@ -7,6 +7,13 @@
 #else
 #define FASTRL_HOST_DEVICE inline
 #endif
+// Per-token math that a CPU kernel's ISA variants (cpu/simd.h) must inline: a call would both cost
+// more than the math and run it with the baseline ISA's registers.
+#if defined(__CUDACC__)
+#define FASTRL_HOST_DEVICE_HOT FASTRL_HOST_DEVICE
+#else
+#define FASTRL_HOST_DEVICE_HOT inline __attribute__((always_inline))
+#endif
 
 #include <cmath>
 #include <cstdint>

@@ -65,12 +65,11 @@ struct Params {
   KlMode kl;
 };
 
-FASTRL_HOST_DEVICE float exp_a(float x) { return ::expf(x); }
-FASTRL_HOST_DEVICE double exp_a(double x) { return ::exp(x); }
+using credit::exp_acc;
 
 // torch.maximum(a, b)'s value and gradient given da, db (half each on a tie).
 template <typename A>
-FASTRL_HOST_DEVICE A max_grad(A a, A b, A da, A db) {
+FASTRL_HOST_DEVICE_HOT A max_grad(A a, A b, A da, A db) {
   return a > b ? da : (a < b ? db : A(0.5) * (da + db));
 }
 
@@ -84,7 +83,7 @@ struct TokenTerms {
 // The per-token policy loss of `kind` at ratio r (already computed) in the accumulation type A
 // (float for fp32/bf16/fp16 inputs, double for fp64), with the trainers' operation order.
 template <typename A>
-FASTRL_HOST_DEVICE TokenTerms token_terms(const Params& p, A adv, A r, A logp) {
+FASTRL_HOST_DEVICE_HOT TokenTerms token_terms(const Params& p, A adv, A r, A logp) {
   TokenTerms o{0.0, 0.0, 0.0, false, false};
   const A neg_adv = -adv;
   switch (p.kind) {
@@ -102,16 +101,16 @@ FASTRL_HOST_DEVICE TokenTerms token_terms(const Params& p, A adv, A r, A logp) {
     }
     case Kind::kSapo: {  // -(sigmoid(tau (r - 1)) * 4 / tau) * A
       const A tau = adv > A(0) ? A(p.tau_pos) : A(p.tau_neg);
-      const A s = A(1) / (A(1) + exp_a(-(tau * (r - A(1)))));
+      const A s = A(1) / (A(1) + exp_acc(-(tau * (r - A(1)))));
       const A gate = s * (A(4) / tau);
       o.pg = -gate * adv;
       o.d_r = static_cast<double>(neg_adv) * (static_cast<double>(s) * (1.0 - s) * 4.0);
       break;
     }
     default: {  // vanilla / gspo: max(-A r', -A clamp(r, lo, hi)), r' = min(r, delta) (TRL)
-      // Written as selects, not branches: the advantage's sign and the clip region are random per
-      // token, so branches would mispredict (this loop is the op's hot path).
-      const bool cut = p.delta > 0.0 && p.kind == Kind::kVanilla && r > A(p.delta);
+      // Written as selects and non-short-circuit & on bools, not branches: the advantage's sign and
+      // the clip region are random per token, so branches would mispredict (the op's hot path).
+      const bool cut = (p.delta > 0.0 && p.kind == Kind::kVanilla) & (r > A(p.delta));
       const A r1 = cut ? A(p.delta) : r;
       const A c = credit::clamp_nan(r, A(p.clip_lo), A(p.clip_hi));
       const A l1 = neg_adv * r1, l2 = neg_adv * c;
@@ -122,12 +121,12 @@ FASTRL_HOST_DEVICE TokenTerms token_terms(const Params& p, A adv, A r, A logp) {
       A d = max_grad(l1, l2, d1, d2);
       o.clip = l2 > l1;
       // dual clip where A < 0: min(-A * c3, pg), torch.minimum's gradient rule
-      const bool dual = p.dual_clip > 0.0 && p.kind == Kind::kVanilla && adv < A(0);
+      const bool dual = (p.dual_clip > 0.0 && p.kind == Kind::kVanilla) & (adv < A(0));
       const A l3 = neg_adv * A(p.dual_clip);
-      o.clip_lower = dual && pg > l3;
+      o.clip_lower = dual & (pg > l3);
       const A dd = pg < l3 ? d : (pg > l3 ? A(0) : A(0.5) * d);
-      o.pg = dual && pg > l3 ? l3 : pg;
-      o.d_r = dual ? dd : d;
+      o.pg = static_cast<double>(o.clip_lower ? l3 : pg);
+      o.d_r = static_cast<double>(dual ? dd : d);
       break;
     }
   }
@@ -136,18 +135,27 @@ FASTRL_HOST_DEVICE TokenTerms token_terms(const Params& p, A adv, A r, A logp) {
 
 // The log-ratio fed to exp at token level, and whether its clamp passes the gradient.
 template <typename A>
-FASTRL_HOST_DEVICE A clamp_log_ratio(A x, double log_clamp) {
+FASTRL_HOST_DEVICE_HOT A clamp_log_ratio(A x, double log_clamp) {
   return log_clamp > 0.0 ? credit::clamp_nan(x, A(-log_clamp), A(log_clamp)) : x;
 }
 template <typename A>
-FASTRL_HOST_DEVICE bool log_ratio_passes(A x, double log_clamp) {
+FASTRL_HOST_DEVICE_HOT bool log_ratio_passes(A x, double log_clamp) {
   return log_clamp > 0.0 ? credit::in_range(x, A(-log_clamp), A(log_clamp)) : true;
 }
 
-// The KL estimator's value at (logp, ref) and its derivative in logp (*grad), with one exp:
+// The KL estimators that take an exp, and the argument of that exp (one per token; the CPU kernel
+// computes a block's exps in SIMD lanes first, the CUDA kernel inline).
+FASTRL_HOST_DEVICE_HOT bool kl_uses_exp(KlMode mode) { return mode == KlMode::kK3 || mode == KlMode::kK3Trl; }
+template <typename A>
+FASTRL_HOST_DEVICE_HOT A kl_exp_arg(KlMode mode, A logp, A ref) {
+  return mode == KlMode::kK3 ? credit::clamp_nan(ref - logp, A(-20), A(20)) : ref - logp;
+}
+
+// The KL estimator's value at (logp, ref) and its derivative in logp (*grad), given
+// e = exp(kl_exp_arg(mode, logp, ref)) (ignored by the estimators without exp):
 // credit::kl_value / kl_grad for verl's estimators, TRL's exp(ref - logp) - (ref - logp) - 1.
 template <typename A>
-FASTRL_HOST_DEVICE A kl_term(KlMode mode, A logp, A ref, A* grad) {
+FASTRL_HOST_DEVICE_HOT A kl_term(KlMode mode, A logp, A ref, A e, A* grad) {
   using credit::KlConvention;
   using credit::KlKind;
   switch (mode) {
@@ -163,14 +171,12 @@ FASTRL_HOST_DEVICE A kl_term(KlMode mode, A logp, A ref, A* grad) {
     case KlMode::kK3: {  // the operations of credit::kl_value / kl_grad<kK3, kVerl>, sharing the exp
       const A raw = ref - logp;
       const A kl = credit::clamp_nan(raw, A(-20), A(20));
-      const A e = exp_a(kl);
       const A v = (e - kl) - A(1);
-      *grad = credit::in_range(raw, A(-20), A(20)) && credit::in_range(v, A(-10), A(10)) ? A(1) - e : A(0);
+      *grad = credit::in_range(raw, A(-20), A(20)) & credit::in_range(v, A(-10), A(10)) ? A(1) - e : A(0);
       return credit::clamp_nan(v, A(-10), A(10));
     }
     case KlMode::kK3Trl: {
       const A d = ref - logp;
-      const A e = exp_a(d);
       *grad = A(1) - e;
       return (e - d) - A(1);
     }
@@ -186,14 +192,14 @@ FASTRL_HOST_DEVICE A kl_term(KlMode mode, A logp, A ref, A* grad) {
 //   loss_b = -mean_t(A_t) * exp(mean_t xm_t) * w_b     w_b = exp(mean_t log(is_w_t + 1e-10)) or 1
 // (means over the row's valid tokens, 0 for an empty row), and d xm / d x = [s != 0 and s x <= s xc].
 template <typename A>
-FASTRL_HOST_DEVICE A geo_clipped(A x, A adv, double clip_low, double clip_high) {
+FASTRL_HOST_DEVICE_HOT A geo_clipped(A x, A adv, double clip_low, double clip_high) {
   const A s = adv > A(0) ? A(1) : (adv < A(0) ? A(-1) : A(0));
   const A xc = credit::clamp_nan(x, A(-clip_low), A(clip_high));
   const A a = s * x, b = s * xc;
   return s * (a < b ? a : b);
 }
 template <typename A>
-FASTRL_HOST_DEVICE A geo_clipped_grad(A x, A adv, double clip_low, double clip_high) {
+FASTRL_HOST_DEVICE_HOT A geo_clipped_grad(A x, A adv, double clip_low, double clip_high) {
   const A s = adv > A(0) ? A(1) : (adv < A(0) ? A(-1) : A(0));
   const A xc = credit::clamp_nan(x, A(-clip_low), A(clip_high));
   return (s != A(0) && s * x <= s * xc) ? A(1) : A(0);
@@ -204,20 +210,20 @@ FASTRL_HOST_DEVICE A geo_clipped_grad(A x, A adv, double clip_low, double clip_h
 // quantities), then a token pass. Both kernels (CPU: one thread per row; CUDA: one block per row,
 // cub block reductions in a fixed tree) call these functions, so they compute the same terms.
 
-FASTRL_HOST_DEVICE bool needs_row_pass(const Params& p) {
+FASTRL_HOST_DEVICE_HOT bool needs_row_pass(const Params& p) {
   return p.kind == Kind::kGspo || p.kind == Kind::kGeoMean || p.level == RatioLevel::kSequence;
 }
 
 struct RowSums {
   double n, sx, sxm, sadv, slogw;
 };
-FASTRL_HOST_DEVICE RowSums row_sums_zero() { return RowSums{0.0, 0.0, 0.0, 0.0, 0.0}; }
-FASTRL_HOST_DEVICE RowSums row_sums_add(const RowSums& a, const RowSums& b) {
+FASTRL_HOST_DEVICE_HOT RowSums row_sums_zero() { return RowSums{0.0, 0.0, 0.0, 0.0, 0.0}; }
+FASTRL_HOST_DEVICE_HOT RowSums row_sums_add(const RowSums& a, const RowSums& b) {
   return RowSums{a.n + b.n, a.sx + b.sx, a.sxm + b.sxm, a.sadv + b.sadv, a.slogw + b.slogw};
 }
 // A valid token's contribution (is_w: its importance weight, or a negative value for none).
 template <typename A>
-FASTRL_HOST_DEVICE RowSums row_sums_token(const Params& p, A x, A adv, double is_w) {
+FASTRL_HOST_DEVICE_HOT RowSums row_sums_token(const Params& p, A x, A adv, double is_w) {
   RowSums s{1.0, static_cast<double>(x), 0.0, 0.0, 0.0};
   if (p.kind == Kind::kGeoMean) {
     s.sxm = static_cast<double>(geo_clipped(x, adv, p.clip_low, p.clip_high));
@@ -237,7 +243,7 @@ struct RowCtx {
 };
 
 template <typename A>
-FASTRL_HOST_DEVICE RowCtx<A> row_ctx(const Params& p, const RowSums& s, bool has_is_w) {
+FASTRL_HOST_DEVICE_HOT RowCtx<A> row_ctx(const Params& p, const RowSums& s, bool has_is_w) {
   RowCtx<A> c{s.n, A(1), true, 1.0, 0.0, 1.0};
   if (p.kind == Kind::kGeoMean) {
     if (s.n > 0.0) {
@@ -247,21 +253,42 @@ FASTRL_HOST_DEVICE RowCtx<A> row_ctx(const Params& p, const RowSums& s, bool has
     }
   } else if (p.kind == Kind::kGspo) {  // verl: clamp(log s, max=10), stop-gradient form
     const A seq = static_cast<A>(s.sx / (s.n > 1.0 ? s.n : 1.0));
-    c.ratio = exp_a(seq > A(10) ? A(10) : seq);
+    c.ratio = exp_acc(seq > A(10) ? A(10) : seq);
     c.ratio_passes = seq <= A(10);
   } else if (p.level == RatioLevel::kSequence) {
     const A seq = static_cast<A>(s.sx / (s.n > 1.0 ? s.n : 1.0));
-    c.ratio = exp_a(clamp_log_ratio(seq, p.log_clamp));
+    c.ratio = exp_acc(clamp_log_ratio(seq, p.log_clamp));
     c.ratio_passes = log_ratio_passes(seq, p.log_clamp);
   }
   return c;
 }
 
-// The ratio a token's policy term sees, the log-ratio of its approx-KL metric (negated), and
-// whether d ratio / d logp passes (token level).
+// Whether a token's ratio is its own exp (token level, geo_mean) rather than its row's (gspo,
+// sequence level), and the argument of that exp.
+FASTRL_HOST_DEVICE_HOT bool ratio_uses_exp(const Params& p) {
+  return !(p.kind == Kind::kGspo || (p.level == RatioLevel::kSequence && p.kind != Kind::kGeoMean));
+}
 template <typename A>
-FASTRL_HOST_DEVICE A token_ratio(const Params& p, const RowCtx<A>& c, A x, A* neg_log, bool* passes) {
-  if (p.kind == Kind::kGspo || (p.level == RatioLevel::kSequence && p.kind != Kind::kGeoMean)) {
+FASTRL_HOST_DEVICE_HOT A ratio_exp_arg(const Params& p, A x) {
+  return p.kind == Kind::kGeoMean ? x : clamp_log_ratio(x, p.log_clamp);
+}
+
+// A token's two exps: of ratio_exp_arg and of kl_exp_arg (0 where the kind / estimator takes none).
+template <typename A>
+struct TokenExps {
+  A ratio, kl;
+};
+template <typename A>
+FASTRL_HOST_DEVICE_HOT TokenExps<A> token_exps(const Params& p, A lp, A x, const A* ref) {
+  return TokenExps<A>{ratio_uses_exp(p) ? exp_acc(ratio_exp_arg(p, x)) : A(0),
+                      ref && kl_uses_exp(p.kl) ? exp_acc(kl_exp_arg(p.kl, lp, *ref)) : A(0)};
+}
+
+// The ratio a token's policy term sees (e_ratio = exp(ratio_exp_arg(p, x))), the log-ratio of its
+// approx-KL metric (negated), and whether d ratio / d logp passes (token level).
+template <typename A>
+FASTRL_HOST_DEVICE_HOT A token_ratio(const Params& p, const RowCtx<A>& c, A x, A e_ratio, A* neg_log, bool* passes) {
+  if (!ratio_uses_exp(p)) {
     *neg_log = -x;
     *passes = c.ratio_passes;
     return c.ratio;
@@ -269,26 +296,25 @@ FASTRL_HOST_DEVICE A token_ratio(const Params& p, const RowCtx<A>& c, A x, A* ne
   if (p.kind == Kind::kGeoMean) {
     *neg_log = -x;
     *passes = true;
-    return exp_a(x);
+    return e_ratio;
   }
-  const A lr = clamp_log_ratio(x, p.log_clamp);
-  *neg_log = -lr;
+  *neg_log = -clamp_log_ratio(x, p.log_clamp);
   *passes = log_ratio_passes(x, p.log_clamp);
-  return exp_a(lr);
+  return e_ratio;
 }
 
 // The statistics of a row (RowStat columns): sums, except kRatioMin / kRatioMax.
 struct Stats {
   double v[kNumStats];
 };
-FASTRL_HOST_DEVICE Stats stats_zero() {
+FASTRL_HOST_DEVICE_HOT Stats stats_zero() {
   Stats s;
   for (int k = 0; k < kNumStats; ++k) s.v[k] = 0.0;
   s.v[kRatioMin] = INFINITY;
   s.v[kRatioMax] = -INFINITY;
   return s;
 }
-FASTRL_HOST_DEVICE Stats stats_merge(const Stats& a, const Stats& b) {
+FASTRL_HOST_DEVICE_HOT Stats stats_merge(const Stats& a, const Stats& b) {
   Stats s;
   for (int k = 0; k < kNumStats; ++k) s.v[k] = a.v[k] + b.v[k];
   s.v[kRatioMin] = nan_min(a.v[kRatioMin], b.v[kRatioMin]);
@@ -299,31 +325,32 @@ FASTRL_HOST_DEVICE Stats stats_merge(const Stats& a, const Stats& b) {
 // Accumulates one valid token into s (the kPolicy column of geo_mean is set per row by
 // stats_finish; kRowAdd collects sum_t is_w d pg_t / d r for a TRL sequence-level row) and writes
 // its derivatives: *dpol (of pg times is_w, without the row coefficients) and *daux (of aux).
-// ref / entropy / is_w: pointers to the token's values, null when absent.
+// ref / entropy / is_w: pointers to the token's values, null when absent; e: token_exps(...).
 template <typename A>
-FASTRL_HOST_DEVICE void stats_token(const Params& p, const RowCtx<A>& c, A lp, A x, A adv, const A* ref,
-                                    const A* entropy, const A* is_w, Stats* s, double* dpol, double* daux) {
+FASTRL_HOST_DEVICE_HOT void stats_token(const Params& p, const RowCtx<A>& c, A lp, A x, A adv, const A* ref,
+                                    const A* entropy, const A* is_w, TokenExps<A> e, Stats* s, double* dpol,
+                                    double* daux) {
   A neg_log;
   bool passes;
-  const A r = token_ratio(p, c, x, &neg_log, &passes);
+  const A r = token_ratio(p, c, x, e.ratio, &neg_log, &passes);
   if (p.kind == Kind::kGeoMean) {
     const bool clipped = x != credit::clamp_nan(x, A(-p.clip_low), A(p.clip_high));
-    s->v[kClip] += clipped && adv > A(0) ? 1.0 : 0.0;
-    s->v[kClipLower] += clipped && adv < A(0) ? 1.0 : 0.0;
+    s->v[kClip] += static_cast<double>(clipped & (adv > A(0)));
+    s->v[kClipLower] += static_cast<double>(clipped & (adv < A(0)));
     *dpol = static_cast<double>(geo_clipped_grad(x, adv, p.clip_low, p.clip_high));
   } else {
     const TokenTerms t = token_terms(p, adv, r, lp);
     const double w = is_w ? static_cast<double>(*is_w) : 1.0;
     s->v[kPolicy] += is_w ? t.pg * w : t.pg;
-    s->v[kClip] += t.clip ? 1.0 : 0.0;
-    s->v[kClipLower] += t.clip_lower ? 1.0 : 0.0;
+    s->v[kClip] += static_cast<double>(t.clip);
+    s->v[kClipLower] += static_cast<double>(t.clip_lower);
     const bool seq = p.level == RatioLevel::kSequence && p.kind != Kind::kGspo;
     if (seq) s->v[kRowAdd] += t.d_r * w;
-    *dpol = (t.d_lp + (seq || !passes ? 0.0 : t.d_r * static_cast<double>(r))) * w;
+    *dpol = (t.d_lp + ((seq | !passes) ? 0.0 : t.d_r * static_cast<double>(r))) * w;
   }
   s->v[kCount] += 1.0;
-  s->v[kLowRegion] += (r < A(p.clip_lo) && adv < A(0)) ? 1.0 : 0.0;
-  s->v[kHighRegion] += (r > A(p.clip_hi) && adv > A(0)) ? 1.0 : 0.0;
+  s->v[kLowRegion] += static_cast<double>((r < A(p.clip_lo)) & (adv < A(0)));
+  s->v[kHighRegion] += static_cast<double>((r > A(p.clip_hi)) & (adv > A(0)));
   s->v[kNegLogRatio] += static_cast<double>(neg_log);
   const double rd = static_cast<double>(r);
   s->v[kRatioSum] += rd;
@@ -332,7 +359,7 @@ FASTRL_HOST_DEVICE void stats_token(const Params& p, const RowCtx<A>& c, A lp, A
   *daux = 0.0;
   if (ref) {
     A grad;
-    const double kl = static_cast<double>(kl_term(p.kl, lp, *ref, &grad));
+    const double kl = static_cast<double>(kl_term(p.kl, lp, *ref, e.kl, &grad));
     s->v[kKlSum] += kl;
     s->v[kAux] += p.kl_coef * kl;
     *daux = p.kl_coef * static_cast<double>(grad);
@@ -348,7 +375,7 @@ FASTRL_HOST_DEVICE void stats_token(const Params& p, const RowCtx<A>& c, A lp, A
 //   geo_mean  mul = -mean(A) exp(mean xm) w / n     (times dpol_t = d xm_t / d x_t)
 //   TRL sequence level  add = (sum_t is_w d pg_t / d r) r / n   (d r / d logp_t = r / n)
 template <typename A>
-FASTRL_HOST_DEVICE void stats_finish(const Params& p, const RowCtx<A>& c, Stats* s) {
+FASTRL_HOST_DEVICE_HOT void stats_finish(const Params& p, const RowCtx<A>& c, Stats* s) {
   const bool seq = p.level == RatioLevel::kSequence && p.kind != Kind::kGspo && p.kind != Kind::kGeoMean;
   double mul = 1.0, add = 0.0;
   if (p.kind == Kind::kGeoMean) {
@@ -366,14 +393,14 @@ FASTRL_HOST_DEVICE void stats_finish(const Params& p, const RowCtx<A>& c, Stats*
 struct RowGrad {
   double g_pol, g_aux, mul, add;
 };
-FASTRL_HOST_DEVICE RowGrad row_grad(const double* grad_rows, const double* stats, int64_t b) {
+FASTRL_HOST_DEVICE_HOT RowGrad row_grad(const double* grad_rows, const double* stats, int64_t b) {
   const double* g = grad_rows + b * kNumStats;
   const double* s = stats + b * kNumStats;
   return RowGrad{g[kPolicy], g[kAux], s[kRowMul], s[kRowAdd]};
 }
 
 // d loss / d logp_t at a valid token of the row.
-FASTRL_HOST_DEVICE double token_grad(const RowGrad& r, double dpol, double daux) {
+FASTRL_HOST_DEVICE_HOT double token_grad(const RowGrad& r, double dpol, double daux) {
   return r.g_pol * (dpol * r.mul + r.add) + r.g_aux * daux;
 }
 
