@@ -1,8 +1,6 @@
-"""Policy-loss drop-ins against the installed trainers: verl 0.9.1's core_algos functions and
-trl 1.16.0's GRPOTrainer._compute_loss (run on a bare trainer object), loss and gradients."""
+"""Policy-loss drop-ins against verl 0.9.1's core_algos functions, loss and gradients (TRL's
+GRPOTrainer loss: tests/test_trl_loss_grpo.py)."""
 import itertools
-from collections import defaultdict
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -153,114 +151,51 @@ def test_install_registers_policy_losses():
         assert core_algos.get_policy_loss_fn(name) is VERL[name]
 
 
-# -------------------------------------------------------------------------------- TRL GRPOTrainer
-
-trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
-import fastrl.integrations.trl as ft  # noqa: E402
-
-
-class _Accelerator:
-    num_processes = 1
-    sync_gradients = True
-
-    def gather(self, x):
-        return x
-
-    gather_for_metrics = gather
-
-    def reduce(self, x, reduction="sum"):
-        return x
-
-
-def bare_trainer(loss_type, per_token_logps, entropies, *, beta, level, delta, entropy_coef, ga, max_len):
-    """A GRPOTrainer without __init__: just the attributes _compute_loss reads, and a model stub
-    whose log-probs are our leaf tensor (so TRL's own loss code runs on it)."""
-    t = object.__new__(trl_grpo.GRPOTrainer)
-    t.loss_type, t.beta, t.importance_sampling_level = loss_type, beta, level
-    t.epsilon_low, t.epsilon_high = 0.2, (4.0 if loss_type == "cispo" else 0.28)
-    t.top_entropy_quantile, t.off_policy_mask_threshold = 1.0, None
-    t.use_vllm, t.vllm_importance_sampling_correction = True, True
-    t.max_completion_length = max_len
-    t.current_gradient_accumulation_steps = ga
-    t.aux_loss_enabled = False
-    t._entropy_bonus_enabled = entropy_coef != 0.0
-    t.entropy_coef, t.use_adaptive_entropy = entropy_coef, False
-    t.args = SimpleNamespace(delta=delta, use_bias_correction_kl=False, sapo_temperature_pos=1.0,
-                             sapo_temperature_neg=1.05, steps_per_generation=2)
-    t.accelerator = _Accelerator()
-    t._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-    t.model = SimpleNamespace(training=True)
-    t._get_per_token_logps_and_entropies = lambda *a, **k: (per_token_logps, entropies, None)
-    return t
-
-
-@pytest.mark.parametrize("loss_type,level", list(itertools.product(list(ft._TRL_LOSS_TYPES), ["token", "sequence"])))
-@pytest.mark.parametrize("beta,delta,entropy_coef", [(0.0, None, 0.0), (0.04, 1.6, 0.01)])
-def test_grpo_loss_matches_trl_compute_loss(loss_type, level, beta, delta, entropy_coef):
-    g = torch.Generator().manual_seed(hash((loss_type, level)) % 997)
-    B, T = 6, 21
-    logp = -torch.rand(B, T, generator=g) * 3
-    old = logp + torch.randn(B, T, generator=g) * 0.4
-    ref = logp + torch.randn(B, T, generator=g) * 1.5  # k3 values past verl's clamp: TRL has none
-    adv = torch.randn(B, generator=g)
-    mask = (torch.rand(B, T, generator=g) < 0.8).long()
-    mask[2] = 0
-    ent = torch.rand(B, T, generator=g) * 2
-    isr = torch.rand(B, T, generator=g) + 0.5
-    inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
-              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask, "advantages": adv,
-              "old_per_token_logps": old, "ref_per_token_logps": ref, "importance_sampling_ratio": isr,
-              "num_items_in_batch": mask.sum() * 2}
-    lp_trl, ent_trl = logp.clone().requires_grad_(True), ent.clone().requires_grad_(True)
-    trainer = bare_trainer(loss_type, lp_trl, ent_trl, beta=beta, level=level, delta=delta,
-                           entropy_coef=entropy_coef, ga=3, max_len=25)
-    want = trainer._compute_loss(None, inputs)
-    want.backward()
-    lp, e = logp.clone().requires_grad_(True), ent.clone().requires_grad_(True)
-    got, metrics = ft.grpo_loss(lp, old, adv, mask, loss_type=loss_type, epsilon_low=0.2,
-                                epsilon_high=trainer.epsilon_high, delta=delta, importance_sampling_level=level,
-                                beta=beta, ref_per_token_logps=ref, max_completion_length=25,
-                                num_items_in_batch=inputs["num_items_in_batch"], gradient_accumulation_steps=3,
-                                steps_per_generation=2, importance_sampling_ratio=isr, entropies=e,
-                                entropy_coef=entropy_coef)
-    got.backward()
-    torch.testing.assert_close(got.detach(), want.detach(), rtol=2e-5, atol=1e-6)
-    torch.testing.assert_close(lp.grad, lp_trl.grad, rtol=2e-5, atol=1e-8)
-    if entropy_coef:
-        torch.testing.assert_close(e.grad, ent_trl.grad, rtol=1e-5, atol=1e-9)
-    if beta:
-        assert float(metrics["kl"]) == pytest.approx(trainer._metrics["train"]["kl"][0], rel=1e-5)
-    if loss_type not in ("cispo", "sapo") and level == "token":
-        for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
-            assert float(metrics[key]) == pytest.approx(trainer._metrics["train"][key][0], abs=1e-7), key
-
-
-def test_grpo_loss_bad_loss_type():
-    x = torch.zeros(1, 2)
-    with pytest.raises(ValueError, match="`loss_type` must be one of grpo, bnpo"):
-        ft.grpo_loss(x, x, torch.zeros(1), torch.ones(1, 2), loss_type="vespo")
-
-
 # ------------------------------------------------------------------------------ clip_cov / kl_cov
 
 def cov_config(**policy_loss):
     return config(policy_loss=verl_config.PolicyLossConfig(**policy_loss))
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("ratio", [0.0002, 0.05])
-def test_kl_cov_matches_verl(agg, ratio):
-    logp, old, adv, mask, _ = batch(B=8, T=40, seed=21)
+@pytest.mark.parametrize("with_is", [False, True])
+def test_kl_cov_matches_verl(agg, ratio, with_is):
+    logp, old, adv, mask, isw = batch(B=8, T=40, seed=21)
     cfg = cov_config(kl_cov_ratio=ratio, ppo_kl_coef=0.7)
-    got = loss_and_grad(fv.compute_policy_loss_kl_cov, logp, old, adv, mask, loss_agg_mode=agg, config=cfg)
-    want = loss_and_grad(core_algos.compute_policy_loss_kl_cov, logp, old, adv, mask, loss_agg_mode=agg, config=cfg)
+    kw = dict(loss_agg_mode=agg, config=cfg, rollout_is_weights=isw if with_is else None)
+    got = loss_and_grad(fv.compute_policy_loss_kl_cov, logp, old, adv, mask, **kw)
+    want = loss_and_grad(core_algos.compute_policy_loss_kl_cov, logp, old, adv, mask, **kw)
     torch.testing.assert_close(got[0], want[0], rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(got[1], want[1], rtol=2e-5, atol=1e-8)
     assert float(got[2]["actor/ppo_kl"]) == pytest.approx(want[2]["actor/ppo_kl"], rel=1e-5)
     # the penalty changed something: not the plain -A * ratio loss
-    plain = loss_and_grad(fv.compute_policy_loss_kl_cov, logp, old, adv, mask, loss_agg_mode=agg,
-                          config=cov_config(kl_cov_ratio=ratio, ppo_kl_coef=0.0))
+    plain = loss_and_grad(fv.compute_policy_loss_kl_cov, logp, old, adv, mask,
+                          **dict(kw, config=cov_config(kl_cov_ratio=ratio, ppo_kl_coef=0.0)))
     assert not torch.equal(plain[1], got[1])
+
+
+def test_kl_cov_with_is_weights_options():
+    """The weighted penalty's second pass follows the first one's aggregation: global counts, scale,
+    the entropy bonus of the caller kept, float64."""
+    logp, old, adv, mask, isw = batch(B=5, T=17, seed=23, dtype=torch.float64)
+    ent = torch.rand(logp.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    kw = dict(kind="kl_cov", cov_ratio=0.1, ppo_kl_coef=0.5, agg="seq-mean-token-mean", num_seqs=9, scale=3.0)
+
+    def run(weights, entropy_coef):
+        lp, e = logp.clone().requires_grad_(True), ent.clone().requires_grad_(True)
+        loss, m = fastrl_losses.policy_loss(lp, old, adv, mask, is_weights=weights, entropy=e,
+                                            entropy_coef=entropy_coef, **kw)
+        loss.backward()
+        return loss.detach(), lp.grad, e.grad, m
+
+    ones = run(torch.ones_like(logp), 0.1)
+    none = run(None, 0.1)  # all-ones weights == the unweighted (single pass) path
+    for a, b in zip(ones[:3], none[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    assert float(ones[3]["entropy_mean"]) == pytest.approx(float(none[3]["entropy_mean"]))
+    lp = logp.clone().requires_grad_(True)
+    torch.autograd.gradcheck(lambda x: fastrl_losses.policy_loss(x, old, adv, mask, is_weights=isw, **kw)[0], (lp,))
 
 
 def _cov_inputs(seed):
@@ -300,39 +235,3 @@ def test_clip_cov_random_draw_is_seeded_and_sized_like_verl():
                           logp, old, adv, mask)
     dropped = lambda r: (r[1] == 0) & (plain[1] != 0)  # noqa: E731
     assert int(dropped(a).sum()) == k and not torch.equal(dropped(a), dropped(c))
-
-
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo"])
-def test_patched_grpo_trainer_matches_trl(loss_type):
-    g = torch.Generator().manual_seed(31)
-    B, T = 5, 16
-    logp = -torch.rand(B, T, generator=g) * 3
-    mask = (torch.rand(B, T, generator=g) < 0.8).long()
-    inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
-              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask,
-              "advantages": torch.randn(B, generator=g), "old_per_token_logps": logp + 0.3 * torch.randn(B, T, generator=g),
-              "ref_per_token_logps": logp + torch.randn(B, T, generator=g), "num_items_in_batch": mask.sum(),
-              "importance_sampling_ratio": torch.rand(B, T, generator=g) + 0.5}
-    ent = torch.rand(B, T, generator=g)
-    results = []
-    for patched in (False, True):
-        lp, e = logp.clone().requires_grad_(True), ent.clone().requires_grad_(True)
-        t = bare_trainer(loss_type, lp, e, beta=0.02, level="token", delta=None, entropy_coef=0.01, ga=2, max_len=T)
-        try:
-            if patched:
-                ft.patch_grpo_trainer()
-                ft.patch_grpo_trainer()  # idempotent
-            loss = t._compute_loss(None, inputs)
-        finally:
-            ft.unpatch_grpo_trainer()
-        loss.backward()
-        results.append((loss.detach(), lp.grad, e.grad, t._metrics["train"]))
-    (l0, g0, e0, m0), (l1, g1, e1, m1) = results
-    assert trl_grpo.GRPOTrainer._compute_loss is not ft._fused_compute_loss
-    torch.testing.assert_close(l1, l0, rtol=2e-5, atol=1e-6)
-    torch.testing.assert_close(g1, g0, rtol=2e-5, atol=1e-8)
-    torch.testing.assert_close(e1, e0, rtol=1e-5, atol=1e-9)
-    for key in ("kl", "entropy", "policy_loss", "entropy_coef", "clip_ratio/low_mean", "clip_ratio/high_mean",
-                "cispo_clip_ratio"):
-        if key in m0:
-            assert m1[key] == pytest.approx(m0[key], rel=1e-5, abs=1e-7), key

@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 
+from _isa import ISAS, assert_same_bits, run_capped
 from fastrl import losses
 from fastrl.reference import losses as ref
 
@@ -296,6 +297,7 @@ def test_no_item_calls_on_cpu(monkeypatch):
     run(losses.policy_loss, inp, kl_coef=0.1, entropy_coef=0.1, agg="seq-mean-token-sum")
     run(losses.policy_loss, inp, kind="clip_cov", cov_ratio=0.1, kl_coef=0.1)
     run(losses.policy_loss, inp, kind="kl_cov", cov_ratio=0.1, ref_logp=None, is_weights=None)
+    run(losses.policy_loss, inp, kind="kl_cov", cov_ratio=0.1, ref_logp=None)  # weighted penalty: a second pass
 
 
 def test_cov_kinds_bad_input():
@@ -305,8 +307,6 @@ def test_cov_kinds_bad_input():
         losses.policy_loss(*args, kind="kl_cov", cov_ratio=0.0)
     with pytest.raises(ValueError, match="kind='kl_cov' uses the KL term"):
         losses.policy_loss(*args, kind="kl_cov", ref_logp=inp["ref_logp"], kl_coef=0.1)
-    with pytest.raises(ValueError, match="kind='kl_cov' with `is_weights` is not supported"):
-        losses.policy_loss(*args, kind="kl_cov", is_weights=inp["is_weights"])
     with pytest.raises(ValueError, match="padded layout only"):
         losses.policy_loss(*(a.flatten() for a in args), kind="clip_cov", cu_seqlens=torch.tensor([0, 4, 10]))
 
@@ -390,3 +390,47 @@ def test_random_shapes_match_reference(B, T, seed, kind, agg, level, per_row, em
         assert_matches(inp, cu_seqlens=torch.arange(B + 1) * T, **kw)
     else:
         assert_matches(inp, **kw)
+
+
+# ----------------------------------------------------------------------------- CPU ISA paths
+_ISA_SCRIPT = r"""
+import sys, torch, fastrl
+out = []
+for inp, kw in torch.load(sys.argv[1]):
+    lp = inp["logp"].clone().requires_grad_(True)
+    ent = inp["entropy"].clone().requires_grad_(True)
+    loss, metrics = fastrl.policy_loss(lp, inp["old_logp"], inp["advantages"], inp["mask"], entropy=ent,
+                                       ref_logp=inp["ref_logp"], **kw)
+    loss.backward()
+    out.append((loss.detach(), lp.grad, ent.grad, metrics))
+torch.save(out, sys.argv[2])
+"""
+
+
+def _isa_cases():
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for kw in (dict(kind="vanilla", dual_clip=3.0, kl_coef=0.1, kl_kind="k3", entropy_coef=0.01),
+                   dict(kind="vanilla", kl_coef=0.1, kl_kind="k3_unclamped", log_ratio_clamp=None, delta=1.5),
+                   dict(kind="sapo", kl_coef=0.1, kl_kind="k2"), dict(kind="cispo", kl_coef=0.1),
+                   dict(kind="gspo", kl_coef=0.1), dict(kind="geo_mean"), dict(kind="gpg", ratio_level="sequence")):
+            # 300 tokens per row: whole blocks of exps and a tail; a large spread reaches the clamps
+            cases.append((make_inputs(3, 300, seed=71, dtype=dtype, empty_rows=(1,), spread=8.0), kw))
+    special = make_inputs(2, 40, seed=73, dtype=torch.float32)
+    special["old_logp"][0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 95.0, -95.0, 88.5])
+    cases.append((special, dict(kind="vanilla", kl_coef=0.1, kl_kind="k3_unclamped", log_ratio_clamp=None)))
+    return cases
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_cpu_isa_paths_give_the_same_bits(isa, tmp_path):
+    # The block exps run on SIMD lanes for the widest ISA (cpu/simd.h) and the token math is compiled
+    # per ISA; every path runs the same IEEE operations, so the results agree bitwise.
+    cases = _isa_cases()
+    got = run_capped(isa, _ISA_SCRIPT, cases, tmp_path)
+    for (inp, kw), (loss, g_lp, g_ent, metrics) in zip(cases, got):
+        want = run(losses.policy_loss, inp, is_weights=None, **kw)
+        for a, b in ((loss, want[0]), (g_lp, want[2]), (g_ent, want[3])):
+            assert_same_bits(a, b)
+        for k in metrics:
+            assert_same_bits(metrics[k], want[1][k])

@@ -1,10 +1,13 @@
-"""fastrl.losses.rollout_is_weights: truncated / masked importance-sampling weights for rollout-trainer
-mismatch, against verl 0.9.1's rollout_corr_helper (weights and every metric), the fp64 reference,
-as ``is_weights`` of policy_loss, edge cases, bad input, no host syncs."""
+"""fastrl.losses.rollout_is_weights / rollout_rejection_mask: truncated / masked importance-sampling
+weights and rejection sampling for rollout-trainer mismatch, against verl 0.9.1's rollout_corr_helper
+(weights, masks and every metric), the fp64 references, as ``is_weights`` of policy_loss, the batch
+normalization over 2 gloo ranks, edge cases, bad input, no host syncs."""
+import itertools
+
 import pytest
 import torch
 
-from fastrl.losses import policy_loss, rollout_is_weights
+from fastrl.losses import RS_OPTIONS, policy_loss, rollout_is_weights, rollout_rejection_mask
 from fastrl.reference import losses as ref
 
 rc = pytest.importorskip("verl.trainer.ppo.rollout_corr_helper")
@@ -154,3 +157,155 @@ def test_inputs_unchanged_and_detached():
 def test_bad_input(args, kw, match):
     with pytest.raises(ValueError, match=match):
         rollout_is_weights(*args, **kw)
+
+
+# --------------------------------------------------------------------------- rejection sampling
+
+def rs_spec(opt, kind):
+    """A threshold spec of each form verl accepts, tight enough that both outcomes occur."""
+    if opt.endswith("k1"):
+        return {"seq_sum": "0.4_1.8", "token": "0.6_1.5", "seq_mean": "0.93_1.06"}[opt.rsplit("_", 1)[0]] \
+            if kind == "pair" else {"seq_sum": "2.2", "token": "1.4", "seq_mean": "1.05"}[opt.rsplit("_", 1)[0]]
+    return {"token_k2": 0.02, "token_k3": 0.02, "seq_sum_k2": 0.15, "seq_sum_k3": 0.3, "seq_mean_k2": 0.012,
+            "seq_mean_k3": 0.015, "seq_max_k2": 0.05, "seq_max_k3": 0.05}[opt]
+
+
+def assert_metrics_match(m, want):
+    assert set(m) == set(want)
+    for k, v in want.items():
+        assert m[k].dim() == 0 and m[k].dtype == torch.float32
+        torch.testing.assert_close(m[k], torch.tensor(v, dtype=torch.float32), rtol=2e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("opt,kind", [(o, k) for o in RS_OPTIONS for k in (["pair", "upper"] if o.endswith("k1")
+                                                                          else ["upper"])])
+def test_rejection_matches_verl(opt, kind, dtype):
+    logp, roll, mask = make(9, 31, seed=RS_OPTIONS.index(opt), dtype=dtype, spread=0.15)
+    spec = rs_spec(opt, kind)
+    want_mask, want_m = rc.compute_rollout_rejection_mask(logp - roll, mask.to(dtype), rollout_rs=opt,
+                                                          rollout_rs_threshold=spec)
+    got, m = rollout_rejection_mask(logp, roll, mask.to(dtype), rs=opt, threshold=spec)
+    assert got.dtype == dtype and torch.equal(got, want_mask)
+    kept = int(got.sum())
+    assert 0 < kept < int(mask.sum()), "both outcomes must occur"
+    assert_metrics_match(m, want_m)
+    # the fp64 loop reference and the other mask dtypes
+    lower, upper = (tuple(float(v) for v in spec.split("_")) if isinstance(spec, str) and "_" in spec
+                    else (1 / float(spec) if opt.endswith("k1") else None, float(spec)))
+    ref_keep = ref.rollout_rejection_mask(logp, roll, mask, options=[opt], bounds={opt: (lower, upper)})
+    assert torch.equal(got != 0, ref_keep)
+    for mdtype in (torch.bool, torch.int64):
+        other, _ = rollout_rejection_mask(logp, roll, mask.to(mdtype), rs=opt, threshold=spec)
+        assert other.dtype == mdtype and torch.equal(other != 0, ref_keep)
+
+
+@pytest.mark.parametrize("rs,spec", [
+    ("token_k1,seq_mean_k3,seq_max_k2", "0.6_1.5,0.006,0.05"),
+    ("seq_sum_k1, seq_sum_k2,seq_sum_k1", "2.2,0.15"),  # a repeat is dropped, as verl
+    ("token_k2,seq_mean_k1", "1.04"),  # one spec shared: k2's upper bound, k1's 1/upper_upper
+])
+def test_chained_options_match_verl(rs, spec):
+    logp, roll, mask = make(8, 27, seed=4, spread=0.15)
+    want = rc.compute_rollout_rejection_mask(logp - roll, mask.float(), rollout_rs=rs, rollout_rs_threshold=spec)
+    got = rollout_rejection_mask(logp, roll, mask.float(), rs=rs, threshold=spec)
+    assert torch.equal(got[0], want[0])
+    assert_metrics_match(got[1], want[1])
+    assert 0 < int(got[0].sum()) < int(mask.sum())
+    # the list forms of the same options and thresholds
+    opts = list(dict.fromkeys(o.strip() for o in rs.split(",")))
+    parts = [tuple(float(v) for v in p.split("_")) if "_" in p else float(p) for p in spec.split(",")]
+    again = rollout_rejection_mask(logp, roll, mask, rs=opts, threshold=parts if len(parts) > 1 else parts[0])
+    assert torch.equal(again[0], got[0] != 0)
+
+
+def test_rejection_edges():
+    logp, roll, mask = make(5, 13, seed=8)
+    logp[~mask] = float("nan")  # never read
+    got, m = rollout_rejection_mask(logp, roll, mask, rs="seq_max_k3,token_k1", threshold="0.5,0.5_2.0")
+    assert not (got & ~mask).any() and all(torch.isfinite(v) for v in m.values())
+    want, want_m = rc.compute_rollout_rejection_mask((logp - roll).nan_to_num(0.0), mask.float(),
+                                                     rollout_rs="seq_max_k3,token_k1",
+                                                     rollout_rs_threshold="0.5,0.5_2.0")
+    assert torch.equal(got, want.bool())
+    empty = torch.zeros_like(mask)
+    got, m = rollout_rejection_mask(logp, roll, empty, rs="seq_mean_k1", threshold=1.5)  # verl raises here
+    assert not got.any() and all(float(v) == 0 for v in m.values())
+    got, m = rollout_rejection_mask(torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0, 4), rs="token_k2",
+                                    threshold=1.0)
+    assert got.shape == (0, 4) and m == {}
+
+
+def test_rejection_no_host_sync(monkeypatch):
+    logp, roll, mask = make(4, 9, seed=13)
+    meta = [t.to("meta") for t in (logp, roll, mask)]
+    out, m = rollout_rejection_mask(*meta, rs=",".join(RS_OPTIONS), threshold=2.0)
+    assert out.device.type == "meta" and all(v.device.type == "meta" for v in m.values())
+
+    def boom(*a, **k):
+        raise AssertionError("host sync")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    rollout_rejection_mask(logp, roll, mask, rs=",".join(RS_OPTIONS), threshold=2.0)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(rs="token_k4", threshold=1.0), r"`rs` must name options among token_k1, .*; got 'token_k4'"),
+    (dict(rs="seq_max_k1", threshold=1.0), "`rs` must name options"),
+    (dict(rs="", threshold=1.0), "`rs` must name options"),
+    (dict(rs="token_k1"), "`threshold` is required"),
+    (dict(rs="token_k2", threshold="0.5_2.0"), "single upper bound"),
+    (dict(rs="token_k1", threshold="2.0_0.5"), r"lower <= upper \(.*\), got '2.0_0.5'"),
+    (dict(rs="token_k1", threshold=-1.0), "positive finite bounds"),
+    (dict(rs="seq_mean_k1", threshold=0.5), "a k1 upper bound alone must be >= 1"),  # verl: lower 2 > upper
+    (dict(rs="token_k1", threshold="abc"), "positive finite bounds"),
+    (dict(rs="token_k1,token_k2", threshold="1.5,0.1,0.2"), r"one spec or one per option \(2\), got 3"),
+])
+def test_rejection_bad_input(kw, match):
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=match):
+        rollout_rejection_mask(x, x, torch.ones(2, 3), **kw)
+    with pytest.raises(ValueError, match="fastrl: rollout_rejection_mask `mask` must have"):
+        rollout_rejection_mask(x, x, torch.ones(3, 2), rs="token_k1", threshold=2.0)
+
+
+# ------------------------------------------------------- batch normalization over 2 gloo ranks
+
+def _dp_worker(rank, world_size, init_method, shards, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+    try:
+        logp, roll, mask = shards[rank]
+        out = {}
+        for level, spec in itertools.product(["token", "sequence"], [1.5, "0.5_2.0"]):
+            # verl takes the distributed mean whenever torch.distributed is initialized
+            want, _ = verl_weights(logp, roll, mask, level, spec, True)
+            got, m = rollout_is_weights(logp, roll, mask, level=level, batch_normalize=True,
+                                        process_group=dist.group.WORLD, **ours_args(spec))
+            out[(level, str(spec))] = (got, want, m["rollout_is_batch_norm_factor"])
+        torch.save(out, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_batch_normalize_over_ranks_matches_verl_and_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    logp, roll, mask = make(9, 23, seed=19, spread=0.05)
+    shards = [(logp[:4], roll[:4], mask[:4]), (logp[4:], roll[4:], mask[4:])]  # uneven shards, an empty row in 0
+    mp.start_processes(_dp_worker, args=(2, f"file://{tmp_path}/init", shards, str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for level, spec in itertools.product(["token", "sequence"], [1.5, "0.5_2.0"]):
+        key = (level, str(spec))
+        for r in range(2):
+            torch.testing.assert_close(got[r][key][0], got[r][key][1], rtol=1e-6, atol=1e-7)  # == verl on the rank
+        assert float(got[0][key][2]) == float(got[1][key][2]) != 1.0  # one global factor
+        single, m = rollout_is_weights(logp, roll, mask, level=level, batch_normalize=True, **ours_args(spec))
+        torch.testing.assert_close(torch.cat([got[0][key][0], got[1][key][0]]), single, rtol=1e-6, atol=1e-7)
+        local, _ = rollout_is_weights(*shards[0], level=level, batch_normalize=True, **ours_args(spec))
+        assert not torch.allclose(local, got[0][key][0])  # the group mean is not rank 0's own

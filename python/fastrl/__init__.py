@@ -22,9 +22,10 @@ from fastrl.linear_logprobs import linear_logprobs  # noqa: E402
 from fastrl import sampling  # noqa: E402
 from fastrl.sampling import best_of_n  # noqa: E402
 from fastrl import losses  # noqa: E402  (registers the loss ops' fake kernels and autograd)
-from fastrl.losses import linear_policy_loss, policy_loss, rollout_is_weights  # noqa: E402
+from fastrl.losses import linear_policy_loss, policy_loss, rollout_is_weights, rollout_rejection_mask  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["advantages", "credit", "group_advantages", "group_index", "GroupStats", "backends", "logprobs", "logprobs_ops",
            "linear_logprobs", "linear_logprobs_ops", "sampling",
-           "best_of_n", "losses", "policy_loss", "linear_policy_loss", "rollout_is_weights", "__version__"]
+           "best_of_n", "losses", "policy_loss", "linear_policy_loss", "rollout_is_weights", "rollout_rejection_mask",
+           "__version__"]

@@ -14,7 +14,7 @@ Advantages per token (``logp``'s shape) or per sequence (``[B]``, broadcast insi
 :func:`linear_policy_loss` goes from hidden states straight to the loss (log-probs and entropy by
 :func:`fastrl.linear_logprobs`, never the ``[N, V]`` logits); :func:`rollout_is_weights` computes
 verl's truncated / masked importance-sampling weights for rollout-trainer mismatch, to pass as
-``is_weights``.
+``is_weights``, and :func:`rollout_rejection_mask` verl's rejection sampling (the ``mask`` to pass).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from fastrl import _extension
 from fastrl.linear_logprobs import _check as _check_linear, linear_logprobs
 from fastrl.reference import losses as _ref
 
-__all__ = ["policy_loss", "linear_policy_loss", "rollout_is_weights"]
+__all__ = ["policy_loss", "linear_policy_loss", "rollout_is_weights", "rollout_rejection_mask"]
 
 KINDS = _ref.KINDS + ("clip_cov", "kl_cov")
 AGGS = _ref.AGGS
@@ -180,15 +180,15 @@ def _cov_loss(logp, old_logp, advantages, mask, *, kind, clip_low, clip_high, co
               ppo_kl_coef, seed, is_weights, ref_logp, kl_coef, kl_kind, **kw):
     """clip_cov / kl_cov: the token selection with static-shape device ops (a sort, no host sync),
     then the fused kernel. kl_cov's extra ``ppo_kl_coef * |x|`` at the selected tokens is the kernel's
-    "abs" KL term against ``where(selected, old_logp, logp)`` (0 with zero gradient elsewhere)."""
+    "abs" KL term against ``where(selected, old_logp, logp)`` (0 with zero gradient elsewhere). With
+    ``is_weights`` verl weights that penalty too (``(-A r + c |x|) * w``): the kernel weights only its
+    policy term, so the weighted penalty ``c * w * |x|`` goes through a second fused pass, as the
+    entropy slot (a per-token term aggregated with the same row weights, differentiated by autograd)."""
     if not cov_ratio > 0:
         raise ValueError(f"fastrl: policy_loss `cov_ratio` must be > 0, got {cov_ratio}")
     if kind == "kl_cov" and (ref_logp is not None and kl_coef != 0.0):
         raise ValueError("fastrl: policy_loss kind='kl_cov' uses the KL term for its covariance penalty; "
                          "pass ref_logp=None (add a reference KL with a second call)")
-    if kind == "kl_cov" and is_weights is not None:
-        raise ValueError("fastrl: policy_loss kind='kl_cov' with `is_weights` is not supported (verl weights the "
-                         "covariance penalty too, the fused kernel weights only the policy term)")
     if kw["cu_seqlens"] is not None:
         raise ValueError(f"fastrl: policy_loss kind={kind!r} supports the padded layout only")
     valid = mask != 0
@@ -214,12 +214,20 @@ def _cov_loss(logp, old_logp, advantages, mask, *, kind, clip_low, clip_high, co
         rank[order] = torch.arange(order.numel(), device=order.device)
         selected = (rank.view(logp.shape) < k) & torch.isfinite(key.view(logp.shape))
     base = dict(clip_low=1.0, clip_high=1e30) if kind == "kl_cov" else dict(clip_low=clip_low, clip_high=clip_high)
-    if kind == "kl_cov":
+    if kind == "kl_cov" and is_weights is None:
         ref = torch.where(selected, old_logp.to(logp.dtype), logp.detach())
         loss, m = policy_loss(logp, old_logp, advantages, mask, kind="vanilla", log_ratio_clamp=None, ref_logp=ref,
                               kl_coef=ppo_kl_coef, kl_kind="abs", **base, **kw)
         for key_ in ("kl_mean", "kl_loss"):
             m.pop(key_)
+    elif kind == "kl_cov":
+        loss, m = policy_loss(logp, old_logp, advantages, mask, kind="vanilla", log_ratio_clamp=None,
+                              is_weights=is_weights, **base, **kw)
+        penalty = torch.where(selected, (logp - old_logp).abs() * is_weights, 0.0).to(logp.dtype)
+        extra, _ = policy_loss(logp.detach(), old_logp, advantages.new_zeros(logp.shape[:1]), mask, kind="gpg",
+                               **dict(kw, entropy=-penalty, entropy_coef=ppo_kl_coef))
+        loss = loss + extra
+    if kind == "kl_cov":
         m["approx_kl_abs"] = (torch.where(valid, (logp.detach() - old_logp).abs().double(), 0.0).sum()
                               / count).float()
     else:
@@ -357,7 +365,7 @@ _EPS = 1e-8           # verl_F.masked_mean's denominator guard, kept for metric 
 
 def rollout_is_weights(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, *, level: str = "token",
                        mode: str = "truncate", threshold: float = 2.0, threshold_lower: float | None = None,
-                       batch_normalize: bool = False):
+                       batch_normalize: bool = False, process_group=None):
     """Importance-sampling weights ``pi_train / pi_rollout`` for rollout/trainer mismatch (verl 0.9.1).
 
     verl's ``compute_rollout_correction_weights`` (``trainer/ppo/rollout_corr_helper.py``), vectorized
@@ -371,6 +379,8 @@ def rollout_is_weights(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: tor
                            threshold_lower defaults to 1 / threshold)
         batch_normalize    w /= mean w   (over valid tokens for "token", over the non-empty rows'
                            token-mean for the sequence levels; skipped when the mean is <= 1e-8)
+        process_group      the batch mean is over every rank of the group: one all-reduce of
+                           (sum, count), verl's distributed_masked_mean (no 1e-8 in the denominator)
 
     ``w`` is 0 on masked tokens. verl's ``rollout_is_threshold="lo_hi"`` string is ``mode="mask",
     threshold=hi, threshold_lower=lo``; a number is ``mode="truncate", threshold=number``.
@@ -382,6 +392,10 @@ def rollout_is_weights(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: tor
         rollout_logp: ``[B, T]`` the rollout engine's log-probs.
         mask: ``[B, T]`` 0/1 valid tokens.
         threshold: upper bound > 0; ``threshold_lower``: lower bound in ``(0, threshold]``.
+        process_group: with ``batch_normalize``, the data-parallel group the mean spans (verl takes
+            the default group whenever ``torch.distributed`` is initialized: pass
+            ``torch.distributed.group.WORLD`` to match it there). Two ranks give the weights of one
+            process holding both batches.
 
     Returns:
         ``(weights, metrics)``: ``weights`` ``[B, T]`` detached, in the promoted floating dtype of
@@ -419,20 +433,27 @@ def rollout_is_weights(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: tor
     metrics = _is_metrics(w, raw, log_w, m, n, level, mode, threshold, lower)
     if batch_normalize:
         if level == "token":
-            mean = (w * m).sum() / (m.sum() + _EPS)
+            total, count = (w * m).sum(), m.sum()
         else:
-            seq = (w * m).sum(-1) / (n + _EPS)
             has = (n > 0).to(dtype)
-            mean = (seq * has).sum() / has.sum().clamp(min=_EPS)
+            total, count = ((w * m).sum(-1) / (n + _EPS) * has).sum(), has.sum()
+        if process_group is not None:
+            import torch.distributed as dist
+
+            both = torch.stack([total, count])
+            dist.all_reduce(both, op=dist.ReduceOp.SUM, group=process_group)
+            mean = both[0] / both[1]  # 0 / 0 = NaN: not > 1e-8, no normalization (as verl)
+        else:
+            mean = total / (count + _EPS) if level == "token" else total / count.clamp(min=_EPS)
         ok = mean > _EPS
         w = torch.where(ok, w / torch.where(ok, mean, 1.0), w)
         metrics["rollout_is_batch_norm_factor"] = torch.where(ok, mean, 1.0).float()
     return w.detach(), metrics
 
 
-def _check_is_args(logp, rollout_logp, mask, level, mode, threshold, threshold_lower):
+def _check_is_args(logp, rollout_logp, mask, level, mode, threshold, threshold_lower,
+                   name="fastrl: rollout_is_weights"):
     """Validates rollout_is_weights' arguments; returns the effective lower bound."""
-    name = "fastrl: rollout_is_weights"
     for arg, t in (("logp", logp), ("rollout_logp", rollout_logp), ("mask", mask)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} `{arg}` must be a tensor, got {type(t).__name__}")
@@ -506,6 +527,207 @@ def _is_metrics(w, raw, log_w, m, n, level, mode, upper, lower):
     if mode == "mask":
         out["rollout_is_oob_ratio"] = mmean(((raw < lower) | (raw > upper)).to(w.dtype))
     return {k: v.detach().float() for k, v in out.items()}
+
+
+# ------------------------------------------------------------------- rollout rejection sampling
+RS_OPTIONS = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3", "seq_mean_k1",
+              "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")
+
+
+def rollout_rejection_mask(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, *,
+                           rs="token_k1", threshold=None):
+    """verl 0.9.1's rejection sampling for rollout/trainer mismatch: ``mask`` with the rejected tokens zeroed.
+
+    verl's ``compute_rollout_rejection_mask`` (``trainer/ppo/rollout_corr_helper.py``), vectorized with
+    no host sync. With ``x = clamp(logp - rollout_logp, -20, 20)`` on the valid tokens and the
+    divergence estimators ``k1 = -x``, ``k2 = x^2 / 2``, ``k3 = exp(x) - 1 - x``, each option
+    ``"{level}_{k}"`` computes a statistic and keeps::
+
+        token_k*       the token's estimator                                  (per token)
+        seq_sum_k*     sum of the row's estimators                            (whole row)
+        seq_mean_k*    sum / (n_b + 1e-8)                                     (whole row)
+        seq_max_k2/k3  max over the row's valid tokens (0 for an empty row)   (whole row)
+        k1 options     keep where log(lower) <= stat <= log(upper)
+        k2/k3 options  keep where stat <= upper
+
+    Several options (a comma separated string, as verl, or a list) must all keep a token. The
+    returned mask is ``mask`` (its dtype and values) where every option keeps the token, else 0.
+
+    Args:
+        logp: ``[B, T]`` the trainer's log-probs (verl's ``old_log_prob``); read without gradient.
+        rollout_logp: ``[B, T]`` the rollout engine's log-probs.
+        mask: ``[B, T]`` 0/1 valid tokens (masked tokens are never read).
+        rs: option name(s) from :data:`RS_OPTIONS`: ``"token_k1,seq_max_k2"`` or a list.
+        threshold: verl's ``rollout_rs_threshold``: one spec shared by every option or one per option
+            (a comma separated string or a list). A k1 spec is ``"lower_upper"``, a ``(lower, upper)``
+            pair, or the upper bound alone (``lower = 1 / upper``); a k2/k3 spec is the upper bound.
+
+    Returns:
+        ``(mask, metrics)``: metrics are verl's keys (``rollout_rs_{option}_mean``, ``_max``, ``_min``,
+        ``_fraction_high``, ``_fraction_low``, ``_std``, ``_seq_mean``, ``_seq_std``, ``_seq_max``,
+        ``_seq_min``, ``_seq_max_deviation``, ``_seq_fraction_high``, ``_seq_fraction_low`` (k1 only),
+        ``_masked_fraction``, ``_seq_masked_fraction``, and ``rollout_rs_masked_fraction``,
+        ``rollout_rs_seq_masked_fraction``) as 0-dim float32 device tensors (k1 thresholds in log
+        space, as verl reports them). With no valid token (verl raises) every metric is 0; with
+        ``B == 0`` the metrics dict is empty, as verl's.
+
+    >>> lp = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -1.0]])
+    >>> keep, m = fastrl.losses.rollout_rejection_mask(lp, lp - torch.tensor([[2.0, 0.0, 0.0], [0.1, 0.1, 0.0]]),
+    ...                                                torch.ones(2, 3), rs="token_k2", threshold=0.5)
+    >>> keep
+    tensor([[0., 1., 1.],
+            [1., 1., 1.]])
+    """
+    options, bounds = _check_rs_args(logp, rollout_logp, mask, rs, threshold)
+    if logp.shape[0] == 0:
+        return mask.clone(), {}
+    dtype = torch.promote_types(torch.promote_types(logp.dtype, rollout_logp.dtype), torch.float32)
+    valid = mask != 0
+    m = valid.to(dtype)
+    n = m.sum(-1)
+    count = n.sum()
+    row_ok = n > 0
+    rows = row_ok.to(dtype).sum()
+    x = torch.where(valid, logp.detach().to(dtype) - rollout_logp.to(dtype), 0.0).clamp(-_IS_LOG_BOUND, _IS_LOG_BOUND)
+    estimators = {"k1": lambda: -x, "k2": lambda: 0.5 * x.square(), "k3": lambda: torch.exp(x) - 1.0 - x}
+
+    def mmean(t, dim=None):  # verl_F.masked_mean: sum / (count + 1e-8), masked entries never read
+        return torch.where(valid, t, 0.0).sum(dim) / ((count if dim is None else n) + _EPS)
+
+    def row_mean(t):  # mean over the rows with a valid token (0 if none)
+        return torch.where(row_ok, t, 0.0).sum() / rows.clamp(min=1)
+
+    def extreme(t, ok, largest):
+        fill = -float("inf") if largest else float("inf")
+        v = torch.where(ok, t, fill)
+        v = (v.max() if largest else v.min()) if v.numel() else t.new_zeros(())
+        return torch.where(ok.any(), v, 0.0)
+
+    keep_tokens, keep_rows = None, torch.ones_like(row_ok)  # token options' and sequence options' verdicts
+    metrics = {}
+    for opt in options:
+        lower, upper = bounds[opt]
+        k1 = opt.endswith("k1")
+        hi = math.log(upper) if k1 else upper
+        lo = math.log(lower) if k1 else 0.0
+        stat = estimators[opt[-2:]]()
+        if opt.startswith("token"):  # per token: statistics over the valid tokens
+            keep = ((stat >= lo) & (stat <= hi)) if k1 else stat <= hi
+            keep_tokens = keep if keep_tokens is None else keep_tokens & keep
+            rejected = valid & ~keep
+            row_rejected = rejected.any(-1)
+            metrics[f"rollout_rs_{opt}_masked_fraction"] = mmean(rejected.to(dtype))
+            metrics.update(_rs_metrics(f"rollout_rs_{opt}", stat, None, mmean, row_mean, extreme, valid, row_ok,
+                                       count, rows, lo, hi, k1))
+        else:  # one value a row: a token statistic is that value weighted by the row's n_b (O(B) work)
+            if opt.startswith("seq_sum"):
+                seq = torch.where(valid, stat, 0.0).sum(-1)
+            elif opt.startswith("seq_mean"):
+                seq = mmean(stat, -1)
+            else:
+                seq = torch.where(row_ok, torch.where(valid, stat, -float("inf")).amax(-1) if stat.shape[-1] else n,
+                                  0.0)
+            keep = ((seq >= lo) & (seq <= hi)) if k1 else seq <= hi
+            keep_rows &= keep
+            row_rejected = row_ok & ~keep
+            metrics[f"rollout_rs_{opt}_masked_fraction"] = (n * row_rejected).sum() / (count + _EPS)
+            metrics.update(_rs_metrics(f"rollout_rs_{opt}", seq, n, mmean, row_mean, extreme, valid, row_ok,
+                                       count, rows, lo, hi, k1))
+        metrics[f"rollout_rs_{opt}_seq_masked_fraction"] = row_mean(row_rejected.to(dtype))
+    keep_all = keep_rows[:, None] if keep_tokens is None else keep_tokens & keep_rows[:, None]
+    rejected = valid & ~keep_all
+    metrics["rollout_rs_masked_fraction"] = mmean(rejected.to(dtype))
+    metrics["rollout_rs_seq_masked_fraction"] = rejected.any(-1).to(dtype).mean()  # over every row, as verl
+    out = torch.where(keep_all, mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
+    return out, {k: v.detach().float() for k, v in metrics.items()}
+
+
+def _rs_metrics(prefix, values, n, mmean, row_mean, extreme, valid, row_ok, count, rows, lo, hi, k1):
+    """verl's compute_rs_metrics for one option, as device tensors (0 where verl would raise).
+    ``values``: the per-token statistic ``[B, T]`` (``n`` None) or the per-row one ``[B]`` standing for
+    ``n_b`` equal tokens."""
+    f = values.dtype
+    if n is None:
+        tmean, seq_values = mmean, mmean(values, -1)
+        out = {f"{prefix}_max": extreme(values, valid, True), f"{prefix}_min": extreme(values, valid, False),
+               f"{prefix}_fraction_high": mmean((values > hi).to(f))}
+        out[f"{prefix}_fraction_low"] = mmean((values < lo).to(f)) if k1 else values.new_zeros(())
+    else:
+        def tmean(v):  # verl's masked_mean of the row value broadcast over the row's tokens
+            return torch.where(row_ok, v * n, 0.0).sum() / (count + _EPS)
+
+        seq_values = values
+        out = {f"{prefix}_max": extreme(values, row_ok, True), f"{prefix}_min": extreme(values, row_ok, False),
+               f"{prefix}_fraction_high": row_mean((values > hi).to(f))}
+        out[f"{prefix}_fraction_low"] = row_mean((values < lo).to(f)) if k1 else values.new_zeros(())
+    out[f"{prefix}_mean"] = tmean(values)
+    clamped = values.clamp(lo, hi)
+    mean_c = tmean(clamped)
+    var = tmean(clamped.square()) - mean_c.square()
+    out[f"{prefix}_std"] = torch.where(count > 1, var.clamp(min=0.0).sqrt(), 0.0)
+    seq_mean = row_mean(seq_values)
+    dev = torch.where(row_ok, seq_values - seq_mean, 0.0)
+    out[f"{prefix}_seq_mean"] = seq_mean
+    out[f"{prefix}_seq_std"] = torch.where(rows > 1, (dev.square().sum() / (rows - 1).clamp(min=1)).sqrt(), 0.0)
+    out[f"{prefix}_seq_max"] = extreme(seq_values, row_ok, True)
+    out[f"{prefix}_seq_min"] = extreme(seq_values, row_ok, False)
+    out[f"{prefix}_seq_max_deviation"] = extreme(seq_values.abs(), row_ok, True)
+    out[f"{prefix}_seq_fraction_high"] = row_mean((seq_values > hi).to(f))
+    if k1:
+        out[f"{prefix}_seq_fraction_low"] = row_mean((seq_values < lo).to(f))
+    return out
+
+
+def _check_rs_args(logp, rollout_logp, mask, rs, threshold):
+    """Validates rollout_rejection_mask's arguments; returns (options, {option: (lower, upper)})."""
+    name = "fastrl: rollout_rejection_mask"
+    _check_is_args(logp, rollout_logp, mask, "token", "truncate", 1.0, None, name=name)
+    options = [o.strip() for o in rs.split(",")] if isinstance(rs, str) else list(rs) if rs is not None else []
+    options = list(dict.fromkeys(o for o in options if o))  # verl drops repeats, keeps the order
+    bad = [o for o in options if o not in RS_OPTIONS]
+    if not options or bad:
+        raise ValueError(f"{name} `rs` must name options among {', '.join(RS_OPTIONS)}; got {rs!r}")
+    if threshold is None:
+        raise ValueError(f"{name} `threshold` is required (verl's rollout_rs_threshold), got None")
+    specs = [p.strip() for p in threshold.split(",") if p.strip()] if isinstance(threshold, str) else \
+        list(threshold) if isinstance(threshold, (list, tuple)) and not _is_pair(threshold) else [threshold]
+    if len(specs) not in (1, len(options)):
+        raise ValueError(f"{name} `threshold` must hold one spec or one per option ({len(options)}), "
+                         f"got {len(specs)}: {threshold!r}")
+    specs = specs * len(options) if len(specs) == 1 else specs
+    bounds = {}
+    for opt, spec in zip(options, specs):
+        lower, upper = _parse_rs_spec(spec)
+        k1 = opt.endswith("k1")
+        if lower is not None and not k1:
+            raise ValueError(f"{name} `threshold` for {opt!r} must be a single upper bound (a lower bound applies "
+                             f"to k1 options only), got {spec!r}")
+        if k1 and lower is None and upper is not None and upper > 0:
+            lower = 1.0 / upper  # verl's default lower bound, checked like a given one
+        if upper is None or not 0 < upper < float("inf") or (lower is not None and not 0 < lower <= upper):
+            raise ValueError(f"{name} `threshold` for {opt!r} must be positive finite bounds with lower <= upper "
+                             f"(a k1 upper bound alone must be >= 1), got {spec!r}")
+        bounds[opt] = (lower, upper)
+    return options, bounds
+
+
+def _is_pair(v):
+    return isinstance(v, tuple) and len(v) == 2 and all(isinstance(e, (int, float)) for e in v)
+
+
+def _parse_rs_spec(spec):
+    """(lower or None, upper or None) of one threshold spec: a number, "upper", "lower_upper", (lower, upper)."""
+    try:
+        if _is_pair(spec):
+            return float(spec[0]), float(spec[1])
+        if isinstance(spec, str) and "_" in spec:
+            lo, hi = spec.split("_", 1)
+            return float(lo), float(hi)
+        if isinstance(spec, bool):
+            return None, None
+        return None, float(spec)
+    except (TypeError, ValueError):
+        return None, None
 
 
 # ----------------------------------------------------------------------------------- fake kernels

@@ -234,3 +234,29 @@ def rollout_is_weights(logp, rollout_logp, mask, *, level="token", mode="truncat
         if mean > 1e-8:
             w = w / mean
     return w
+
+
+def rollout_rejection_mask(logp, rollout_logp, mask, *, options, bounds):
+    """Float64 keep mask of fastrl.losses.rollout_rejection_mask, one row and one token at a time.
+    ``bounds``: {option: (lower, upper)} (ratio bounds for k1 options, lower None otherwise)."""
+    import math
+
+    B, T = logp.shape
+    keep = torch.ones(B, T, dtype=torch.bool)
+    for b in range(B):
+        idx = [t for t in range(T) if mask[b, t] != 0]
+        xs = [min(max(float(logp[b, t]) - float(rollout_logp[b, t]), -20.0), 20.0) for t in idx]
+        for opt in options:
+            lower, upper = bounds[opt]
+            est = {"k1": lambda x: -x, "k2": lambda x: 0.5 * x * x, "k3": lambda x: math.exp(x) - 1.0 - x}[opt[-2:]]
+            vals = [est(x) for x in xs]
+            if opt.startswith("seq_sum"):
+                vals = [sum(vals)] * len(vals)
+            elif opt.startswith("seq_mean"):
+                vals = [sum(vals) / len(vals)] * len(vals) if vals else []
+            elif opt.startswith("seq_max"):
+                vals = [max(vals)] * len(vals) if vals else []
+            for t, v in zip(idx, vals):
+                ok = math.log(lower) <= v <= math.log(upper) if opt.endswith("k1") else v <= upper
+                keep[b, t] &= ok
+    return keep & (mask != 0)
