@@ -14,7 +14,16 @@
 * maj_at_k: maj@k for k in {1, 2, 4, 8, 16} on 512 groups of 16 samples with 6 distinct answers
   (two of them correct) vs the exact vote-count DP in Python (exact integers, a loop over groups
   and ks: what ``fastrl.sampling.maj_at_k`` ran before the compiled op; now
-  ``fastrl.reference.selection.maj_at_k_dp``). Same statistic: outputs agree to 1e-12.
+  ``fastrl.reference.selection.maj_at_k_dp``). Same statistic: outputs agree to 1e-12. Runs on
+  the context's device (the CUDA op since the follow-up; the Python DP reads the inputs back).
+* all_pairs_max_pairs: every preference pair (margin 0) of 4,096 shuffled groups of 16 into a
+  fixed [G * 120] buffer (select_pairs(mode="all_pairs", max_pairs=...): compiled, no host sync)
+  vs the vectorized PyTorch candidate-list path a user would write (fastrl's all_pairs before the
+  compiled op, now its FASTRL_BACKEND=reference path: a sum_g n_g^2 candidate list, two host
+  syncs), padded to the same shape; same pairs, same order.
+* quantile_mask: TRL's top-entropy mask on [256 x 4096] entropies, 70% of tokens masked, q = 0.8:
+  fastrl (exact; on a GPU a sync-free radix select, on the CPU kthvalue) vs torch.quantile over
+  the gathered masked tokens (what TRL's get_high_entropy_mask runs).
 """
 from __future__ import annotations
 
@@ -25,7 +34,7 @@ import torch
 
 from fastrl.bench import Case, Skip, try_import
 from fastrl.reference import selection as ref
-from fastrl.sampling.groups import best_at_k, best_of_n, maj_at_k, worst_at_k
+from fastrl.sampling.groups import _all_pairs, best_at_k, best_of_n, maj_at_k, quantile_mask, select_pairs, worst_at_k
 
 KS = [1, 2, 4, 8, 16]
 
@@ -127,14 +136,53 @@ def cases(ctx) -> list[Case]:
         gen = torch.Generator().manual_seed(2)
         ids = torch.arange(Pm).repeat_interleave(16)[torch.randperm(Pm * 16, generator=gen)]
         answers = torch.randint(0, 6, (Pm * 16,), generator=gen)
-        return SimpleNamespace(answers=answers, correct=answers < 2, ids=ids, G=Pm)
+        return SimpleNamespace(answers=answers.to(dev), correct=(answers < 2).to(dev), ids=ids.to(dev), G=Pm)
 
     out.append(Case(
-        name="maj_at_k", shape=f"{Pm} groups of 16, 6 answers, k in {KS}", setup=setup_maj, device="cpu",
+        name="maj_at_k", shape=f"{Pm} groups of 16, 6 answers, k in {KS}", setup=setup_maj,
         impls={"fastrl": lambda a: maj_at_k(a.answers, a.correct, a.ids, KS, num_groups=a.G),
                "python-exact-dp": lambda a: ref.maj_at_k_dp(a.answers, a.correct, a.ids, KS, num_groups=a.G)},
         rtol=1e-12, atol=1e-12,
         note="python-exact-dp: the previous fastrl.sampling.maj_at_k (exact-integer DP, a Python loop over "
-             "groups); fastrl: the compiled CPU op (fp64 DP, parallel over groups, all ks in one pass).",
+             "groups); fastrl: the compiled op (fp64 DP, parallel over groups, all ks in one pass).",
+    ))
+
+    cap = P * n * (n - 1) // 2  # the most pairs groups of n can have: nothing is dropped
+
+    def padded_all_pairs(a):
+        c, r = _all_pairs(a.scores.double(), a.ids, a.G, 0.0)
+        out = torch.full((2, cap), -1, dtype=torch.int64, device=c.device)
+        out[0, :c.numel()], out[1, :r.numel()] = c, r
+        return out
+
+    out.append(Case(
+        name="all_pairs_max_pairs", shape=f"{shape}, margin 0, max_pairs={cap}", setup=setup,
+        impls={"fastrl": lambda a: torch.stack(select_pairs(a.scores, a.ids, mode="all_pairs", num_groups=a.G,
+                                                            max_pairs=cap)),
+               "torch-candidates": padded_all_pairs},
+        rtol=0, atol=0,
+        note="fastrl: compiled count / scan / write, fixed-shape output, no host sync; torch-candidates: "
+             "vectorized candidate list (2 host syncs), padded to the same shape.",
+    ))
+
+    R, T = (16, 512) if quick else (256, 4096)
+
+    def setup_q():
+        gen = torch.Generator().manual_seed(3)
+        ent = torch.rand(R, T, generator=gen) * 3
+        mask = torch.rand(R, T, generator=gen) < 0.7
+        return SimpleNamespace(ent=ent.to(dev), mask=mask.to(dev))
+
+    def torch_quantile_mask(a):
+        t = torch.quantile(a.ent[a.mask].float(), 0.8)
+        return (a.ent >= t) & a.mask
+
+    out.append(Case(
+        name="quantile_mask", shape=f"entropies [{R} x {T}], 70% masked, q=0.8", setup=setup_q,
+        bytes_moved=R * T * (4 + 1 + 1),
+        impls={"fastrl": lambda a: quantile_mask(a.ent, a.mask, 0.8)[0], "torch-quantile": torch_quantile_mask},
+        rtol=0, atol=0,
+        note="fastrl: exact, no 2^24 limit; on a GPU a radix select with no host sync (torch-quantile "
+             "gathers the masked tokens: a sync); on the CPU torch.kthvalue.",
     ))
     return out

@@ -197,6 +197,55 @@ def test_select_pairs_bad_input(kwargs, match):
         select_pairs(torch.ones(2), torch.tensor([0, 0]), **kwargs)
 
 
+@settings(max_examples=30, deadline=None)
+@given(num_groups=st.integers(1, 25), max_size=st.integers(1, 9), levels=st.integers(1, 6),
+       margin=st.sampled_from([0.0, 0.4, 1.0]), nan_frac=st.sampled_from([0.0, 0.2]),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
+def test_select_pairs_max_pairs_matches_brute_force(num_groups, max_size, levels, margin, nan_frac, dtype, seed):
+    """The sync-free all_pairs (compiled op): the brute-force pairs, in order, -1 padded or cut."""
+    gen = torch.Generator().manual_seed(seed)
+    scores, ids = ragged(gen, num_groups, max_size, levels=levels, nan_frac=nan_frac)
+    scores = scores.to(dtype)
+    wc, wr = ref.all_pairs(scores, ids, margin, num_groups + 2)
+    for cap in (0, len(wc) // 2, len(wc), len(wc) + 5):
+        c, r = select_pairs(scores, ids, mode="all_pairs", margin=margin, max_pairs=cap, num_groups=num_groups + 2)
+        kept = min(cap, len(wc))
+        assert c.shape == r.shape == (cap,) and c.dtype == torch.int64
+        assert c.tolist() == wc[:kept] + [-1] * (cap - kept) and r.tolist() == wr[:kept] + [-1] * (cap - kept)
+
+
+def test_select_pairs_max_pairs_reference_backend_opcheck_and_bad_input(monkeypatch):
+    gen = torch.Generator().manual_seed(9)
+    scores, ids = ragged(gen, 40, 8, levels=3)
+    got = select_pairs(scores, ids, mode="all_pairs", margin=0.1, max_pairs=300)
+    full = select_pairs(scores, ids, mode="all_pairs", margin=0.1)
+    assert 0 < full[0].numel() < 300 and int((got[0] >= 0).sum()) == full[0].numel()  # valid: a prefix
+    torch.library.opcheck(torch.ops.fastrl.all_pairs.default, (scores, ids, 40, 0.1, 300))
+    torch.library.opcheck(torch.ops.fastrl.all_pairs.default, (scores.float(), ids, 40, 0.0, 7))
+    caps = (5, 300, None)  # None: the default, data-sized output
+    compiled = [select_pairs(scores, ids, mode="all_pairs", margin=0.1, max_pairs=cap) for cap in caps]
+    monkeypatch.setattr(fastrl._extension, "BACKEND", "reference")  # the vectorized candidate list
+    for cap, got in zip(caps, compiled):
+        want = select_pairs(scores, ids, mode="all_pairs", margin=0.1, max_pairs=cap)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    monkeypatch.undo()
+    one, two = torch.ones(2), torch.tensor([0, 0])
+    with pytest.raises(ValueError, match="`max_pairs` applies to mode='all_pairs' only, got mode='best_worst'"):
+        select_pairs(one, two, max_pairs=3)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match=f"`max_pairs` must be an int >= 0, got {bad!r}"):
+            select_pairs(one, two, mode="all_pairs", max_pairs=bad)
+    with pytest.raises(ValueError, match=r"\[0, num_groups=1\), got group_ids\[1\] = 1"):
+        select_pairs(one, torch.tensor([0, 1]), mode="all_pairs", max_pairs=3, num_groups=1)
+    with pytest.raises(ValueError, match="`margin` must be >= 0, got -1"):
+        torch.ops.fastrl.all_pairs(one, two, 1, -1.0, 3)
+    with pytest.raises(ValueError, match="`max_pairs` must be >= 0, got -2"):
+        torch.ops.fastrl.all_pairs(one, two, 1, 0.0, -2)
+    e = torch.empty(0)
+    c, r = select_pairs(e, e.long(), mode="all_pairs", max_pairs=2, num_groups=3)
+    assert c.tolist() == r.tolist() == [-1, -1]
+
+
 # ------------------------------------------------------------------------------------ filters
 
 
@@ -243,6 +292,34 @@ def test_quantile_mask_equals_torch_quantile(dtype, q):
         want_t = torch.quantile(x[m], q)
         assert torch.equal(t, want_t)
         assert torch.equal(got, (x >= want_t) & m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_quantile_mask_radix_select_equals_torch_quantile(monkeypatch, dtype):
+    """The device path (radix select, no host sync) run on the CPU: exact on ties, zeros of
+    both signs, infinities, tiny and huge values, NaN outside the mask; NaN inside / empty mask."""
+    import fastrl.sampling.groups as groups
+
+    monkeypatch.setattr(groups, "_CPU_SELECT", "radix")
+    gen = torch.Generator().manual_seed(31)
+    for n in (1, 2, 3, 50, 4000):
+        x = torch.randn(n, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-30, 30, (n,), generator=gen)
+        x = torch.where(torch.rand(n, generator=gen) < 0.3, x.round(), x)  # ties, 0.0 and -0.0
+        x[torch.rand(n, generator=gen) < 0.05] = float("inf")
+        x[torch.rand(n, generator=gen) < 0.05] = -float("inf")
+        x = x.to(dtype)
+        m = torch.rand(n, generator=gen) < 0.7
+        m[0] = True
+        x[~m & (torch.rand(n, generator=gen) < 0.5)] = NAN  # unmasked NaN: ignored
+        for q in (0.0, 0.13, 0.5, 0.9, 1.0):
+            got, t = quantile_mask(x, m, q)
+            want = torch.quantile(x[m].float() if dtype == torch.float16 else x[m], q)
+            assert torch.equal(t, want) or (torch.isnan(t) and torch.isnan(want)), (n, q, t, want)
+            assert torch.equal(got, (x.to(want.dtype) >= want) & m)
+    x = torch.tensor([1.0, NAN, 3.0])
+    assert torch.isnan(quantile_mask(x, torch.tensor([True, True, False]), 0.5)[1])
+    got, t = quantile_mask(x, torch.zeros(3, dtype=torch.bool), 0.5)
+    assert torch.isnan(t) and not got.any()
 
 
 def test_quantile_mask_matches_trl_high_entropy_mask():
@@ -550,6 +627,30 @@ def test_resample_empty_group_and_bad_input():
         resample(torch.ones(3), ids, 2, method="stratified")
 
 
+def test_resample_reads_the_host_once(monkeypatch):
+    """All of resample's checks and its padded width come back in one read (one sync on a GPU)."""
+    reads = []
+    real_tolist = torch.Tensor.tolist
+
+    def counted(self):
+        reads.append(self.numel())
+        return real_tolist(self)
+
+    def boom(*a, **k):
+        raise AssertionError("host sync")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    for name in ("item", "__bool__", "__int__", "__float__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    w, ids = torch.tensor([0.5, 1.0, 2.0, 0.0, 3.0]), torch.tensor([1, 0, 1, 1, 3])
+    for method in ("multinomial", "systematic"):
+        out = resample(w, ids, 4, method=method, generator=torch.Generator().manual_seed(0), num_groups=4)
+        assert out.shape == (4, 4)
+    assert reads == [4, 4]
+    monkeypatch.undo()
+    assert out[2].tolist() == [-1] * 4 and set(out[0].tolist()) == {1} and set(out[3].tolist()) == {4}
+
+
 # ------------------------------------------------------------------------------------ host syncs
 
 
@@ -580,6 +681,12 @@ def test_device_paths_run_without_host_sync(no_host_sync):
     for mode in ("best_worst", "best_random"):
         c, r = select_pairs(s, ids, mode=mode, margin=0.5, num_groups=G)
         assert c.shape == r.shape == (G,) and c.device.type == "meta"
+    c, r = select_pairs(s, ids, mode="all_pairs", margin=0.5, num_groups=G, max_pairs=17)
+    assert c.shape == r.shape == (17,) and c.device.type == "meta"
+    assert maj_at_k(ids, s > 0, ids, [1, 3], num_groups=G).shape == (G, 2)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        keep, t = quantile_mask(torch.empty(5, 8, device="meta", dtype=dtype), torch.empty(5, 8, device="meta"), 0.3)
+        assert keep.shape == (5, 8) and keep.dtype == torch.bool and t.shape == ()
 
 
 def test_group_counts_ignore_out_of_range_ids():
@@ -668,6 +775,52 @@ def test_sync_free_paths_on_cuda_equal_cpu_and_ignore_bad_ids():
             assert got == want
         else:
             torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and fastrl._extension.cuda_built()), reason="needs a CUDA GPU and the CUDA build")
+def test_maj_at_k_cuda_is_bitwise_equal_to_cpu():
+    answers, correct, ids = random_votes(40, 1500, 24, 6)
+    ks = list(range(1, 41))  # > 32 ks: two write launches; k > n: NaN
+    cpu = maj_at_k(answers, correct, ids, ks, num_groups=1501)  # an empty last group
+    gpu = maj_at_k(answers.cuda(), correct.cuda(), ids.cuda(), ks, num_groups=1501).cpu()
+    assert torch.equal(cpu.nan_to_num(7.5), gpu.nan_to_num(7.5))
+    big = random_votes(41, 2, 300, 9, min_size=250)  # large groups: many lanes per DP step
+    assert torch.equal(maj_at_k(*big, [1, 5, 60]), maj_at_k(*(t.cuda() for t in big), [1, 5, 60]).cpu())
+    # many states per lane: a k of 300 in one group of 350-400
+    huge = random_votes(43, 1, 400, 4, min_size=350)
+    assert torch.equal(maj_at_k(*huge, [2, 100, 300]), maj_at_k(*(t.cuda() for t in huge), [2, 100, 300]).cpu())
+    # where the CPU raises, CUDA (no host sync) gives a NaN row / ignores the sample
+    a, c, g = answers.clone(), correct.clone(), ids.clone()
+    first = int(torch.nonzero(g == 3)[0, 0])
+    c[first] = ~c[first]  # group 3: one answer id both correct and wrong
+    g[0] = -1
+    gpu = maj_at_k(a.cuda(), c.cuda(), g.cuda(), [1, 2], num_groups=1500).cpu()
+    assert gpu[3].isnan().all()
+    keep = (torch.arange(g.numel()) > 0) & (g != 3)
+    want = maj_at_k(a[keep], c[keep], g[keep], [1, 2], num_groups=1500)
+    others = torch.arange(1500) != 3
+    assert torch.equal(gpu[others].nan_to_num(7.5), want[others].nan_to_num(7.5))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and fastrl._extension.cuda_built()), reason="needs a CUDA GPU and the CUDA build")
+def test_all_pairs_max_pairs_and_quantile_mask_cuda_equal_cpu():
+    gen = torch.Generator().manual_seed(42)
+    scores, ids = ragged(gen, 700, 12, levels=5, nan_frac=0.05)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for cap, margin in ((0, 0.0), (10, 0.0), (100000, 0.4)):
+            want = select_pairs(scores.to(dtype), ids, mode="all_pairs", margin=margin, max_pairs=cap, num_groups=701)
+            got = select_pairs(scores.to(dtype).cuda(), ids.cuda(), mode="all_pairs", margin=margin, max_pairs=cap,
+                               num_groups=701)
+            assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want))
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        x = torch.randn(300, 517, generator=gen).to(dtype)
+        m = torch.rand(300, 517, generator=gen) < 0.6
+        for q in (0.0, 0.2, 0.77, 1.0):
+            got, t = quantile_mask(x.cuda(), m.cuda(), q)
+            want, wt = quantile_mask(x, m, q)
+            assert torch.equal(t.cpu(), wt) and torch.equal(got.cpu(), want)
 
 
 def test_docstring_examples():

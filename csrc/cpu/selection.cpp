@@ -12,9 +12,13 @@
 // then the groups, in parallel, are sorted best first and summed with the order-statistic weights
 // of fastrl/selection.h, in rank order: bitwise the same whatever the thread count.
 //
+// all_pairs: the same counting sort; then, in parallel over groups, each group counts its pairs
+// (O(n_g^2)), a prefix sum over groups places them, and each group writes its pairs in order.
+//
 // maj_at_k: the same counting sort gathers each group's (answer, correct) pairs; then, in parallel
 // over groups, a sort by answer gives the answer classes and one dynamic program over vote counts
-// (below) gives every k of the list at once. Sequential within a group: thread-count independent.
+// (fastrl/selection.h maj_vote_dp) gives every k of the list at once. Sequential within a group:
+// thread-count independent, and bitwise the CUDA kernel.
 #include "cpu/selection.h"
 
 #include <ATen/Parallel.h>
@@ -50,85 +54,6 @@ int64_t group_by(const int64_t* group_ids, int64_t num_samples, int64_t num_grou
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
   for (int64_t i = 0; i < num_samples; ++i) order[fill[group_ids[i]]++] = i;
   return -1;
-}
-
-// Exact E[majority vote of a uniform k-subset is correct] of one group, for every k <= kmax
-// (num[k] / den[k] on return, k = 1..kmax; kmax <= the group's size). The group has answer classes
-// of sizes size[j], correct or not; a subset draws c_j of class j with weight prod_j C(size_j, c_j)
-// out of C(n, k) subsets. For every winner vote count t, dp[s][a][b] sums the weights of the
-// draws of s samples from the classes seen so far with every c_j <= t and a correct / b wrong
-// classes at exactly t; after the last class, the states s = k with a + b > 0 are the subsets
-// whose winner has t votes, correct with probability a / (a + b) (uniform tie-break). Summed
-// over t, num[k] adds those weights times a / (a + b) and den[k] the weights themselves: den[k]
-// is C(n, k), computed from the same numbers. The binomials are scaled by rho^c with
-// rho = C(n, kmax)^(-1/kmax) (a common factor rho^k of num[k] and den[k], which cancels) so that no
-// weight overflows for kmax <= kMaxMajK: all terms are positive, so fp64 keeps ~1e-15 relative
-// accuracy. Cost O(A kmax^3 log kmax) for A classes.
-constexpr int64_t kMaxMajK = 1000;
-
-void maj_vote_dp(const std::vector<std::pair<int64_t, bool>>& classes, int64_t n, int64_t kmax,
-                 std::vector<double>& num, std::vector<double>& den, std::vector<double>& dp,
-                 std::vector<double>& chat) {
-  double log_c = 0.0;  // log C(n, kmax)
-  for (int64_t i = 0; i < kmax; ++i) {
-    log_c += std::log(static_cast<double>(n - i) / static_cast<double>(kmax - i));
-  }
-  const double rho = std::exp(-log_c / static_cast<double>(kmax));
-  const int64_t A = static_cast<int64_t>(classes.size());
-  const int64_t width = kmax + 1;
-  chat.assign(static_cast<size_t>(A * width), 0.0);  // chat[j][c] = C(size_j, c) rho^c
-  for (int64_t j = 0; j < A; ++j) {
-    const int64_t m = classes[j].first;
-    double* row = chat.data() + j * width;
-    row[0] = 1.0;
-    for (int64_t c = 0; c < std::min(m, kmax); ++c) {
-      row[c + 1] = row[c] * rho * static_cast<double>(m - c) / static_cast<double>(c + 1);
-    }
-  }
-  num.assign(static_cast<size_t>(width), 0.0);
-  den.assign(static_cast<size_t>(width), 0.0);
-  for (int64_t t = 1; t <= kmax; ++t) {
-    int64_t n_ok = 0, n_bad = 0;  // classes that can reach t votes
-    for (const auto& c : classes) {
-      if (c.first >= t) (c.second ? n_ok : n_bad) += 1;
-    }
-    const int64_t amax = std::min(n_ok, kmax / t), bmax = std::min(n_bad, kmax / t);
-    const int64_t na = amax + 1, nb = bmax + 1;
-    dp.assign(static_cast<size_t>(width * na * nb), 0.0);
-    auto cell = [&](int64_t s, int64_t a, int64_t b) -> double& { return dp[(s * na + a) * nb + b]; };
-    cell(0, 0, 0) = 1.0;
-    for (int64_t j = 0; j < A; ++j) {
-      const int64_t m = classes[j].first;
-      const bool ok = classes[j].second;
-      const double* row = chat.data() + j * width;
-      // in place, by decreasing s: a state only reads states of smaller s (not yet updated)
-      for (int64_t s = kmax; s >= 1; --s) {
-        const int64_t cmax = std::min({m, t, s});
-        for (int64_t a = 0; a < na; ++a) {
-          for (int64_t b = 0; b < nb; ++b) {
-            double acc = cell(s, a, b);
-            for (int64_t c = 1; c <= cmax; ++c) {
-              if (c < t) {
-                acc += cell(s - c, a, b) * row[c];
-              } else if (ok ? a > 0 : b > 0) {  // c == t: this class joins the winners
-                acc += cell(s - c, a - ok, b - !ok) * row[c];
-              }
-            }
-            cell(s, a, b) = acc;
-          }
-        }
-      }
-    }
-    for (int64_t k = t; k <= kmax; ++k) {  // a winner with t votes needs k >= t
-      for (int64_t a = 0; a < na; ++a) {
-        for (int64_t b = (a == 0); b < nb; ++b) {
-          const double w = cell(k, a, b);
-          num[k] += w * static_cast<double>(a) / static_cast<double>(a + b);
-          den[k] += w;
-        }
-      }
-    }
-  }
 }
 
 }  // namespace
@@ -210,6 +135,33 @@ int64_t expected_best_of_k(const scalar_t* scores, const int64_t* group_ids, int
   return -1;
 }
 
+template <typename scalar_t>
+int64_t all_pairs(const scalar_t* scores, const int64_t* group_ids, int64_t num_samples,
+                  int64_t num_groups, double margin, int64_t max_pairs, int64_t* chosen,
+                  int64_t* rejected) {
+  std::fill(chosen, chosen + max_pairs, -1);
+  std::fill(rejected, rejected + max_pairs, -1);
+  std::vector<int64_t> start, order;
+  const int64_t bad = group_by(group_ids, num_samples, num_groups, start, order);
+  if (bad >= 0) return bad;
+  // count per group, then an exclusive prefix over groups gives each group's first slot
+  std::vector<int64_t> offset(static_cast<size_t>(num_groups) + 1, 0);
+  at::parallel_for(0, num_groups, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      offset[g + 1] = selection::group_pairs(order.data() + start[g], start[g + 1] - start[g],
+                                             scores, margin, 0, 0, nullptr, nullptr);
+    }
+  });
+  for (int64_t g = 0; g < num_groups; ++g) offset[g + 1] += offset[g];
+  at::parallel_for(0, num_groups, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end && offset[g] < max_pairs; ++g) {
+      selection::group_pairs(order.data() + start[g], start[g + 1] - start[g], scores, margin,
+                             offset[g], max_pairs, chosen, rejected);
+    }
+  });
+  return -1;
+}
+
 MajStatus maj_at_k(const int64_t* answer_ids, const bool* correct, const int64_t* group_ids,
                    int64_t num_samples, int64_t num_groups, const int64_t* ks, int64_t num_k,
                    double* out) {
@@ -222,15 +174,16 @@ MajStatus maj_at_k(const int64_t* answer_ids, const bool* correct, const int64_t
   std::vector<uint8_t> flag(static_cast<size_t>(num_groups), kOk);
   std::vector<int64_t> mixed_answer(static_cast<size_t>(num_groups), 0);
   at::parallel_for(0, num_groups, 16, [&](int64_t begin, int64_t end) {
-    std::vector<std::pair<int64_t, bool>> votes, classes;
-    std::vector<double> num, den, dp, chat;
+    std::vector<std::pair<int64_t, bool>> votes;
+    std::vector<int64_t> classes;
+    std::vector<double> num, den, d1, d2, chat;
     for (int64_t g = begin; g < end; ++g) {
       const int64_t n = start[g + 1] - start[g];
       double* row = out + g * num_k;
       std::fill(row, row + num_k, NAN);
       const int64_t kmax = std::min(k_max, n);
       if (kmax == 0) continue;
-      if (kmax > kMaxMajK) {
+      if (kmax > selection::kMaxMajK) {
         flag[g] = kTooLarge;
         continue;
       }
@@ -240,19 +193,30 @@ MajStatus maj_at_k(const int64_t* answer_ids, const bool* correct, const int64_t
       }
       std::sort(votes.begin(), votes.end());  // by answer id: classes in a fixed order
       classes.clear();
+      int64_t size = 0;
       for (size_t p = 0; p < votes.size(); ++p) {
-        if (p == 0 || votes[p].first != votes[p - 1].first) {
-          classes.emplace_back(1, votes[p].second);
-        } else if (votes[p].second != votes[p - 1].second) {
-          flag[g] = kMixed;
-          mixed_answer[g] = votes[p].first;
-          break;
-        } else {
-          classes.back().first += 1;
+        ++size;
+        if (p + 1 < votes.size() && votes[p + 1].first == votes[p].first) {
+          if (votes[p + 1].second != votes[p].second) {
+            flag[g] = kMixed;
+            mixed_answer[g] = votes[p].first;
+            break;
+          }
+          continue;
         }
+        classes.push_back(selection::maj_class(size, votes[p].second));
+        size = 0;
       }
       if (flag[g] != kOk) continue;
-      maj_vote_dp(classes, n, kmax, num, den, dp, chat);
+      const int64_t A = static_cast<int64_t>(classes.size());
+      const size_t states = static_cast<size_t>((kmax + 1) * (std::min(A, kmax) + 1));
+      chat.resize(static_cast<size_t>(A * (kmax + 1)));
+      d1.resize(states);
+      d2.resize(states);
+      num.resize(static_cast<size_t>(kmax + 1));
+      den.resize(static_cast<size_t>(kmax + 1));
+      selection::maj_vote_dp(classes.data(), A, n, kmax, chat.data(), d1.data(), d2.data(),
+                             num.data(), den.data());
       for (int64_t j = 0; j < num_k; ++j) {
         if (ks[j] <= n) row[j] = num[ks[j]] / den[ks[j]];
       }
@@ -276,7 +240,9 @@ MajStatus maj_at_k(const int64_t* answer_ids, const bool* correct, const int64_t
   template int64_t best_of_n<T>(const T*, const int64_t*, int64_t, int64_t, int64_t, bool, \
                                 int64_t*);                                              \
   template int64_t expected_best_of_k<T>(const T*, const int64_t*, int64_t, int64_t,       \
-                                         const int64_t*, int64_t, bool, bool, double*);
+                                         const int64_t*, int64_t, bool, bool, double*);    \
+  template int64_t all_pairs<T>(const T*, const int64_t*, int64_t, int64_t, double, int64_t, \
+                                int64_t*, int64_t*);
 FASTRL_INSTANTIATE(float)
 FASTRL_INSTANTIATE(double)
 FASTRL_INSTANTIATE(c10::Half)

@@ -25,6 +25,15 @@ int64_t expected_best_of_k(const scalar_t* scores, const int64_t* group_ids, int
                            int64_t num_groups, const int64_t* ks, int64_t num_k, bool replacement,
                            bool largest, double* out);
 
+// Every ordered pair (c, r) of a group with scores[c] - scores[r] > margin (fp64, margin >= 0;
+// fastrl/selection.h group_pairs), ordered by group, then c, then r: the first max_pairs go to
+// chosen/rejected[max_pairs], -1 fills the rest. Returns -1, or the index of the first sample
+// whose group id lies outside [0, num_groups).
+template <typename scalar_t>
+int64_t all_pairs(const scalar_t* scores, const int64_t* group_ids, int64_t num_samples,
+                  int64_t num_groups, double margin, int64_t max_pairs, int64_t* chosen,
+                  int64_t* rejected);
+
 // What maj_at_k found wrong (all -1: nothing).
 struct MajStatus {
   int64_t bad_group_sample = -1;  // first sample whose group id lies outside [0, num_groups)

@@ -62,13 +62,52 @@ cudaError_t launch_expected_best_of_k(const T* scores, const int64_t* group_ids,
                                       void* workspace, size_t workspace_bytes,
                                       cudaStream_t stream);
 
+// Bytes of device workspace launch_all_pairs needs (call with the launch's device current); 0 if
+// the size query failed (the launch then returns that error).
+size_t all_pairs_workspace_bytes(int64_t num_samples, int64_t num_groups);
+
+// The pairs of fastrl::cpu::all_pairs (same pairs, same order, -1 after the last one or past
+// max_pairs) into chosen/rejected[max_pairs], with no host sync; samples with an out-of-range
+// group id are ignored. Pipeline: scores to fp64 and a radix sort of the group ids (as
+// best_of_n), one thread per group counts its pairs (O(n_g^2)), a cub exclusive scan places them,
+// one thread per group writes its own. Extra memory: the workspace, about 32 * num_samples +
+// 16 * num_groups bytes plus cub's storage.
+template <typename T>
+cudaError_t launch_all_pairs(const T* scores, const int64_t* group_ids, int64_t num_samples,
+                             int64_t num_groups, double margin, int64_t max_pairs, int64_t* chosen,
+                             int64_t* rejected, void* workspace, size_t workspace_bytes,
+                             cudaStream_t stream);
+
+// Bytes of device workspace launch_maj_at_k needs for the largest k k_max (call with the launch's
+// device current); 0 if the size query failed (the launch then returns that error).
+size_t maj_at_k_workspace_bytes(int64_t num_samples, int64_t num_groups, int64_t k_max);
+
+// maj@k of every group for each k of ks[num_k] (a host array, all >= 1), as fastrl::cpu::maj_at_k
+// and bitwise equal to it: writes out[num_groups * num_k] fp64, NaN where k > n. A device kernel
+// cannot raise without a host sync, so where the CPU op raises this writes a NaN row instead: a
+// group with an answer id both correct and not, or one where min(max k, n) > kMaxMajK; samples
+// with an out-of-range group id are ignored. Pipeline: a cub radix sort of the samples by answer
+// id, a stable one by group id (each group contiguous, its answers grouped in id order, as the CPU
+// kernel's classes), then one warp per group: lane 0 collects the answer classes, the lanes share
+// the states of each step of fastrl/selection.h's DP (double-buffered), then one thread per
+// (group, k) writes num[k] / den[k]. Extra memory: the workspace,
+// 8 (kc + 1) (5 num_samples + 6 num_groups) + 40 num_samples + 16 num_groups bytes plus cub's
+// storage, kc = min(max k, num_samples, kMaxMajK).
+cudaError_t launch_maj_at_k(const int64_t* answer_ids, const bool* correct,
+                            const int64_t* group_ids, int64_t num_samples, int64_t num_groups,
+                            const int64_t* ks, int64_t num_k, double* out, void* workspace,
+                            size_t workspace_bytes, cudaStream_t stream);
+
 #define FASTRL_DECLARE_LAUNCH(T)                                                                \
   extern template cudaError_t launch_best_of_n<T>(const T*, const int64_t*, int64_t, int64_t,  \
                                                   int64_t, bool, int64_t*, void*, size_t,      \
                                                   cudaStream_t);                               \
   extern template cudaError_t launch_expected_best_of_k<T>(                                    \
       const T*, const int64_t*, int64_t, int64_t, const int64_t*, int64_t, bool, bool, double*, \
-      void*, size_t, cudaStream_t);
+      void*, size_t, cudaStream_t);                                                           \
+  extern template cudaError_t launch_all_pairs<T>(const T*, const int64_t*, int64_t, int64_t,  \
+                                                  double, int64_t, int64_t*, int64_t*, void*,  \
+                                                  size_t, cudaStream_t);
 FASTRL_DECLARE_LAUNCH(float)
 FASTRL_DECLARE_LAUNCH(double)
 FASTRL_DECLARE_LAUNCH(__half)

@@ -17,12 +17,13 @@ Per-group outputs have one row per group id, in id order; an id with no sample i
     tensor([[0.6667, 1.0000],
             [0.0000, 0.0000]], dtype=torch.float64)
 
-:func:`best_of_n` and :func:`best_at_k` / :func:`worst_at_k` are compiled ops (C++ on the CPU,
-CUDA kernels on the GPU), :func:`maj_at_k` a compiled CPU op (an exact dynamic program over vote
-counts, parallel over groups). The others are vectorized PyTorch (no Python loop over groups or
-samples). On CUDA, :func:`best_of_n`, :func:`best_at_k`, :func:`worst_at_k`, :func:`pass_at_k`,
-:func:`filter_groups` and :func:`select_pairs` (``"best_worst"``, ``"best_random"``) never sync
-with the host when ``num_groups`` is given; there, a sample whose group id lies outside
+:func:`best_of_n`, :func:`best_at_k` / :func:`worst_at_k`, :func:`maj_at_k` (an exact dynamic
+program over vote counts) and :func:`select_pairs` ``"all_pairs"`` are compiled ops (C++ on the
+CPU, CUDA kernels on the GPU); :func:`quantile_mask` is an exact radix select in PyTorch on a GPU.
+The others are vectorized PyTorch (no Python loop over groups or samples). On CUDA, :func:`best_of_n`, :func:`best_at_k`, :func:`worst_at_k`, :func:`maj_at_k`,
+:func:`pass_at_k`, :func:`filter_groups`, :func:`quantile_mask` and :func:`select_pairs`
+(``"best_worst"``, ``"best_random"``, ``"all_pairs"`` with ``max_pairs``) never sync with the host
+when ``num_groups`` is given; there, a sample whose group id lies outside
 ``[0, num_groups)`` is ignored (raising would need a sync), where the CPU raises. The remaining
 host syncs are listed in each docstring.
 """
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 PAIR_MODES = ("best_worst", "best_random", "all_pairs")
+_CPU_SELECT = "kthvalue"  # quantile_mask's order statistics on the CPU ("radix": the device path, for tests)
 RESAMPLE_METHODS = ("multinomial", "systematic")
 
 
@@ -152,6 +154,10 @@ if _extension._C is not None:
     def _expected_best_of_k_fake(scores, group_ids, num_groups, ks, replacement, largest):
         return scores.new_empty((num_groups, len(ks)), dtype=torch.float64)
 
+    @torch.library.register_fake("fastrl::all_pairs")
+    def _all_pairs_fake(scores, group_ids, num_groups, margin, max_pairs):
+        return group_ids.new_empty((max_pairs,)), group_ids.new_empty((max_pairs,))
+
     @torch.library.register_fake("fastrl::maj_at_k")
     def _maj_at_k_fake(answer_ids, correct, group_ids, num_groups, ks):
         return answer_ids.new_empty((num_groups, len(ks)), dtype=torch.float64)
@@ -174,10 +180,10 @@ class _Layout:
 
     ``order``: sample indices sorted by (group, key) — by group then sample index when no key;
     ``row``/``col``: where each sorted sample sits; ``count[G]``; ``valid[G, m]``: a real member.
-    Building it costs two stable sorts (one without a key) and one host sync (``m``).
+    Building it costs two stable sorts (one without a key) and one host sync (``m``, unless given).
     """
 
-    def __init__(self, group_ids: torch.Tensor, G: int, key: torch.Tensor | None = None):
+    def __init__(self, group_ids: torch.Tensor, G: int, key: torch.Tensor | None = None, m: int | None = None):
         dev = group_ids.device
         order = torch.arange(group_ids.numel(), device=dev)
         if key is not None:
@@ -188,7 +194,7 @@ class _Layout:
         self.count = _group_counts(group_ids, G)
         start = torch.cumsum(self.count, 0) - self.count
         self.col = torch.arange(order.numel(), device=dev) - start[self.row]
-        self.m = int(self.count.max()) if G and order.numel() else 0
+        self.m = m if m is not None else int(self.count.max()) if G and order.numel() else 0
         self.G = G
         self.valid = torch.arange(self.m, device=dev) < self.count[:, None]
 
@@ -204,7 +210,7 @@ class _Layout:
 
 def select_pairs(scores: torch.Tensor, group_ids: torch.Tensor, *, mode: str = "best_worst",
                  margin: float = 0.0, generator: torch.Generator | None = None,
-                 num_groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 num_groups: int | None = None, max_pairs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     r"""(chosen, rejected) sample-index pairs within groups, for online DPO / preference data.
 
     A pair ``(c, r)`` always satisfies ``scores[c] - scores[r] > margin`` (strictly; NaN scores
@@ -216,26 +222,59 @@ def select_pairs(scores: torch.Tensor, group_ids: torch.Tensor, *, mode: str = "
       ``s_best - s_r > margin`` (drawn with ``generator``: the eligible member with the largest of
       ``B`` fresh uniform keys). ``[G]`` each, ``-1`` where none.
     * ``"all_pairs"``: every ordered pair ``(c, r)`` of a group with ``s_c - s_r > margin``, ordered
-      by group, then ``c``, then ``r``. ``[P]`` each; builds a ``sum_g n_g^2`` candidate list.
+      by group, then ``c``, then ``r``. ``[P]`` each.
+    * ``"all_pairs"`` with ``max_pairs=M`` (the sync-free form, for a trainer with a fixed pair
+      budget per step, e.g. a static-shape DPO batch or CUDA graphs): the same pairs in the same
+      order, in fixed-shape ``[M]`` outputs: the first ``min(P, M)`` slots hold pairs, ``-1`` fills
+      the rest in both, so ``valid = chosen >= 0`` is a prefix mask and ``valid.sum()`` the number
+      kept. Past ``M`` pairs are dropped (the later groups' first: order is by group id). A group of
+      ``n`` samples has at most ``n (n - 1) / 2`` pairs, so ``M = G n (n - 1) / 2`` for groups of
+      ``n`` never drops one. A compiled op: CPU, groups in parallel (count, prefix sum, write);
+      CUDA, a radix sort of the group ids, one thread per group counts (``O(n_g^2)``), a scan
+      places, one thread per group writes; out-of-range ids ignored there, raised on the CPU.
 
     Host syncs: none for ``"best_worst"`` and ``"best_random"`` (two :func:`best_of_n` calls, then
-    elementwise ops). ``"all_pairs"`` has two, because its output size depends on the data: the
-    number of candidates (to size the candidate list) and the number of pairs kept.
+    elementwise ops), nor for ``"all_pairs"`` with ``max_pairs``. ``"all_pairs"`` without it has
+    two, because its output size depends on the data: the most pairs the groups can have
+    (``sum_g n_g (n_g - 1) / 2``, to size the buffer of the same compiled op) and the number kept.
 
     >>> s, ids = torch.tensor([1., 3., 2., 5., 5.]), torch.tensor([0, 0, 0, 1, 1])
     >>> select_pairs(s, ids)
     (tensor([ 1, -1]), tensor([ 0, -1]))
     >>> select_pairs(s, ids, mode="all_pairs")
     (tensor([1, 1, 2]), tensor([0, 2, 0]))
+    >>> select_pairs(s, ids, mode="all_pairs", max_pairs=5, num_groups=2)
+    (tensor([ 1,  1,  2, -1, -1]), tensor([ 0,  2,  0, -1, -1]))
     """
     G = _grouped("select_pairs", "scores", scores, group_ids, num_groups)
     if mode not in PAIR_MODES:
         raise ValueError(f"fastrl.sampling.select_pairs: `mode` must be one of {PAIR_MODES}, got {mode!r}")
     if not isinstance(margin, (int, float)) or not margin >= 0:
         raise ValueError(f"fastrl.sampling.select_pairs: `margin` must be a float >= 0, got {margin!r}")
+    if max_pairs is not None:
+        if mode != "all_pairs":
+            raise ValueError("fastrl.sampling.select_pairs: `max_pairs` applies to mode='all_pairs' only, "
+                             f"got mode={mode!r}")
+        if not isinstance(max_pairs, int) or isinstance(max_pairs, bool) or max_pairs < 0:
+            raise ValueError(f"fastrl.sampling.select_pairs: `max_pairs` must be an int >= 0, got {max_pairs!r}")
+        _check_id_range("select_pairs", group_ids, G)
+        if _extension.use_reference():
+            c, r = _all_pairs(scores.double(), group_ids, G, float(margin))
+            out = torch.full((2, max_pairs), -1, dtype=torch.int64, device=scores.device)
+            kept = min(max_pairs, c.numel())
+            out[0, :kept], out[1, :kept] = c[:kept], r[:kept]
+            return out[0], out[1]
+        return torch.ops.fastrl.all_pairs(scores, group_ids, G, float(margin), max_pairs)
     x = scores.double()
-    if mode == "all_pairs":
+    if mode == "all_pairs" and _extension.use_reference():
         return _all_pairs(x, group_ids, G, float(margin))
+    if mode == "all_pairs":  # the compiled op sized by the most pairs the groups can have
+        _check_id_range("select_pairs", group_ids, G)
+        count = _group_counts(group_ids, G)
+        cap = int((count * (count - 1) // 2).sum())  # host sync: the buffer size
+        c, r = torch.ops.fastrl.all_pairs(scores, group_ids, G, float(margin), cap)
+        kept = int((c >= 0).sum())  # host sync: the number of pairs
+        return c[:kept], r[:kept]
     if x.numel() == 0:
         none = torch.full((G,), -1, dtype=torch.int64, device=x.device)
         return none, none.clone()
@@ -318,18 +357,28 @@ def quantile_mask(x: torch.Tensor, mask: torch.Tensor, q: float):
     r"""Tokens at or above the ``q``-quantile of all masked tokens: ``(x >= t) & mask``.
 
     ``t = torch.quantile(x[mask], q)`` exactly (linear interpolation between the order statistics
-    ``floor(p)`` and ``ceil(p)``, ``p = q (n - 1)``, computed as torch does), but with
-    :func:`torch.kthvalue` selections instead of a sort, so it works above torch.quantile's 2^24
-    element limit (there ``p`` is computed in fp64). This is TRL's ``get_high_entropy_mask``
+    ``floor(p)`` and ``ceil(p)``, ``p = q (n - 1)``, computed as torch does), without torch.quantile's
+    2^24 element limit (above it ``p`` is computed in fp64). This is TRL's ``get_high_entropy_mask``
     (single process) for ``x = entropies``: half-precision inputs are compared in fp32 as TRL does.
     A NaN among the masked values makes ``t`` NaN (as torch.quantile) and the mask all False;
     no masked token: ``t`` is NaN and the mask all False (TRL's empty case).
+
+    On a GPU: no host sync, no sort, no gather of the masked values: the order statistic
+    ``floor(p)`` is found by an exact radix select over the values' bit patterns (mapped to
+    integers in the same order),
+    16 bits a pass (2 passes for fp32, 4 for fp64), each pass a masked 65,536-bin histogram
+    (integer ``index_add_``: deterministic) whose cumulative sum (``searchsorted``) picks the digit
+    holding the wanted rank; ``n``, ``p`` and the ranks stay device tensors. Order statistic
+    ``ceil(p)`` is the same value when enough masked values tie with it, else the smallest masked
+    value above it (one more pass). Extra memory: a few ``int64`` copies of ``x``. On the CPU, where
+    a sync costs nothing, :func:`torch.kthvalue` over the gathered masked values is ~8x faster and
+    is used instead (same result).
 
     Args:
         x: any shape, float.  mask: same shape, bool or 0/1.  q: in ``[0, 1]``.
 
     Returns:
-        ``(bool mask of x's shape, t: 0-d tensor)``. One host sync (the number of masked tokens).
+        ``(bool mask of x's shape, t: 0-d tensor)`` (``t`` fp32 for half inputs, else ``x``'s dtype).
 
     >>> quantile_mask(torch.tensor([[0.1, 0.9, 0.5], [0.7, 0.3, 0.2]]), torch.tensor([[1, 1, 1], [1, 1, 0]]), 0.5)
     (tensor([[False,  True,  True],
@@ -341,26 +390,72 @@ def quantile_mask(x: torch.Tensor, mask: torch.Tensor, q: float):
     _like("quantile_mask", "mask", mask, "x", x)
     if not isinstance(q, (int, float)) or isinstance(q, bool) or not 0.0 <= q <= 1.0:
         raise ValueError(f"fastrl.sampling.quantile_mask: `q` must be a float in [0, 1], got {q!r}")
-    m = mask.bool()
+    m = mask.bool().reshape(-1)
     xv = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    vals = xv[m]
-    n = vals.numel()
-    if n == 0:
-        return torch.zeros_like(m), torch.tensor(float("nan"), dtype=xv.dtype, device=x.device)
-    if n <= 1 << 24:  # torch.quantile's rank arithmetic, in the values' dtype
-        pos = torch.tensor(q, dtype=xv.dtype) * (n - 1)
-        lo = int(pos.floor())
-        frac = pos - lo
-        hi = int(pos.ceil())
+    flat = xv.reshape(-1)
+    n = m.sum()
+    # torch.quantile's rank arithmetic: p = q (n - 1) in the values' dtype up to 2^24 values, in
+    # fp64 above (our extension); clamped so that n = 0 (result NaN below) still indexes safely
+    p_small = torch.tensor(q, dtype=xv.dtype, device=x.device) * (n - 1).clamp(min=0).to(xv.dtype)
+    p_big = torch.tensor(q, dtype=torch.float64, device=x.device) * (n - 1).clamp(min=0).double()
+    small = n <= (1 << 24)
+    pos = torch.where(small, p_small.double(), p_big)
+    frac = torch.where(small, p_small - p_small.floor(), (p_big - p_big.floor()).to(xv.dtype))
+    lo, hi = pos.floor().long(), pos.ceil().long()
+    if flat.device.type == "cpu" and _CPU_SELECT == "kthvalue":  # faster there; syncs are free
+        vals = flat[m]
+        lo_i, hi_i = (int(lo), int(hi)) if vals.numel() else (0, 0)
+        vals = vals if vals.numel() else flat.new_zeros(1)
+        v_lo = torch.kthvalue(vals, lo_i + 1).values
+        v_hi = v_lo if hi_i == lo_i else torch.kthvalue(vals, hi_i + 1).values
     else:
-        p = q * (n - 1)
-        lo, hi = int(p // 1), int(-(-p // 1))
-        frac = torch.tensor(p - lo, dtype=xv.dtype)
-    v_lo = torch.kthvalue(vals, lo + 1).values
-    v_hi = v_lo if hi == lo else torch.kthvalue(vals, hi + 1).values
-    t = torch.lerp(v_lo, v_hi, frac.to(x.device))
-    t = torch.where(torch.isnan(vals).any(), float("nan"), t)
-    return (xv >= t) & m, t
+        keys = _order_keys(flat + 0.0)  # (+ 0.0: -0.0 and 0.0 get one key)
+        k_lo = _radix_select(keys, m, lo, 32 if xv.dtype == torch.float32 else 64)
+        # order statistic ceil(p): the same key when more than lo + 1 masked keys are <= it, else
+        # the smallest masked key above it
+        above = torch.where(m & (keys > k_lo), keys, torch.iinfo(torch.int64).max).amin()
+        k_hi = torch.where((hi == lo) | ((m & (keys <= k_lo)).sum() > lo + 1), k_lo, above)
+        v_lo, v_hi = _key_value(k_lo, xv.dtype), _key_value(k_hi, xv.dtype)
+    t = torch.lerp(v_lo, v_hi, frac)
+    t = torch.where((n == 0) | (m & torch.isnan(flat)).any(), float("nan"), t)
+    return (xv >= t) & mask.bool(), t
+
+
+def _order_keys(v: torch.Tensor) -> torch.Tensor:
+    """int64 keys in the order of the float32/float64 values ``v`` (NaN aside): the bit pattern
+    read as a signed integer, the magnitude bits flipped for negative values."""
+    if v.dtype == torch.float64:
+        i = v.view(torch.int64)
+        return i ^ ((i >> 63) & 0x7FFFFFFFFFFFFFFF)
+    i = v.view(torch.int32).long()
+    return i ^ ((i >> 31) & 0x7FFFFFFF)
+
+
+def _key_value(key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float of an :func:`_order_keys` key (the map is its own inverse)."""
+    bits = 63 if dtype == torch.float64 else 31
+    i = key ^ ((key >> bits) & ((1 << bits) - 1))
+    return i.view(torch.float64) if dtype == torch.float64 else i.int().view(torch.float32)
+
+
+def _radix_select(keys: torch.Tensor, mask: torch.Tensor, rank: torch.Tensor, width: int) -> torch.Tensor:
+    """The ``rank``-th smallest (0-based, a device tensor) of ``keys[mask]``, keys of ``width``
+    (32 or 64) signed bits, as a 0-d int64 tensor; exact, no host sync. A rank past the masked
+    count gives a meaningless key (the caller masks that case)."""
+    dev = keys.device
+    found = torch.zeros((), dtype=torch.int64, device=dev)  # the key's high bits found so far
+    rank = rank.reshape(1)
+    for shift in range(width - 16, -1, -16):
+        top = shift == width - 16
+        cand = mask if top else mask & ((keys >> (shift + 16)) == (found >> (shift + 16)))
+        digit = (keys >> shift) + (1 << 15) if top else (keys >> shift) & 0xFFFF  # 0 .. 65535
+        hist = torch.zeros(1 << 16, dtype=torch.int64, device=dev)
+        hist.index_add_(0, torch.where(cand, digit, 0), cand.long())
+        cum = torch.cumsum(hist, 0)
+        d = torch.searchsorted(cum, rank, right=True).clamp(max=(1 << 16) - 1)
+        rank = rank - (cum[d] - hist[d])
+        found = found + (((d - (1 << 15)) if top else d) << shift).reshape(())
+    return found
 
 
 # ---------------------------------------------------------------------------------- estimators
@@ -508,14 +603,18 @@ def maj_at_k(answer_ids: torch.Tensor, correct: torch.Tensor, group_ids: torch.T
         group_ids: ``int64[B]``.  k: int or list of ints ``>= 1``.
 
     Returns:
-        ``float64[G]`` (int ``k``) or ``float64[G, len(k)]``, on the inputs' device. A compiled CPU
-        op (inputs on a GPU are copied to the CPU: a host sync; it is an evaluation metric): per
-        group, in parallel, one DP pass gives every ``k`` of the list, O(A k^3 log k) for A
-        distinct answers and the largest k, with positive terms only (fp64, ~1e-15 relative).
-        ``k`` up to 1000 where a group has more than 1000 samples.
+        ``float64[G]`` (int ``k``) or ``float64[G, len(k)]``, on the inputs' device. A compiled op:
+        per group one DP pass gives every ``k`` of the list, O(A k^3) for A distinct answers and
+        the largest k, positive terms only (fp64, ~1e-15 relative). ``k`` up to 1000 where a group
+        has more than 1000 samples. CPU: groups in parallel (a counting sort gathers them).
+        CUDA: two radix sorts (by answer, then by group), one warp per group sharing the DP
+        states, no host sync, bitwise the CPU result; workspace
+        ``8 (kc + 1) (5 B + 6 G)`` bytes (+ ~40 B), ``kc = min(max k, B, 1000)``.
 
     Raises:
-        ValueError: an answer id with both correct and wrong samples in a group.
+        ValueError: an answer id with both correct and wrong samples in a group, or a group of
+        more than 1000 samples with a ``k`` above 1000 (CPU; on CUDA, where raising would need a
+        host sync, such a group's row is NaN and an out-of-range group id is ignored).
 
     >>> maj_at_k(torch.tensor([7, 7, 3]), torch.tensor([1, 1, 0]), torch.tensor([0, 0, 0]), [1, 3])
     tensor([[0.6667, 1.0000]], dtype=torch.float64)
@@ -525,13 +624,14 @@ def maj_at_k(answer_ids: torch.Tensor, correct: torch.Tensor, group_ids: torch.T
     if answer_ids.dtype != torch.int64:
         raise ValueError(f"fastrl.sampling.maj_at_k: `answer_ids` must be int64, got {answer_ids.dtype}")
     ks, single = _ks("maj_at_k", k)
-    g, a, c = group_ids.cpu(), answer_ids.cpu(), (correct != 0).cpu()
-    _check_id_range("maj_at_k", g, G)
+    _like("maj_at_k", "correct", correct, "answer_ids", answer_ids)
     if _extension.use_reference():
-        out = _ref.maj_at_k_dp(a, c, g, ks, num_groups=G)
+        g = group_ids.cpu()
+        _check_id_range("maj_at_k", g, G)
+        out = _ref.maj_at_k_dp(answer_ids.cpu(), (correct != 0).cpu(), g, ks, num_groups=G).to(answer_ids.device)
     else:
-        out = torch.ops.fastrl.maj_at_k(a, c, g, G, ks)
-    out = out.to(answer_ids.device)
+        _check_id_range("maj_at_k", group_ids, G)  # (CPU only: the CUDA op ignores such samples)
+        out = torch.ops.fastrl.maj_at_k(answer_ids, correct != 0, group_ids, G, ks)
     return out[:, 0] if single else out
 
 
@@ -554,8 +654,15 @@ def resample(weights: torch.Tensor, group_ids: torch.Tensor, n: int, *, method: 
         group_ids: ``int64[B]``.  n: draws per group, ``>= 1``.
 
     Returns:
-        ``int64[G, n]`` sample indices (``-1`` rows for groups with no sample). Host syncs: the
-        weight and id checks and the largest group size.
+        ``int64[G, n]`` sample indices (``-1`` rows for groups with no sample).
+
+    Host syncs on a GPU: one, before any draw, that reads together the input checks (group ids in
+    range, weights finite and ``>= 0``, no all-zero group: raising on bad data needs its flag on
+    the host) and the largest group size ``m`` (the draws run over a padded ``[G, m]`` weight
+    matrix whose shape the host must know); a bad input costs more syncs to name the culprit.
+    ``torch.multinomial`` / ``searchsorted`` themselves do not sync. A sync-free form would need
+    a per-group (segmented) scan kernel and unchecked inputs: not implemented (this op runs once
+    per batch, off the per-token hot path).
 
     Raises:
         ValueError: negative / NaN / inf weights, or a group whose weights are all zero.
@@ -570,17 +677,23 @@ def resample(weights: torch.Tensor, group_ids: torch.Tensor, n: int, *, method: 
         raise ValueError(f"fastrl.sampling.resample: `method` must be one of {RESAMPLE_METHODS}, got {method!r}")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"fastrl.sampling.resample: `n` must be an int >= 1, got {n!r}")
-    _check_id_range("resample", group_ids, G, on_device=True)
     w = weights.double()
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+    count = _group_counts(group_ids, G)
+    dead = (count > 0) & (_group_counts(group_ids, G, weights=w > 0) == 0)
+    # every check and the padded width in one host sync
+    widest = count.amax() if G else count.new_zeros(())
+    bad_id, bad_w, any_dead, m = torch.stack([
+        ((group_ids < 0) | (group_ids >= G)).any().long(), (~torch.isfinite(w) | (w < 0)).any().long(),
+        dead.any().long(), widest]).tolist()
+    if bad_id:
+        _check_id_range("resample", group_ids, G, on_device=True)  # raises, naming the first bad id
+    if bad_w:
         raise ValueError("fastrl.sampling.resample: `weights` must be finite and >= 0 (got a negative, NaN or inf weight)")
-    lay = _Layout(group_ids, G)
-    W = lay.pad(w, 0.0)
-    total = W.sum(1)
-    dead = (lay.count > 0) & (total <= 0)
-    if bool(dead.any()):
+    if any_dead:
         raise ValueError(f"fastrl.sampling.resample: every weight of group {int(dead.int().argmax())} is zero; "
                          "each non-empty group needs a positive weight")
+    lay = _Layout(group_ids, G, m=m)
+    W = lay.pad(w, 0.0)
     empty = lay.count == 0
     member = lay.pad(torch.arange(w.numel(), device=w.device), -1)
     if lay.m == 0:
