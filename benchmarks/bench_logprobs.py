@@ -18,6 +18,12 @@ Forward at N = 8,192, V = 65,536 (H = 128, so the matmul stays affordable on a C
 asks for a peak extra memory <= 10 % of N * V * 4 bytes (= 205 MiB; compare the "peak extra" column,
 the naive path's included); forward + backward (grads of hidden and weight) at N = 2,048, V = 32,768,
 H = 256.
+
+The price of batch invariance (``linear_logprobs`` computes every chunk's logits in fixed-height
+``[tile, H]`` matmuls, the last tile padded): the "chunked mm (batch-dependent)" baseline is the same
+chunked computation with one ``torch.mm`` per chunk of whatever height the batch leaves (so BLAS's
+kernel, and a row's bits, depend on the batch), measured at the large N and at N = 100 rows, where
+the padding to a 256-row tile costs the most.
 """
 from __future__ import annotations
 
@@ -75,6 +81,19 @@ def _linear_setup(N: int, V: int, H: int, device, grad: bool = False):
     return setup
 
 
+def _chunked_mm(a, rows: int = 256):
+    """linear log-probs with one torch.mm per chunk of up to ``rows`` rows into a reused buffer (no padding,
+    no fixed tile; fastrl's chunked path before batch invariance): cheaper for small batches, but a row's
+    logits come from a BLAS kernel picked by the chunk's height."""
+    n = a.hidden.shape[0]
+    buf = a.hidden.new_empty(min(rows, n), a.weight.shape[0])  # one per call, reused by the chunks (as fastrl)
+    out = []
+    for s in range(0, n, rows):
+        logits = torch.mm(a.hidden[s:s + rows], a.weight.t(), out=buf[:min(rows, n - s)])
+        out.append(fastrl.logprobs(logits, a.labels[s:s + rows]))
+    return torch.cat(out)
+
+
 def _linear_fwd_bwd(fn):
     def run(a):
         return torch.autograd.grad(fn(a).float().sum(), (a.hidden, a.weight))
@@ -92,10 +111,20 @@ def linear_cases(ctx, trl) -> list[Case]:
         name="linear_logprobs_f32", shape=f"f32 hidden[{N}, {H}], weight[{V}, {H}], int64[{N}] labels",
         setup=_linear_setup(N, V, H, ctx.device),
         impls={"fastrl": fused, "trl (materialized logits)": materialized(trl_fn),
-               "torch-eager (materialized logits)": materialized(_eager_logprobs)},
+               "torch-eager (materialized logits)": materialized(_eager_logprobs),
+               "chunked mm (batch-dependent)": _chunked_mm},
         rtol=1e-4, atol=1e-4,
         note=f"log p(label) from hidden states; target (issue 4): fastrl peak extra <= 10% of N*V*4 = "
              f"{N * V * 4 // 10 / 2**20:.0f} MiB (chunk logits: 64 MiB budget)."))
+    N = 100
+    out.append(Case(
+        name="linear_logprobs_small_batch_f32", shape=f"f32 hidden[{N}, {H}], weight[{V}, {H}], int64[{N}] labels",
+        setup=_linear_setup(N, V, H, ctx.device),
+        impls={"fastrl": fused, "chunked mm (batch-dependent)": _chunked_mm,
+               "torch-eager (materialized logits)": materialized(_eager_logprobs)},
+        rtol=1e-4, atol=1e-4,
+        note="a batch far below one matmul tile: the cost of batch invariance (a 256-row padded tile) at its "
+             "highest."))
     N, V, H = (256, 4096, 64) if ctx.quick else (2048, 32768, 256)
     out.append(Case(
         name="linear_logprobs_fwd_bwd_f32", shape=f"f32 hidden[{N}, {H}], weight[{V}, {H}], int64[{N}] labels",

@@ -59,24 +59,58 @@ def test_forward_backward_match_fp64_reference(N, V, H, chunk, bias, temperature
     assert torch.all(leaves[0].grad[ignored] == 0)
 
 
-def test_chunking_does_not_change_the_result_much_and_leading_dims():
+def test_chunk_size_and_leading_dims_do_not_change_a_bit():
     hidden, weight, _, labels = make(24, 300, 20, seed=3)
     whole = linear_logprobs(hidden, weight, labels, return_entropy=True)
-    for chunk in (1, 5, 24, 100):
+    for chunk in (1, 5, 24, 100, 1000):
         for a, b in zip(linear_logprobs(hidden, weight, labels, return_entropy=True, chunk_size=chunk), whole):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+            assert torch.equal(a, b), chunk
     lp3 = linear_logprobs(hidden.view(4, 6, 20), weight, labels.view(4, 6))
     assert lp3.shape == (4, 6)
-    torch.testing.assert_close(lp3.view(-1), whole[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(lp3.view(-1), whole[0])
+
+
+def _grads(hidden, weight, bias, labels, g, **kw):
+    """Outputs and gradients of sum(g[0] * log-prob + g[1] * entropy)."""
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight)]
+    b = bias.clone().requires_grad_(True) if bias is not None else None
+    lp, ent = linear_logprobs(leaves[0], leaves[1], labels, bias=b, return_entropy=True, **kw)
+    ((lp * g[0]).sum() + (ent * g[1]).sum()).backward()
+    return lp.detach(), ent.detach(), leaves[0].grad, leaves[1].grad, None if b is None else b.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_batch_invariance_bitwise(dtype, monkeypatch):
+    """A row's log-prob, entropy and grad_hidden are bitwise the same alone, inside batches of other
+    sizes (below, at and past a matmul tile: 16 rows here), at any position, next to ignored rows, and
+    for any chunk size; grad_weight / grad_bias (sums over the batch) do not depend on the chunk size."""
+    hidden, weight, b, labels = make(300, 600, 24, dtype=dtype, seed=12, bias=True, ignore_frac=0.3)
+    labels[7] = 5  # the probed row is labelled
+    g = torch.randn(2, 300, generator=torch.Generator().manual_seed(11))
+    monkeypatch.setattr(fll, "CHUNK_BYTES", 16 * 600 * hidden.element_size())  # 16-row tiles: many, and a tail
+    assert fll._row_tile(600, hidden.element_size()) == 16
+    alone = _grads(hidden[7:8], weight, b, labels[7:8], g[:, 7:8])
+    for lo, hi, chunk in ((0, 300, None), (7, 300, 1), (3, 20, 5), (0, 17, 64), (5, 40, 33), (7, 9, None)):
+        got = _grads(hidden[lo:hi], weight, b, labels[lo:hi], g[:, lo:hi], chunk_size=chunk)
+        for k in range(3):  # log-prob, entropy, grad_hidden of row 7
+            assert torch.equal(got[k][7 - lo], alone[k][0]), (lo, hi, chunk, k)
+    whole = _grads(hidden, weight, b, labels, g)
+    for chunk in (1, 17, 100):
+        for want, got in zip(whole, _grads(hidden, weight, b, labels, g, chunk_size=chunk)):
+            assert torch.equal(got, want), chunk
 
 
 def test_logprob_only_gradient_and_memory_budget(monkeypatch):
-    # A tiny budget forces one-row chunks: same numbers as a single chunk.
-    hidden, weight, _, labels = make(12, 80, 10, seed=4)
+    # A tiny budget forces 16-row tiles and chunks: the same numbers (up to BLAS rounding) as one tile.
+    hidden, weight, _, labels = make(40, 80, 10, seed=4)
     h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     linear_logprobs(h1, w1, labels).sum().backward()
+    assert fll._row_tile(80, 4) == 256 and fll._chunk_rows(300, 80, 4) == 512
+    assert fll._chunk_rows(0, 80, 4) == fll.CHUNK_BYTES // (80 * 4 * 256) * 256  # whole tiles within the budget
+    assert fll._row_tile(152064, 4) == 96 and fll._chunk_rows(0, 152064, 4) == 96  # Qwen's V: 96 x V x 4 <= 64 MiB
     monkeypatch.setattr(fll, "CHUNK_BYTES", 1)
-    assert fll._chunk_rows(0, 80, 4) == 1 and fll._chunk_rows(3, 80, 4) == 3
+    assert fll._row_tile(80, 4) == 16 and fll._chunk_rows(0, 80, 4) == 16
+    assert fll._chunk_rows(3, 80, 4) == 16 and fll._chunk_rows(17, 80, 4) == 32
     h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     linear_logprobs(h2, w2, labels).sum().backward()
     torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-5)
@@ -86,13 +120,16 @@ def test_logprob_only_gradient_and_memory_budget(monkeypatch):
 def test_ignored_rows_never_reach_the_matmul(monkeypatch):
     hidden, weight, _, labels = make(10, 50, 8, seed=5, ignore_frac=0.0)
     labels[[1, 4, 5]] = -100
+    kept = hidden[labels != -100]
     seen = []
-    real = fll._chunk_logits
-    monkeypatch.setattr(fll, "_chunk_logits", lambda h, w, b, buf: seen.append(h.shape[0]) or real(h, w, b, buf))
+    real = fll._tile_logits
+    monkeypatch.setattr(fll, "_tile_logits", lambda x, w, b, out: seen.append(x.clone()) or real(x, w, b, out))
     x = hidden.clone().requires_grad_(True)
     linear_logprobs(x, weight, labels).sum().backward()
-    assert seen == [7, 7]  # forward and backward, the 7 labelled rows only
-    monkeypatch.setattr(fll, "_chunk_logits", real)
+    assert len(seen) == 2  # forward and backward: one padded tile each, the 7 labelled rows then zeros
+    for tile in seen:
+        assert tile.shape == (256, 8) and torch.equal(tile[:7], kept) and not tile[7:].any()
+    monkeypatch.setattr(fll, "_tile_logits", real)
     all_ignored = torch.full((10,), -100)
     assert torch.equal(linear_logprobs(hidden, weight, all_ignored), torch.zeros(10))
 
@@ -225,6 +262,7 @@ _TRITON_SCRIPT = textwrap.dedent(r"""
         g_lp, g_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
         lp, ent, lse = tk.linear_logprobs_forward(h, w, b, y, T, -100, True)
         gh, gw, gb = tk.linear_logprobs_backward(h, w, b, y, lse, ent, g_lp, g_ent, T, -100, chunk)
+        fgh, fgw, fgb = tk.linear_logprobs_backward_fused(h, w, b, y, lse, ent, g_lp, g_ent, T, -100)
         leaves = [t.double().requires_grad_(True) for t in (h, w)]
         bl = b.double().requires_grad_(True) if bias else None
         rlp, rent = ref(leaves[0], leaves[1], y, bias=bl, temperature=T)
@@ -232,10 +270,13 @@ _TRITON_SCRIPT = textwrap.dedent(r"""
         err = lambda a, r: float((a.double() - r).abs().max() / (1 + r.abs().max()))
         res = {"lp": err(lp, rlp.detach()), "ent": err(ent, rent.detach()),
                "gh": err(gh, leaves[0].grad), "gw": err(gw, leaves[1].grad),
-               "ignored_zero": bool((lp[y == -100] == 0).all() and (gh[y == -100] == 0).all()),
-               "grad_dtype": str(gw.dtype)}
+               "fgh": err(fgh, leaves[0].grad), "fgw": err(fgw, leaves[1].grad),
+               "ignored_zero": bool((lp[y == -100] == 0).all() and (gh[y == -100] == 0).all()
+                                    and (fgh[y == -100] == 0).all()),
+               "grad_dtype": {str(t.dtype) for t in (gw, fgw, fgh)}}
         if bias:
-            res["gb"] = err(gb, bl.grad)
+            res["gb"], res["fgb"] = err(gb, bl.grad), err(fgb, bl.grad)
+        res["grad_dtype"] = sorted(res["grad_dtype"])
         results.append(res)
     print(json.dumps(results))
 """)
@@ -244,15 +285,77 @@ _TRITON_SCRIPT = textwrap.dedent(r"""
 @pytest.mark.triton
 def test_triton_kernels_under_interpreter():
     pytest.importorskip("triton")
-    # V and H not multiples of the blocks (64, 32), rows not a multiple of BLOCK_M, chunks of 16 rows.
+    # V and H not multiples of the blocks (64, 32; BLOCK_H = 64 for the fused backward), rows not a multiple
+    # of BLOCK_M, chunks of 16 rows; H = 70: two hidden blocks in the fused backward, the second a tail.
+    # Default backward (chunked) and fully fused backward (no [chunk, V] buffer), both vs fp64.
     cases = [(37, 101, 45, "float32", True, 0.8, 16), (5, 64, 32, "float32", False, 1.0, 0),
-             (33, 70, 19, "bfloat16", True, 1.0, 8), (20, 130, 40, "float16", False, 1.3, 0)]
+             (33, 70, 19, "bfloat16", True, 1.0, 8), (20, 130, 40, "float16", False, 1.3, 0),
+             (40, 150, 70, "float32", True, 0.9, 0)]
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, json.dumps(cases)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     for (N, V, H, dtype, bias, T, chunk), res in zip(cases, json.loads(out.stdout.strip().splitlines()[-1])):
         tol = 1e-5 if dtype == "float32" else 2e-2
-        assert res["ignored_zero"] and res["grad_dtype"] == f"torch.{dtype}"
-        for key in ("lp", "ent", "gh", "gw") + (("gb",) if bias else ()):
+        assert res["ignored_zero"] and res["grad_dtype"] == [f"torch.{dtype}"]
+        for key in ("lp", "ent", "gh", "gw", "fgh", "fgw") + (("gb", "fgb") if bias else ()):
             assert res[key] < tol, (dtype, key, res)
+
+
+_TRITON_INVARIANCE_SCRIPT = textwrap.dedent(r"""
+    import json
+    import torch
+    import fastrl.triton.linear_logprobs as tk
+
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        gen = torch.Generator().manual_seed(3)
+        N, V, H = 70, 90, 40  # V, H and N not multiples of the blocks (64, 32, 32)
+        h = torch.randn(N, H, generator=gen).to(dtype)
+        w = (3 * torch.randn(V, H, generator=gen) / H ** 0.5).to(dtype)
+        b = torch.randn(V, generator=gen).to(dtype)
+        y = torch.randint(0, V, (N,), generator=gen)
+        y[torch.rand(N, generator=gen) < 0.3] = -100
+        probe = [i for i in (5, 40, 69) if y[i] != -100] + [int((y != -100).nonzero()[-1])]
+        g = torch.randn(2, N, generator=gen)
+
+        def run(lo, hi):  # (log-prob, entropy, lse, fused grad_hidden) of rows lo..hi-1
+            lp, ent, lse = tk.linear_logprobs_forward(h[lo:hi], w, b, y[lo:hi], 0.9, -100, True)
+            gh = tk.linear_logprobs_backward_fused(h[lo:hi], w, b, y[lo:hi], lse, ent, g[0, lo:hi], g[1, lo:hi],
+                                                   0.9, -100)[0]
+            return lp, ent, lse, gh
+
+        whole = run(0, N)
+        same = True
+        for i in probe:  # row i alone, in a short batch at another position, and in the whole batch
+            for lo in (i, max(0, i - 3)):
+                part = run(lo, i + 1)
+                same &= all(bool(torch.equal(p[i - lo], q[i])) for p, q in zip(part, whole))
+        out[str(dtype)] = same
+    # dispatch: FASTRL_LINEAR_LOGPROBS_BACKWARD=fused routes the op's backward to the fused kernels
+    import importlib, os
+    fll = importlib.import_module("fastrl.linear_logprobs")  # the module (`fastrl.linear_logprobs` is the function)
+    fll._use_triton = lambda hidden: True  # as for CUDA tensors
+    lp, ent, lse = torch.ops.fastrl.linear_logprobs(h, w, b, y, 0.9, -100, True, 0)
+    fused = tk.linear_logprobs_backward_fused(h, w, b, y, lse, ent, g[0], g[1], 0.9, -100)
+    chunked = tk.linear_logprobs_backward(h, w, b, y, lse, ent, g[0], g[1], 0.9, -100, 0)
+    out["distinct"] = not all(bool(torch.equal(p, q)) for p, q in zip(fused, chunked))  # else the check is void
+    for mode, want in (("fused", fused), ("chunked", chunked)):
+        os.environ["FASTRL_LINEAR_LOGPROBS_BACKWARD"] = mode
+        got = torch.ops.fastrl.linear_logprobs_backward(h, w, b, y, lse, ent, g[0], g[1], 0.9, -100, 0)
+        out[mode] = all(bool(torch.equal(p, q)) for p, q in zip(got, want))
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.triton
+def test_triton_batch_invariance_under_interpreter():
+    """Fixed BLOCK_M x BLOCK_N x BLOCK_K tiles, no split over H that depends on N: a row's log-prob,
+    entropy, lse and (fused backward) grad_hidden are bitwise the same alone and inside any batch."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", _TRITON_INVARIANCE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"torch.float32": True, "torch.bfloat16": True,
+                                                               "distinct": True, "fused": True, "chunked": True}

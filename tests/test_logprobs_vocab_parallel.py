@@ -2,7 +2,8 @@
 
 Each rank holds a slice of the vocabulary of the same full logits; its log-probs / entropy and the
 gradient of its shard must equal fastrl.logprobs on the full logits (sliced the same way), and the fp64
-reference. The ranks run in forked processes (the pattern of tests/test_credit.py's distributed test).
+reference: one or K labels per position, out-of-place or in-place backward, uneven and empty shards.
+The ranks run in forked processes (the pattern of tests/test_credit.py's distributed test).
 """
 import math
 
@@ -14,25 +15,28 @@ from fastrl.reference import logprobs as ref
 
 
 def _case(name, gen, lead, sizes, *, dtype=torch.float32, starts=None, temperature=1.0, ignore_index=-100,
-          return_entropy=True, grad_lp=True, grad_ent=True, reference=False, transposed=False):
+          return_entropy=True, grad_lp=True, grad_ent=True, reference=False, transposed=False, topk=0,
+          inplace=False):
     """A full [*lead, V] logits tensor with labels on every shard (and ignored ones), its split and the
-    grad_outputs to back-propagate (the same on every rank)."""
+    grad_outputs to back-propagate (the same on every rank). ``topk``: K labels per position."""
     vocab = sum(sizes)
     logits = (torch.randn(*lead, vocab, generator=gen) * 3).to(dtype)
-    labels = torch.randint(0, vocab, lead, generator=gen)
+    label_shape = lead + ((topk,) if topk else ())
+    labels = torch.randint(0, vocab, label_shape, generator=gen)
     flat = labels.view(-1)
     flat[0] = ignore_index
     ends = torch.tensor(sizes).cumsum(0).tolist()
-    for i, end in enumerate(ends):  # a label on the first and the last element of each shard
-        flat[(1 + 2 * i) % flat.numel()] = end - 1
-        flat[(2 + 2 * i) % flat.numel()] = end - sizes[i]
+    for i, end in enumerate(ends):  # a label on the first and the last element of each (non-empty) shard
+        if sizes[i]:
+            flat[(1 + 2 * i) % flat.numel()] = end - 1
+            flat[(2 + 2 * i) % flat.numel()] = end - sizes[i]
     if starts is None:
         starts = [end - size for end, size in zip(ends, sizes)]
     return dict(name=name, logits=logits, labels=labels, sizes=sizes, starts=starts, temperature=temperature,
                 ignore_index=ignore_index, return_entropy=return_entropy, explicit_starts=False,
-                g_lp=torch.randn(lead, generator=gen) if grad_lp else None,
+                g_lp=torch.randn(label_shape, generator=gen) if grad_lp else None,
                 g_ent=torch.randn(lead, generator=gen) if (grad_ent and return_entropy) else None,
-                reference=reference, transposed=transposed)
+                reference=reference, transposed=transposed, inplace=inplace)
 
 
 def _cases(world_size):
@@ -49,6 +53,16 @@ def _cases(world_size):
         _case("reference_backend", gen, (5,), sizes, temperature=0.9, reference=True),
         # the shard is a transposed view (stride along the vocabulary != 1)
         _case("transposed_shard", gen, (6,), sizes, temperature=1.1, transposed=True),
+        # K labels per position (top-K candidates), some ignored, some on each shard
+        _case("topk", gen, (3, 4), sizes, topk=3, temperature=0.8),
+        _case("topk_bf16_logprob_grad_only", gen, (5,), sizes, dtype=torch.bfloat16, topk=2, grad_ent=False),
+        _case("topk_reference_backend", gen, (5,), sizes, topk=4, reference=True),
+        # the gradient written into the shard's own storage
+        _case("inplace", gen, (4, 3), sizes, temperature=0.9, inplace=True),
+        _case("inplace_topk_fp16", gen, (6,), sizes, dtype=torch.float16, topk=2, inplace=True),
+        _case("inplace_transposed", gen, (6,), sizes, transposed=True, inplace=True),
+        # an empty shard (V_r = 0) contributes nothing
+        _case("empty_shard", gen, (5,), [15, 0] if world_size == 2 else [5, 0, 13]),
     ]
     # an ignore_index that is also a valid local index of every shard: only that global id is ignored,
     # not the label 3 positions into the last shard
@@ -64,6 +78,10 @@ def _cases(world_size):
         starts[rank] = pos
         pos += sizes[rank]
     c.update(starts=starts, explicit_starts=True)
+    cases.append(c)
+    # explicit starts with an empty shard that starts where a lower rank's non-empty shard does
+    c = _case("explicit_starts_empty_shard", gen, (5,), [20, 0] if world_size == 2 else [9, 0, 9])
+    c.update(starts=[0, 0] if world_size == 2 else [0, 0, 9], explicit_starts=True)
     cases.append(c)
     # -inf logits: row 0 has nothing but -inf on rank 0's shard, row 1 is all -inf (NaN result, like
     # fastrl.logprobs), row 2 has its label on a -inf logit (log-prob -inf)
@@ -100,19 +118,24 @@ def _run_case(case, rank, group):
         shard = leaf.t()
     else:
         leaf = shard = _shard(case, rank).clone().requires_grad_(True)
+    if case["inplace"]:
+        shard = shard * 1.0  # a non-leaf activation (the LM head's output): its storage gets overwritten
     saved_backend = ext.BACKEND
     ext.BACKEND = "reference" if case["reference"] else saved_backend
     try:
         out = vocab_parallel_logprobs(
             shard, case["labels"], process_group=group, temperature=case["temperature"],
             vocab_start_index=case["starts"][rank] if case["explicit_starts"] else None,
-            return_entropy=case["return_entropy"], ignore_index=case["ignore_index"])
+            return_entropy=case["return_entropy"], ignore_index=case["ignore_index"],
+            inplace_backward=case["inplace"])
         lp, ent = out if case["return_entropy"] else (out, None)
         _backward(case, lp, ent)
     finally:
         ext.BACKEND = saved_backend
     grad = leaf.grad.t() if case["transposed"] else leaf.grad
-    return dict(lp=lp.detach(), ent=None if ent is None else ent.detach(), grad=grad)
+    # in place: a unit-stride shard now holds its own gradient (a transposed one was copied first, untouched)
+    overwritten = torch.equal(shard.detach(), grad) if case["inplace"] else None
+    return dict(lp=lp.detach(), ent=None if ent is None else ent.detach(), grad=grad, overwritten=overwritten)
 
 
 def _errors(rank, world_size, group, gen):
@@ -134,8 +157,6 @@ def _errors(rank, world_size, group, gen):
     record("overlap", lambda: vocab_parallel_logprobs(logits, labels, process_group=group, vocab_start_index=0))
     record("some_ranks", lambda: vocab_parallel_logprobs(logits, labels, process_group=group,
                                                          vocab_start_index=0 if rank == 0 else None))
-    empty = logits[:, :0] if rank == world_size - 1 else logits
-    record("empty_shard", lambda: vocab_parallel_logprobs(empty, labels, process_group=group))
     high = labels.clone()
     high[2] = 6 * world_size  # the global V: out of range, although < V on no shard's local scale
     record("label_high", lambda: vocab_parallel_logprobs(logits, high, process_group=group))
@@ -143,8 +164,7 @@ def _errors(rank, world_size, group, gen):
     low[1] = -1
     record("label_low", lambda: vocab_parallel_logprobs(logits, low, process_group=group))
     record("temperature", lambda: vocab_parallel_logprobs(logits, labels, process_group=group, temperature=0.0))
-    record("topk", lambda: vocab_parallel_logprobs(logits, labels[:, None].expand(4, 2).contiguous(),
-                                                   process_group=group))
+    record("topk_high", lambda: vocab_parallel_logprobs(logits, torch.stack([labels, high], 1), process_group=group))
     record("float_labels", lambda: vocab_parallel_logprobs(logits, labels.float(), process_group=group))
     record("shape", lambda: vocab_parallel_logprobs(logits, labels[:3], process_group=group))
     # and still fine after all of that (no rank left behind in a collective)
@@ -170,6 +190,11 @@ def _worker(rank, world_size, init_method, out_dir):
         (lp.sum() + ent.sum()).backward()
         results["empty"] = (lp.shape, ent.shape, empty.grad.shape)
         results["errors"] = _errors(rank, world_size, group, torch.Generator().manual_seed(7))
+        # what a CUDA caller gets for shards that do not tile [0, V) (the flag stays on the device there)
+        from fastrl.logprobs import _VocabParallel
+        results["invalid_layout"] = _VocabParallel.apply(
+            torch.randn(3, 4), torch.tensor([0, 5, -100]), torch.zeros(3, dtype=torch.bool), torch.tensor(4 * rank),
+            torch.tensor(False), 1.0, -100, True, group, False)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -214,12 +239,14 @@ def _check(world_size, results):
                 torch.testing.assert_close(got["ent"][finite].double(), ref_ent[finite], rtol=0, atol=5e-5, msg=name)
             else:
                 assert got["ent"] is None
+            assert got["overwritten"] in ((None,) if not case["inplace"] else (not case["transposed"],)), name
             want_grad = _shard(dict(case, logits=grad), rank)
             assert got["grad"].dtype == case["logits"].dtype and got["grad"].shape == want_grad.shape
             torch.testing.assert_close(got["grad"], want_grad, **grad_tol, equal_nan=True, msg=name)
         # ignored positions get exactly no log-prob gradient on any shard
         if case["g_ent"] is None:
             ignored = case["labels"] == case["ignore_index"]
+            ignored = ignored.all(-1) if ignored.dim() > case["logits"].dim() - 1 else ignored
             for res in results:
                 assert torch.equal(res[name]["grad"][ignored], torch.zeros_like(res[name]["grad"][ignored])), name
     v = 6 * world_size
@@ -231,14 +258,15 @@ def _check(world_size, results):
         assert "tile [0, V) without gaps or overlaps" in e["gap"] and e["gap"].startswith("ValueError")
         assert "tile [0, V)" in e["overlap"]
         assert "given on every rank or on none, got it on ranks [0]" in e["some_ranks"]
-        assert "non-empty" in e["empty_shard"] and f"({6 * (world_size - 1)}, 0)" in e["empty_shard"]
         assert f"[0, V={v})" in e["label_high"] and f"labels[2] = {v}" in e["label_high"]
         assert "labels[1] = -1" in e["label_low"]
         assert "`temperature` must be a finite number > 0, got 0.0" in e["temperature"]
-        assert "K labels per position are not supported" in e["topk"]
+        assert f"labels[5] = {v}" in e["topk_high"]  # position in the flattened [4, 2] labels
         assert "must be an integer tensor, got dtype torch.float32" in e["float_labels"]
         assert "`labels` must have shape" in e["shape"]
         assert e["ok"] is None
+        lp, ent = res["invalid_layout"]
+        assert lp[:2].isnan().all() and lp[2] == 0 and ent.isnan().all()
 
 
 @pytest.mark.distributed

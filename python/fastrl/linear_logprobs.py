@@ -3,16 +3,28 @@ without ever materializing the ``[N, V]`` logits.
 
 Two implementations behind one function, :func:`linear_logprobs`:
 
-* **chunked** (CPU, and CUDA without Triton): rows are processed ``chunk_size`` at a time; a chunk's
-  logits ``[chunk, V]`` are computed with ``torch.mm`` in the input dtype, and the compiled row
-  kernels of :func:`fastrl.logprobs` (``fastrl::logprobs`` / ``fastrl::logprobs_backward_``) do the
-  softmax part. The backward recomputes each chunk's logits and overwrites them with their
-  gradient, then ``grad_hidden = G @ W`` and ``grad_weight += G.T @ hidden``. Extra memory:
-  O(chunk x V) (one chunk's logits; for bf16/fp16 inputs the backward also holds the chunk's
-  gradient in fp32 and accumulates ``grad_weight`` in an fp32 ``[V, H]`` buffer).
-  The chunk size comes from a memory budget (:data:`CHUNK_BYTES`, 64 MiB of chunk logits).
+* **chunked** (CPU, and CUDA without Triton): rows are processed a chunk at a time; a chunk's
+  logits ``[chunk, V]`` are computed in the input dtype by ``torch.mm`` on fixed ``[tile, H]`` row
+  tiles (:func:`_row_tile`: 16 to 256 rows, from V and the dtype only; the last tile padded with zero
+  rows), and the compiled row kernels of :func:`fastrl.logprobs` (``fastrl::logprobs`` /
+  ``fastrl::logprobs_backward_``) do the softmax part. The backward recomputes each chunk's logits
+  and overwrites them with their gradient, then per tile ``grad_hidden = G @ W`` and
+  ``grad_weight += G.T @ hidden``. Extra memory: O(chunk x V) (one chunk's logits, at least one
+  tile; for bf16/fp16 inputs the backward also holds a tile's gradient in fp32 and accumulates
+  ``grad_weight`` in an fp32 ``[V, H]`` buffer). The chunk size comes from a memory budget
+  (:data:`CHUNK_BYTES`, 64 MiB of chunk logits).
+  **Batch invariant**: every matmul has the same shape (so the same BLAS kernel and blocking)
+  whatever the batch and the chunk size, so a row's log-prob, entropy and ``grad_hidden`` are
+  bitwise the same alone or in any batch, and ``grad_weight`` / ``grad_bias`` (sums over the rows,
+  tile by tile in row order) do not depend on the chunk size. The price: the padding of the last
+  tile (up to 255 rows of matmul per call, which dominates for small batches) and, in the
+  backward, tiles smaller than the chunk (measured: benchmarks/bench_logprobs.py).
 * **Triton** (CUDA tensors, when Triton is installed): :mod:`fastrl.triton.linear_logprobs`, vocab tiles
-  with ``tl.dot`` and an online logsumexp / label / entropy epilogue; no ``[N, V]`` either.
+  with ``tl.dot`` and an online logsumexp / label / entropy epilogue; no ``[N, V]`` either. Its
+  forward is batch invariant too (fixed tiles, no split over H). Its backward uses a ``[chunk, V]``
+  gradient buffer and two matmuls per chunk; ``FASTRL_LINEAR_LOGPROBS_BACKWARD=fused`` selects the
+  fully fused one instead (one kernel per output, no buffer, batch-invariant ``grad_hidden``; it
+  recomputes the logits ``ceil(H / 64)`` times: not yet timed on a GPU).
 
 Both are registered as the torch.library custom ops ``fastrl::linear_logprobs`` and
 ``fastrl::linear_logprobs_backward`` with a fake kernel and autograd, so they compose with
@@ -29,13 +41,30 @@ from fastrl import _extension
 __all__ = ["linear_logprobs", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 64 << 20
-"""Default memory budget of the chunked implementation: bytes of one chunk's ``[chunk, V]`` logits."""
+"""Memory budget of the chunked implementation: bytes of one chunk's ``[chunk, V]`` logits (by
+default), and what fixes its matmul tile (:func:`_row_tile`)."""
+
+
+def _row_tile(vocab: int, element_size: int) -> int:
+    """Rows of every matmul of the chunked implementation: as many as fit :data:`CHUNK_BYTES` of
+    logits, in multiples of 16, between 16 and 256 (larger tiles re-read the weight less often).
+
+    It depends on V and the dtype only, never on the batch or the chunk size: every product is
+    ``[tile, H] @ [H, V]`` (the last tile padded with zero rows), so BLAS runs the same kernel with
+    the same blocking for every tile and a row's logits do not depend on the other rows (a product
+    of another height may take another kernel: one row takes BLAS's gemv path, with another
+    summation order)."""
+    rows = CHUNK_BYTES // max(1, vocab * element_size)
+    return max(16, min(256, rows) // 16 * 16)
 
 
 def _chunk_rows(chunk_size: int, vocab: int, element_size: int) -> int:
+    """Rows per chunk, a multiple of the tile: ``chunk_size`` rounded up, or (0) as many tiles as fit
+    :data:`CHUNK_BYTES` of logits (at least one)."""
+    tile = _row_tile(vocab, element_size)
     if chunk_size > 0:
-        return chunk_size
-    return max(1, CHUNK_BYTES // max(1, vocab * element_size))
+        return -(-chunk_size // tile) * tile
+    return max(1, CHUNK_BYTES // max(1, vocab * element_size * tile)) * tile
 
 
 def _use_triton(hidden: torch.Tensor) -> bool:
@@ -51,28 +80,45 @@ def _use_triton(hidden: torch.Tensor) -> bool:
     return True
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buf: torch.Tensor) -> torch.Tensor:
-    """``h @ weight.T (+ bias)`` written into the first rows of the reused chunk buffer ``buf`` (a fresh
-    allocation per chunk would page-fault its O(chunk x V) bytes every time: ~40% of the matmul time)."""
-    out = buf[:h.shape[0]]
-    return torch.mm(h, weight.t(), out=out) if bias is None else torch.addmm(bias, h, weight.t(), out=out)
+def _tile_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` of one ``[tile, H]`` tile, written into ``out [tile, V]`` (a
+    slice of the reused chunk buffer: a fresh allocation per chunk would page-fault its O(chunk x V)
+    bytes every time, ~40% of the matmul time)."""
+    return torch.mm(x, weight.t(), out=out) if bias is None else torch.addmm(bias, x, weight.t(), out=out)
 
 
-def _chunk_buffer(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int, vocab: int, chunk_size: int):
-    """The row chunks (see _row_chunks) and one ``[chunk, V]`` buffer for their logits."""
-    step = _chunk_rows(chunk_size, vocab, hidden.element_size())
-    chunks = _row_chunks(labels, ignore_index, step)
-    rows = min(step, hidden.shape[0])
-    return chunks, torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
+class _Chunks:
+    """The non-ignored rows in chunks, and the buffers every chunk reuses: ``x [chunk, H]`` (the
+    chunk's hidden rows, gathered; zero padding after the last row) and ``logits [chunk, V]``.
+
+    ``chunk`` is a multiple of the matmul tile (:func:`_row_tile`). Ignored rows never reach the
+    matmul (when none is ignored the chunks are slices, otherwise index tensors)."""
+
+    def __init__(self, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int, vocab: int, chunk_size: int):
+        self.tile = _row_tile(vocab, hidden.element_size())
+        step = _chunk_rows(chunk_size, vocab, hidden.element_size())
+        keep = (labels != ignore_index).nonzero().squeeze(1)
+        if keep.numel() == labels.numel():
+            self.rows = [slice(start, start + step) for start in range(0, keep.numel(), step)]
+        else:
+            self.rows = [keep[start:start + step] for start in range(0, keep.numel(), step)]
+        size = min(step, -(-keep.numel() // self.tile) * self.tile)
+        self.x = hidden.new_zeros(size, hidden.shape[1])
+        self.logits = hidden.new_empty(size, vocab)
 
 
-def _row_chunks(labels: torch.Tensor, ignore_index: int, step: int):
-    """The non-ignored rows in chunks of ``step``: slices when no row is ignored (views, no copy), else
-    index tensors (the ignored rows never reach the matmul)."""
-    keep = (labels != ignore_index).nonzero().squeeze(1)
-    if keep.numel() == labels.numel():
-        return [slice(start, start + step) for start in range(0, keep.numel(), step)]
-    return [keep[start:start + step] for start in range(0, keep.numel(), step)]
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunks: _Chunks):
+    """The logits of the chunk's rows ``h [count, H]``, one tile's matmul at a time: ``(x, logits)``,
+    views ``[padded, H]`` and ``[padded, V]`` of the chunk buffers (``padded`` = ``count`` rounded up to
+    the tile; the rows past ``count`` are zero padding and its logits)."""
+    count, tile = h.shape[0], chunks.tile
+    padded = -(-count // tile) * tile
+    x, logits = chunks.x[:padded], chunks.logits[:padded]
+    x[:count] = h
+    x[count:].zero_()
+    for t in range(0, padded, tile):
+        _tile_logits(x[t:t + tile], weight, bias, logits[t:t + tile])
+    return x, logits
 
 
 def _check_labels_cpu(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
@@ -99,10 +145,11 @@ def _linear_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     lp, lse = torch.zeros(n, **f32), torch.zeros(n, **f32)
     ent = torch.zeros(n if compute_entropy else 0, **f32)
     _check_labels_cpu(labels, vocab, ignore_index)
-    chunks, buf = _chunk_buffer(hidden, labels, ignore_index, vocab, chunk_size)
-    for rows in chunks:
-        logits = _chunk_logits(hidden[rows], weight, bias, buf)
-        lp[rows], c_ent, lse[rows] = torch.ops.fastrl.logprobs(logits, labels[rows], temperature, ignore_index,
+    chunks = _Chunks(hidden, labels, ignore_index, vocab, chunk_size)
+    for rows in chunks.rows:
+        y = labels[rows]
+        _, logits = _chunk_logits(hidden[rows], weight, bias, chunks)
+        lp[rows], c_ent, lse[rows] = torch.ops.fastrl.logprobs(logits[:y.shape[0]], y, temperature, ignore_index,
                                                                compute_entropy)
         if compute_entropy:
             ent[rows] = c_ent
@@ -124,28 +171,39 @@ def _linear_logprobs_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bia
                                  chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_hidden [N, H], grad_weight [V, H], grad_bias [V] or [0])`` in the inputs' dtypes."""
     if _use_triton(hidden):
-        from fastrl.triton.linear_logprobs import linear_logprobs_backward
-        return linear_logprobs_backward(hidden, weight, bias, labels, lse, entropy, grad_logprobs, grad_entropy,
-                                        temperature, ignore_index, chunk_size)
+        from fastrl.triton import linear_logprobs as kernels
+        if os.environ.get("FASTRL_LINEAR_LOGPROBS_BACKWARD", "") == "fused":
+            return kernels.linear_logprobs_backward_fused(hidden, weight, bias, labels, lse, entropy, grad_logprobs,
+                                                          grad_entropy, temperature, ignore_index)
+        return kernels.linear_logprobs_backward(hidden, weight, bias, labels, lse, entropy, grad_logprobs,
+                                                grad_entropy, temperature, ignore_index, chunk_size)
     vocab = weight.shape[0]
     half = hidden.dtype in (torch.bfloat16, torch.float16)
     grad_h = torch.zeros_like(hidden)
     grad_w = torch.zeros(weight.shape, dtype=torch.float32 if half else weight.dtype, device=weight.device)
     grad_b = torch.zeros(vocab if bias is not None else 0, dtype=torch.float32, device=weight.device)
     pick = lambda t: None if t is None else t[rows]  # noqa: E731
-    chunks, buf = _chunk_buffer(hidden, labels, ignore_index, vocab, chunk_size)
-    for rows in chunks:
-        h = hidden[rows]
-        g = _chunk_logits(h, weight, bias, buf)  # recomputed, then overwritten by its own gradient
-        torch.ops.fastrl.logprobs_backward_(g, labels[rows], lse[rows], pick(entropy), pick(grad_logprobs),
+    chunks = _Chunks(hidden, labels, ignore_index, vocab, chunk_size)
+    grad_x = torch.empty_like(chunks.x)
+    for rows in chunks.rows:
+        y = labels[rows]
+        count = y.shape[0]
+        x, g = _chunk_logits(hidden[rows], weight, bias, chunks)  # recomputed, then overwritten by its gradient
+        torch.ops.fastrl.logprobs_backward_(g[:count], y, lse[rows], pick(entropy), pick(grad_logprobs),
                                             pick(grad_entropy), None, temperature, ignore_index)
-        grad_h[rows] = torch.mm(g, weight)
-        if half:  # fp32 accumulation of grad_weight over the chunks
-            g = g.float()
-            h = h.float()
-        grad_w.addmm_(g.t(), h)
-        if bias is not None:
-            grad_b.add_(g.sum(0, dtype=torch.float32))
+        g[count:].zero_()  # padding rows: no gradient
+        # per tile, like the forward: a row's grad_hidden is batch invariant, and grad_weight / grad_bias
+        # sum the tiles in row order whatever the chunk size
+        tile = chunks.tile
+        for t in range(0, g.shape[0], tile):
+            g_t, x_t = g[t:t + tile], x[t:t + tile]
+            torch.mm(g_t, weight, out=grad_x[t:t + tile])
+            if half:  # fp32 accumulation of grad_weight over the tiles
+                g_t, x_t = g_t.float(), x_t.float()
+            grad_w.addmm_(g_t.t(), x_t)
+            if bias is not None:
+                grad_b.add_(g_t.sum(0, dtype=torch.float32))
+        grad_h[rows] = grad_x[:count]
     return grad_h, grad_w.to(weight.dtype), grad_b.to(bias.dtype) if bias is not None else grad_b
 
 
@@ -234,14 +292,19 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         bias: optional ``[V]``.
         temperature: ``T > 0``.
         return_entropy: also return the entropy of each position's distribution.
-        chunk_size: rows per chunk of the chunked (CPU) implementation; default: as many as fit
-            :data:`CHUNK_BYTES` of chunk logits. Extra memory O(chunk_size x V).
+        chunk_size: rows per chunk of the chunked (CPU) implementation, rounded up to a multiple of
+            the matmul tile; default: as many tiles as fit :data:`CHUNK_BYTES` of chunk logits.
+            Extra memory O(chunk_size x V). It does not change the results (bitwise).
 
     Returns:
         ``logprobs`` float32 ``[...]``, or ``(logprobs, entropy)``.
 
     The chunk logits are computed in the input dtype (as the model's LM head would); the softmax
-    reductions are fp32. On CUDA, Triton kernels are used when installed (tiles in fp32 accumulators).
+    reductions are fp32. Batch invariant: a row's log-prob and entropy (and its gradient wrt its
+    hidden state, on the CPU or with the fused Triton backward) are bitwise the same whatever other
+    rows share the call and whatever the chunk size (for a given thread count, device and
+    implementation). On CUDA, Triton kernels are used when
+    installed (tiles in fp32 accumulators).
 
     >>> hidden, weight = torch.randn(2, 3, 8), torch.randn(50, 8)
     >>> labels = torch.tensor([[1, 2, -100], [4, 5, 6]])

@@ -39,23 +39,27 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 
 def logprobs_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy, grad_logprobs,
                       grad_entropy, grad_lse, *, temperature: float = 1.0, ignore_index: int = -100):
-    """float64 ``[N, V]`` gradient wrt ``logits [N, V]`` (one label per row, ``labels [N]``) of
-    ``sum_r g_lp[r] logprob[r] + g_ent[r] entropy[r] + g_lse[r] lse[r]`` (``None``: a zero gradient), from
-    the given per-row ``lse`` and ``entropy`` (not recomputed: they may be those of a larger row whose
-    shard ``logits`` is, as in vocab-parallel log-probs). With ``z = logits / T``, ``p = exp(z - lse)``::
+    """float64 ``[N, V]`` gradient wrt ``logits [N, V]`` (``labels [N]``, or ``[N, K]`` for K labels per
+    row with ``grad_logprobs`` of the same shape) of ``sum_r sum_k g_lp[r, k] logprob[r, k] +
+    g_ent[r] entropy[r] + g_lse[r] lse[r]`` (``None``: a zero gradient), from the given per-row ``lse``
+    and ``entropy`` (not recomputed: they may be those of a larger row whose shard ``logits`` is, as in
+    vocab-parallel log-probs). With ``z = logits / T``, ``p = exp(z - lse)``::
 
-        d/dlogits_j = ([j == y] g_lp - p_j (g_lp - g_lse + g_ent (log p_j + entropy))) / T
+        d/dlogits_j = (sum_k [j == y_k] g_lp_k - p_j (sum_k g_lp_k - g_lse + g_ent (log p_j + entropy))) / T
 
     Ignored labels get no log-prob term; probability-0 elements get no gradient."""
     z = logits.to(torch.float64) / temperature
     logp = z - lse.to(torch.float64).unsqueeze(-1)
     p = logp.exp()
-    zeros = z.new_zeros(logits.shape[0])
-    keep = labels != ignore_index
-    g_lp = zeros if grad_logprobs is None else torch.where(keep, grad_logprobs.to(torch.float64), zeros)
-    coef = (g_lp - (zeros if grad_lse is None else grad_lse.to(torch.float64))).unsqueeze(-1)
+    labels2 = labels.reshape(labels.shape[0], -1)
+    keep = labels2 != ignore_index
+    zeros = z.new_zeros(labels2.shape)
+    g_lp = zeros if grad_logprobs is None else torch.where(keep, grad_logprobs.to(torch.float64).view(labels2.shape),
+                                                           zeros)
+    coef = g_lp.sum(1) - (0.0 if grad_lse is None else grad_lse.to(torch.float64))
+    coef = coef.unsqueeze(-1)
     if grad_entropy is not None:
         coef = coef + grad_entropy.to(torch.float64).unsqueeze(-1) * (logp + entropy.to(torch.float64).unsqueeze(-1))
     grad = -torch.where(p > 0, p * coef, torch.zeros_like(p))
-    grad.scatter_add_(-1, torch.where(keep, labels, 0).unsqueeze(-1), g_lp.unsqueeze(-1))
+    grad.scatter_add_(-1, torch.where(keep, labels2, 0), g_lp)
     return grad / temperature
