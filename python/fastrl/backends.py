@@ -12,6 +12,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "broadcast_to_tokens": ("cpu", "torch-cuda", "reference"),  # the multiply is torch's own kernel
     "gae": ("cpu", "cuda", "reference"),
     "discounted_returns": ("cpu", "cuda", "reference"),
+    "discounted_returns_whiten": ("cpu", "torch-cuda", "reference"),  # CUDA: the scan, then masked_whiten
     "masked_moments": ("cpu", "torch-cuda", "reference"),  # CUDA: torch's fp64 reductions
     "masked_whiten": ("cpu", "torch-cuda", "reference"),
     "kl_penalty": ("cpu", "cuda", "reference"),
@@ -21,13 +22,14 @@ OPS: dict[str, tuple[str, ...]] = {
     "logprobs_backward_": ("cpu", "cuda", "reference"),  # in place (inplace_backward=True)
     "vocab_parallel_logprobs": ("cpu", "cuda", "reference"),  # per-shard row kernels + torch.distributed
     "linear_logprobs": ("cpu", "triton", "reference"),   # cpu: chunked torch.mm + row kernels (also CUDA without Triton)
-    "linear_logprobs_backward": ("cpu", "triton", "reference"),
+    "linear_logprobs_backward": ("cpu", "triton", "reference"),  # triton: [chunk, V] buffer, or fully fused (FASTRL_LINEAR_LOGPROBS_BACKWARD=fused)
     "segment_reduce": ("cpu", "cuda", "reference"),
     "implicit_rewards": ("cpu", "cuda", "reference"),
     "sample_tokens": ("cpu", "cuda", "reference"),
     "best_of_n": ("cpu", "cuda", "reference"),
     "expected_best_of_k": ("cpu", "cuda", "reference"),  # best_at_k / worst_at_k
-    "maj_at_k": ("cpu", "reference"),                    # CUDA inputs are copied to the CPU
+    "maj_at_k": ("cpu", "cuda", "reference"),
+    "all_pairs": ("cpu", "cuda", "reference"),           # select_pairs(mode="all_pairs")
     "policy_loss_rows": ("cpu", "cuda", "reference"),           # fastrl.losses.policy_loss
     "policy_loss_rows_backward": ("cpu", "cuda", "reference"),  # reference: autograd through the fp64 formulas
 }
