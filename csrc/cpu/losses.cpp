@@ -65,6 +65,9 @@ class RowKernel {
   FASTRL_CPU_INLINE int64_t forward(int64_t b, double* out, acc_t* dpol, acc_t* daux) const {
     constexpr bool kSimdExp = std::is_same<acc_t, float>::value;
     alignas(64) float e_ratio[kBlock] = {}, e_kl[kBlock] = {};
+    // A local copy: the compiler can then keep the parameters in registers and hoist the
+    // per-token tests on them (kind, clip bounds, ...) out of the loop.
+    const losses::Params p = p_;
     losses::RowCtx<acc_t> ctx;
     int64_t bad = row_ctx(b, &ctx);
     losses::Stats s = losses::stats_zero();
@@ -80,9 +83,9 @@ class RowKernel {
           if constexpr (kSimdExp) {
             ex = {e_ratio[i - i0], e_kl[i - i0]};
           } else {
-            ex = losses::token_exps(p_, tok.lp, tok.x, tok.ref_p());
+            ex = losses::token_exps(p, tok.lp, tok.x, tok.ref_p());
           }
-          losses::stats_token(p_, ctx, tok.lp, tok.x, tok.adv, tok.ref_p(), tok.ent_p(), tok.is_w_p(), ex, &s, &dp,
+          losses::stats_token(p, ctx, tok.lp, tok.x, tok.adv, tok.ref_p(), tok.ent_p(), tok.is_w_p(), ex, &s, &dp,
                               &da);
         } else if (bit < 0 && bad < 0) {
           bad = i;
@@ -91,7 +94,7 @@ class RowKernel {
         if (daux) daux[i] = static_cast<acc_t>(da);
       }
     }
-    losses::stats_finish(p_, ctx, &s);
+    losses::stats_finish(p, ctx, &s);
     for (int k = 0; k < losses::kNumStats; ++k) out[k] = s.v[k];
     return bad;
   }
