@@ -99,11 +99,13 @@ FASTRL_CPU_INLINE void store_lanes(float* p, V v) {
 }
 
 // exp(x), ~1 ulp: a branch-free Cephes-style polynomial that vectorizes. x < -87.34 (-inf
-// included) gives 0, x > 88.72 gives +inf, NaN gives NaN.
-template <typename V>
+// included) gives 0, x > 88.72 gives +inf, NaN gives NaN. kBounded: the caller guarantees
+// x <= 88.37 (e.g. the softmax's exp(z - max z) <= 1), which saves the overflow handling (three
+// selects, ~15% of the polynomial); the results are the same bits where both apply.
+template <typename V, bool kBounded = false>
 FASTRL_CPU_INLINE V fast_exp(V x) {
   using I = typename LaneTraits<V>::Int;
-  constexpr float kLo = -87.33654f, kHi = 88.7228f;
+  constexpr float kLo = -87.33654f, kHi = kBounded ? 88.37626f : 88.7228f;
   constexpr float kLog2e = 1.44269504088896341f, kC1 = 0.693359375f, kC2 = -2.12194440e-4f;
   const auto nan = x != x;
   V xc = select(x < kLo, splat<V>(kLo), x);
@@ -121,11 +123,16 @@ FASTRL_CPU_INLINE V fast_exp(V x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const V y = p * (r * r) + r + 1.0f;
-  // 2^n as float bits; n = 128 (x above ~88.03) is 2^127 * 2 so that exp stays finite up to FLT_MAX
-  const auto top = n > 127;
-  const V scale = bits_to_float<V>((select(top, n - 1, n) + 127) << 23);
-  const V e = select(top, y * 2.0f, y) * scale;
-  return select(nan, x, select(x < kLo, splat<V>(0.0f), select(x > kHi, splat<V>(INFINITY), e)));
+  if constexpr (kBounded) {
+    const V e = y * bits_to_float<V>((n + 127) << 23);
+    return select(nan, x, select(x < kLo, splat<V>(0.0f), e));
+  } else {
+    // 2^n as float bits; n = 128 (x above ~88.03) is 2^127 * 2 so that exp stays finite up to FLT_MAX
+    const auto top = n > 127;
+    const V scale = bits_to_float<V>((select(top, n - 1, n) + 127) << 23);
+    const V e = select(top, y * 2.0f, y) * scale;
+    return select(nan, x, select(x < kLo, splat<V>(0.0f), select(x > kHi, splat<V>(INFINITY), e)));
+  }
 }
 
 enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
