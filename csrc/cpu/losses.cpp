@@ -184,6 +184,54 @@ FASTRL_CPU_INLINE void forward_rows(const RowKernel<scalar_t, mask_t, acc_t>* k,
 }
 FASTRL_CPU_ISA_VARIANTS(forward_rows)
 
+template <typename load_t, typename acc_t>
+struct GradArgs {
+  const load_t* mask;
+  Rows rows;
+  const double *grad_rows, *stats;
+  const acc_t *dpol, *daux;
+  double entropy_coef;
+  acc_t *grad_logp, *grad_entropy;
+};
+
+// The backward's token loop of one row: branch-free (selects), the inputs' presence fixed at compile
+// time, so that GCC vectorizes it for the wrapper's ISA (fp64 token_grad in lanes, same bits).
+template <bool kAux, bool kEntropy, typename load_t, typename acc_t>
+FASTRL_CPU_INLINE void grad_tokens(const GradArgs<load_t, acc_t>& a, const losses::RowGrad& r, acc_t g_ent,
+                                   int64_t begin, int64_t end) {
+  const load_t* __restrict mask = a.mask;
+  const acc_t* __restrict dpol = a.dpol;
+  const acc_t* __restrict daux = a.daux;
+  acc_t* __restrict grad_logp = a.grad_logp;
+  acc_t* __restrict grad_entropy = a.grad_entropy;
+  for (int64_t i = begin; i < end; ++i) {
+    const bool valid = valid_bit(mask[i]) == 1;
+    const double da = kAux ? static_cast<double>(daux[i]) : 0.0;
+    const acc_t g = static_cast<acc_t>(losses::token_grad(r, dpol[i], da));
+    grad_logp[i] = valid ? g : acc_t(0);
+    if (kEntropy) grad_entropy[i] = valid ? g_ent : acc_t(0);
+  }
+}
+
+template <typename V, typename load_t, typename acc_t>
+FASTRL_CPU_INLINE void backward_rows(const GradArgs<load_t, acc_t>* a, int64_t b0, int64_t b1) {
+  const Rows& rows = a->rows;
+  for (int64_t b = b0; b < b1; ++b) {
+    const losses::RowGrad r = losses::row_grad(a->grad_rows, a->stats, b);
+    const acc_t g_ent = static_cast<acc_t>(-a->entropy_coef * r.g_aux);
+    const int64_t begin = rows.cu_seqlens ? rows.cu_seqlens[b] : b * rows.row_len;
+    const int64_t end = rows.cu_seqlens ? rows.cu_seqlens[b + 1] : (b + 1) * rows.row_len;
+    if (a->daux) {
+      a->grad_entropy ? grad_tokens<true, true>(*a, r, g_ent, begin, end)
+                      : grad_tokens<true, false>(*a, r, g_ent, begin, end);
+    } else {
+      a->grad_entropy ? grad_tokens<false, true>(*a, r, g_ent, begin, end)
+                      : grad_tokens<false, false>(*a, r, g_ent, begin, end);
+    }
+  }
+}
+FASTRL_CPU_ISA_VARIANTS(backward_rows)
+
 }  // namespace
 
 template <typename scalar_t, typename mask_t, typename acc_t>
@@ -201,19 +249,12 @@ template <typename mask_t, typename acc_t>
 void policy_loss_rows_grad(const mask_t* mask, Rows rows, const double* grad_rows, const double* stats,
                            const acc_t* dpol, const acc_t* daux, double entropy_coef, acc_t* grad_logp,
                            acc_t* grad_entropy) {
+  // A bool mask is read as its bytes (0 / 1): GCC does not vectorize loads of bool.
+  using load_t = std::conditional_t<std::is_same<mask_t, bool>::value, uint8_t, mask_t>;
+  const GradArgs<load_t, acc_t> a{reinterpret_cast<const load_t*>(mask), rows, grad_rows, stats, dpol, daux,
+                                  entropy_coef, grad_logp, grad_entropy};
   at::parallel_for(0, rows.num_rows, grain(rows), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const losses::RowGrad r = losses::row_grad(grad_rows, stats, b);
-      const acc_t g_ent = static_cast<acc_t>(-entropy_coef * r.g_aux);
-      const int64_t begin = rows.cu_seqlens ? rows.cu_seqlens[b] : b * rows.row_len;
-      const int64_t end = rows.cu_seqlens ? rows.cu_seqlens[b + 1] : (b + 1) * rows.row_len;
-      for (int64_t i = begin; i < end; ++i) {
-        const bool valid = valid_bit(mask[i]) == 1;
-        const double da = daux ? static_cast<double>(daux[i]) : 0.0;
-        grad_logp[i] = valid ? static_cast<acc_t>(losses::token_grad(r, dpol[i], da)) : acc_t(0);
-        if (grad_entropy) grad_entropy[i] = valid ? g_ent : acc_t(0);
-      }
-    }
+    FASTRL_CPU_ISA_CALL(backward_rows, &a, b0, b1);
   });
 }
 
