@@ -231,6 +231,32 @@ FASTRL_HOST_DEVICE double exp_acc(double x) { return ::exp(x); }
 FASTRL_HOST_DEVICE float abs_acc(float x) { return ::fabsf(x); }
 FASTRL_HOST_DEVICE double abs_acc(double x) { return ::fabs(x); }
 
+// k3 with its exp given, e = exp_acc(k3_exp_arg<C>(logp, ref)): kl_value / kl_grad below, and the
+// policy-loss kernel, whose CPU path takes a block's exps on SIMD lanes first.
+template <KlConvention C, typename A>
+FASTRL_HOST_DEVICE A k3_exp_arg(A logp, A ref) {
+  return C == KlConvention::kVerl ? clamp_nan(ref - logp, A(-20), A(20)) : -(logp - ref);
+}
+template <KlConvention C, typename A>
+FASTRL_HOST_DEVICE A k3_value_e(A logp, A ref, A e) {
+  const A x = k3_exp_arg<C>(logp, ref);
+  if constexpr (C == KlConvention::kVerl) return clamp_nan((e - x) - A(1), A(-10), A(10));
+  const A y = (e - A(1)) - x;
+  return C == KlConvention::kOpenRLHFUnclamped ? y : clamp_nan(y, A(-10), A(10));
+}
+template <KlConvention C, typename A>
+FASTRL_HOST_DEVICE A k3_grad_e(A logp, A ref, A e) {
+  if constexpr (C == KlConvention::kVerl) {
+    const A raw = ref - logp;
+    const A v = (e - clamp_nan(raw, A(-20), A(20))) - A(1);
+    return (in_range(raw, A(-20), A(20)) & in_range(v, A(-10), A(10))) ? A(1) - e : A(0);
+  } else if constexpr (C == KlConvention::kOpenRLHFUnclamped) {
+    return A(1) - e;
+  } else {
+    return in_range((e - A(1)) - k3_exp_arg<C>(logp, ref), A(-10), A(10)) ? A(1) - e : A(0);
+  }
+}
+
 template <KlKind K, KlConvention C, typename A>
 FASTRL_HOST_DEVICE A kl_value(A logp, A ref) {
   const A d = logp - ref;
@@ -242,19 +268,13 @@ FASTRL_HOST_DEVICE A kl_value(A logp, A ref) {
     } else if constexpr (K == KlKind::kK2) {
       return mul_rn(A(0.5), mul_rn(d, d));
     } else {
-      const A kl = clamp_nan(ref - logp, A(-20), A(20));
-      return clamp_nan((exp_acc(kl) - kl) - A(1), A(-10), A(10));
+      return k3_value_e<C>(logp, ref, exp_acc(k3_exp_arg<C>(logp, ref)));
     }
   } else {
-    A y;
-    if constexpr (K == KlKind::kK1) {
-      y = d;
-    } else if constexpr (K == KlKind::kK2) {
-      y = mul_rn(d, d) / A(2);
-    } else {  // kK3 (kAbs is rejected by the callers)
-      const A x = -d;
-      y = (exp_acc(x) - A(1)) - x;
+    if constexpr (K == KlKind::kK3) {  // (kAbs is rejected by the callers)
+      return k3_value_e<C>(logp, ref, exp_acc(k3_exp_arg<C>(logp, ref)));
     }
+    const A y = K == KlKind::kK1 ? d : mul_rn(d, d) / A(2);
     return C == KlConvention::kOpenRLHFUnclamped ? y : clamp_nan(y, A(-10), A(10));
   }
 }
@@ -271,29 +291,17 @@ FASTRL_HOST_DEVICE A kl_grad(A logp, A ref) {
     } else if constexpr (K == KlKind::kK2) {
       return d;
     } else {
-      const A raw = ref - logp;
-      const A kl = clamp_nan(raw, A(-20), A(20));
-      const A e = exp_acc(kl);
-      const A v = (e - kl) - A(1);
-      return (in_range(raw, A(-20), A(20)) && in_range(v, A(-10), A(10))) ? A(1) - e : A(0);
+      return k3_grad_e<C>(logp, ref, exp_acc(k3_exp_arg<C>(logp, ref)));
     }
+  } else if constexpr (K == KlKind::kK3) {
+    return k3_grad_e<C>(logp, ref, exp_acc(k3_exp_arg<C>(logp, ref)));
   } else if constexpr (C == KlConvention::kOpenRLHFUnclamped) {
-    if constexpr (K == KlKind::kK1) {
-      return A(1);
-    } else if constexpr (K == KlKind::kK2) {
-      return d;
-    } else {
-      return A(1) - exp_acc(-d);
-    }
+    return K == KlKind::kK1 ? A(1) : d;
   } else {
     if constexpr (K == KlKind::kK1) {
       return in_range(d, A(-10), A(10)) ? A(1) : A(0);
-    } else if constexpr (K == KlKind::kK2) {
-      return in_range(mul_rn(d, d) / A(2), A(-10), A(10)) ? d : A(0);
     } else {
-      const A x = -d;
-      const A e = exp_acc(x);
-      return in_range((e - A(1)) - x, A(-10), A(10)) ? A(1) - e : A(0);
+      return in_range(mul_rn(d, d) / A(2), A(-10), A(10)) ? d : A(0);
     }
   }
 }

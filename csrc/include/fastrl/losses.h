@@ -148,7 +148,7 @@ FASTRL_HOST_DEVICE_HOT bool log_ratio_passes(A x, double log_clamp) {
 FASTRL_HOST_DEVICE_HOT bool kl_uses_exp(KlMode mode) { return mode == KlMode::kK3 || mode == KlMode::kK3Trl; }
 template <typename A>
 FASTRL_HOST_DEVICE_HOT A kl_exp_arg(KlMode mode, A logp, A ref) {
-  return mode == KlMode::kK3 ? credit::clamp_nan(ref - logp, A(-20), A(20)) : ref - logp;
+  return mode == KlMode::kK3 ? credit::k3_exp_arg<credit::KlConvention::kVerl>(logp, ref) : ref - logp;
 }
 
 // The KL estimator's value at (logp, ref) and its derivative in logp (*grad), given
@@ -168,13 +168,9 @@ FASTRL_HOST_DEVICE_HOT A kl_term(KlMode mode, A logp, A ref, A e, A* grad) {
     case KlMode::kK2:
       *grad = credit::kl_grad<KlKind::kK2, KlConvention::kVerl>(logp, ref);
       return credit::kl_value<KlKind::kK2, KlConvention::kVerl>(logp, ref);
-    case KlMode::kK3: {  // the operations of credit::kl_value / kl_grad<kK3, kVerl>, sharing the exp
-      const A raw = ref - logp;
-      const A kl = credit::clamp_nan(raw, A(-20), A(20));
-      const A v = (e - kl) - A(1);
-      *grad = credit::in_range(raw, A(-20), A(20)) & credit::in_range(v, A(-10), A(10)) ? A(1) - e : A(0);
-      return credit::clamp_nan(v, A(-10), A(10));
-    }
+    case KlMode::kK3:  // credit::kl_value / kl_grad<kK3, kVerl>, sharing the exp
+      *grad = credit::k3_grad_e<KlConvention::kVerl>(logp, ref, e);
+      return credit::k3_value_e<KlConvention::kVerl>(logp, ref, e);
     case KlMode::kK3Trl: {
       const A d = ref - logp;
       *grad = A(1) - e;
