@@ -12,6 +12,8 @@
 #   PYTHON=/path/to/python scripts/gpu_check.sh        # default: python3
 #   PYTEST_ARGS="-x -k advantages" scripts/gpu_check.sh
 #   BENCH_ARGS="..." scripts/gpu_check.sh              # extra arguments for python -m fastrl.bench
+#   CXX=... scripts/gpu_check.sh                       # host compiler (default: /usr/bin/g++ if present)
+# The tests run under pytest-xdist (-n 8) when it is installed: the GPU machine's cores sit idle otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,8 +42,9 @@ run() {
 
 # --- the machine -------------------------------------------------------------------------------
 say "gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) in $PWD, logs in $LOG_DIR"
-{ nvidia-smi || true; nvcc --version || true; } >"$LOG_DIR/machine.log" 2>&1
-if ! "$PY" - >>"$LOG_DIR/machine.log" 2>&1 <<'PY'
+MACHINE_LOG="$LOG_DIR/gpu_check.log"
+{ nvidia-smi || true; nvcc --version || true; } >>"$MACHINE_LOG" 2>&1
+if ! "$PY" - >>"$MACHINE_LOG" 2>&1 <<'PY'
 import sys, torch
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| torch cuda", torch.version.cuda)
 assert torch.version.cuda is not None, "this torch is a CPU-only build"
@@ -50,11 +53,17 @@ for i in range(torch.cuda.device_count()):
     print(f"cuda:{i}", torch.cuda.get_device_name(i), "sm_%d%d" % torch.cuda.get_device_capability(i))
 PY
 then
-  cat "$LOG_DIR/machine.log"
   say "no usable CUDA torch/GPU for $PY (see above): nothing to check"
   exit 1
 fi
-cat "$LOG_DIR/machine.log"
+
+# A g++ that links libstdc++ statically into fastrl._C (seen on the GPU image: /opt/gcc/bin/g++, a
+# wrapper whose -B dir holds only libstdc++.a) builds a module that segfaults on the first error
+# message an op formats. The system g++ links it dynamically, sharing libtorch's.
+if [ -z "${CXX:-}" ] || [ "${CXX:-}" = /opt/gcc/bin/g++ ]; then
+  if [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
+fi
+say "host compiler: ${CXX:-default} ($(${CXX:-c++} --version 2>/dev/null | head -1))"
 
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   TORCH_CUDA_ARCH_LIST="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability(0))')"
@@ -76,8 +85,10 @@ assert _extension.cuda_built(), "fastrl._C was built without the CUDA kernels"
 print("fastrl._C with CUDA kernels; torch", torch.__version__, "on", torch.cuda.get_device_name(0))'
 
 # --- 2. tests (everything but `slow`; the cuda-marked tests run here) ---------------------------
+XDIST=""
+if "$PY" -c "import xdist" 2>/dev/null; then XDIST="-n ${PYTEST_WORKERS:-8}"; fi
 # shellcheck disable=SC2086
-run tests "$PY" -m pytest -q -ra -m "not slow" -p no:cacheprovider ${PYTEST_ARGS:-}
+run tests "$PY" -m pytest -q -ra -m "not slow" -p no:cacheprovider $XDIST ${PYTEST_ARGS:-}
 
 # --- 3. benchmarks -------------------------------------------------------------------------------
 mkdir -p "$RESULTS"

@@ -10,9 +10,10 @@ import torch
 import fastrl
 from fastrl.reference import logprobs as ref
 from _isa import ISAS, assert_same_bits, run_capped
+from _optional import optional_module
 
-TRL_UTILS = pytest.importorskip("trl.trainer.utils")
-VERL_TF = pytest.importorskip("verl.utils.torch_functional")
+TRL_UTILS = optional_module("trl.trainer.utils")
+VERL_TF = optional_module("verl.utils.torch_functional")
 import fastrl.integrations.trl as ftrl  # noqa: E402
 import fastrl.integrations.verl as fverl  # noqa: E402
 
