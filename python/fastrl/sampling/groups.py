@@ -19,7 +19,7 @@ Per-group outputs have one row per group id, in id order; an id with no sample i
 
 :func:`best_of_n`, :func:`best_at_k` / :func:`worst_at_k`, :func:`maj_at_k` (an exact dynamic
 program over vote counts) and :func:`select_pairs` ``"all_pairs"`` are compiled ops (C++ on the
-CPU, CUDA kernels on the GPU); :func:`quantile_mask` is an exact radix select in PyTorch on a GPU.
+CPU, CUDA kernels on the GPU); :func:`quantile_mask` is one sort in PyTorch on a GPU (no host sync).
 The others are vectorized PyTorch (no Python loop over groups or samples). On CUDA, :func:`best_of_n`, :func:`best_at_k`, :func:`worst_at_k`, :func:`maj_at_k`,
 :func:`pass_at_k`, :func:`filter_groups`, :func:`quantile_mask` and :func:`select_pairs`
 (``"best_worst"``, ``"best_random"``, ``"all_pairs"`` with ``max_pairs``) never sync with the host
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 PAIR_MODES = ("best_worst", "best_random", "all_pairs")
-_CPU_SELECT = "kthvalue"  # quantile_mask's order statistics on the CPU ("radix": the device path, for tests)
+_CPU_SELECT = "kthvalue"  # quantile_mask's order statistics on the CPU ("sort": the device path, for tests)
 RESAMPLE_METHODS = ("multinomial", "systematic")
 
 
@@ -363,16 +363,13 @@ def quantile_mask(x: torch.Tensor, mask: torch.Tensor, q: float):
     A NaN among the masked values makes ``t`` NaN (as torch.quantile) and the mask all False;
     no masked token: ``t`` is NaN and the mask all False (TRL's empty case).
 
-    On a GPU: no host sync, no sort, no gather of the masked values: the order statistic
-    ``floor(p)`` is found by an exact radix select over the values' bit patterns (mapped to
-    integers in the same order),
-    16 bits a pass (2 passes for fp32, 4 for fp64), each pass a masked 65,536-bin histogram
-    (integer ``index_add_``: deterministic) whose cumulative sum (``searchsorted``) picks the digit
-    holding the wanted rank; ``n``, ``p`` and the ranks stay device tensors. Order statistic
-    ``ceil(p)`` is the same value when enough masked values tie with it, else the smallest masked
-    value above it (one more pass). Extra memory: a few ``int64`` copies of ``x``. On the CPU, where
-    a sync costs nothing, :func:`torch.kthvalue` over the gathered masked values is ~8x faster and
-    is used instead (same result).
+    On a GPU: no host sync: one sort of the values with the unmasked ones set to ``+inf`` (NaN sorts
+    last), and the order statistics ``floor(p)`` and ``ceil(p)`` read at positions that stay device
+    tensors. Extra memory: the sorted copy and its int64 indices (12 bytes per fp32 element).
+    (A radix select over 16-bit digits built from ``index_add_`` histograms was 6x slower on an
+    H100: the unmasked elements' atomics all hit one bin.) On the CPU, where a sync costs nothing,
+    :func:`torch.kthvalue` over the gathered masked values is faster and is used instead (same
+    result).
 
     Args:
         x: any shape, float.  mask: same shape, bool or 0/1.  q: in ``[0, 1]``.
@@ -409,53 +406,11 @@ def quantile_mask(x: torch.Tensor, mask: torch.Tensor, q: float):
         v_lo = torch.kthvalue(vals, lo_i + 1).values
         v_hi = v_lo if hi_i == lo_i else torch.kthvalue(vals, hi_i + 1).values
     else:
-        keys = _order_keys(flat + 0.0)  # (+ 0.0: -0.0 and 0.0 get one key)
-        k_lo = _radix_select(keys, m, lo, 32 if xv.dtype == torch.float32 else 64)
-        # order statistic ceil(p): the same key when more than lo + 1 masked keys are <= it, else
-        # the smallest masked key above it
-        above = torch.where(m & (keys > k_lo), keys, torch.iinfo(torch.int64).max).amin()
-        k_hi = torch.where((hi == lo) | ((m & (keys <= k_lo)).sum() > lo + 1), k_lo, above)
-        v_lo, v_hi = _key_value(k_lo, xv.dtype), _key_value(k_hi, xv.dtype)
+        ordered = torch.sort(torch.where(m, flat, float("inf"))).values if flat.numel() else flat.new_zeros(1)
+        v_lo, v_hi = ordered[torch.stack([lo, hi]).clamp(0, ordered.numel() - 1)]
     t = torch.lerp(v_lo, v_hi, frac)
     t = torch.where((n == 0) | (m & torch.isnan(flat)).any(), float("nan"), t)
     return (xv >= t) & mask.bool(), t
-
-
-def _order_keys(v: torch.Tensor) -> torch.Tensor:
-    """int64 keys in the order of the float32/float64 values ``v`` (NaN aside): the bit pattern
-    read as a signed integer, the magnitude bits flipped for negative values."""
-    if v.dtype == torch.float64:
-        i = v.view(torch.int64)
-        return i ^ ((i >> 63) & 0x7FFFFFFFFFFFFFFF)
-    i = v.view(torch.int32).long()
-    return i ^ ((i >> 31) & 0x7FFFFFFF)
-
-
-def _key_value(key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The float of an :func:`_order_keys` key (the map is its own inverse)."""
-    bits = 63 if dtype == torch.float64 else 31
-    i = key ^ ((key >> bits) & ((1 << bits) - 1))
-    return i.view(torch.float64) if dtype == torch.float64 else i.int().view(torch.float32)
-
-
-def _radix_select(keys: torch.Tensor, mask: torch.Tensor, rank: torch.Tensor, width: int) -> torch.Tensor:
-    """The ``rank``-th smallest (0-based, a device tensor) of ``keys[mask]``, keys of ``width``
-    (32 or 64) signed bits, as a 0-d int64 tensor; exact, no host sync. A rank past the masked
-    count gives a meaningless key (the caller masks that case)."""
-    dev = keys.device
-    found = torch.zeros((), dtype=torch.int64, device=dev)  # the key's high bits found so far
-    rank = rank.reshape(1)
-    for shift in range(width - 16, -1, -16):
-        top = shift == width - 16
-        cand = mask if top else mask & ((keys >> (shift + 16)) == (found >> (shift + 16)))
-        digit = (keys >> shift) + (1 << 15) if top else (keys >> shift) & 0xFFFF  # 0 .. 65535
-        hist = torch.zeros(1 << 16, dtype=torch.int64, device=dev)
-        hist.index_add_(0, torch.where(cand, digit, 0), cand.long())
-        cum = torch.cumsum(hist, 0)
-        d = torch.searchsorted(cum, rank, right=True).clamp(max=(1 << 16) - 1)
-        rank = rank - (cum[d] - hist[d])
-        found = found + (((d - (1 << 15)) if top else d) << shift).reshape(())
-    return found
 
 
 # ---------------------------------------------------------------------------------- estimators
