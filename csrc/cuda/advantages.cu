@@ -12,7 +12,7 @@
 //                       The lanes load 32 members at a time (a parallel gather) and broadcast
 //                       them with shuffles; every lane then runs the same sequential fp64
 //                       accumulation, so all lanes hold the same, CPU-identical accumulator.
-//   4. batch_std only:  batch_variance_kernel (one warp: the groups merged in index order, as
+//   4. batch_std only:  batch_variance_kernel (one block: chunks of groups, then a fixed tree, as
 //                       advantages::batch_variance), then batch_advantage_kernel (per sample).
 // The grid shape only decides which warp handles which group, never an order of additions, so
 // the results do not depend on it.
@@ -64,18 +64,6 @@ __device__ __forceinline__ int64_t lower_bound(const uint32_t* __restrict__ keys
 }
 
 // Every lane of the warp receives lane `src`'s accumulator (field by field).
-__device__ __forceinline__ GroupAccum shfl_accum(const GroupAccum& a, int src) {
-  GroupAccum r;
-  r.count = __shfl_sync(kFullMask, a.count, src);
-  r.sum = __shfl_sync(kFullMask, a.sum, src);
-  r.weight_sum = __shfl_sync(kFullMask, a.weight_sum, src);
-  r.weighted_sum = __shfl_sync(kFullMask, a.weighted_sum, src);
-  r.min = __shfl_sync(kFullMask, a.min, src);
-  r.max = __shfl_sync(kFullMask, a.max, src);
-  r.m2 = __shfl_sync(kFullMask, a.m2, src);
-  return r;
-}
-
 __global__ void __launch_bounds__(kBlock)
     keys_kernel(const int64_t* __restrict__ group_ids, int64_t num_samples, int64_t num_groups,
                 uint32_t* __restrict__ keys, int64_t* __restrict__ index, float* __restrict__ adv) {
@@ -152,20 +140,20 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// advantages::batch_variance(acc, num_groups, unbiased) with one warp: the same moments_merge
-// calls in group-index order (run redundantly by every lane); the lanes only prefetch the
-// accumulators 32 at a time so the sequential merge does not wait on memory for each group.
-__global__ void batch_variance_kernel(const GroupAccum* __restrict__ acc, int64_t num_groups,
-                                      bool unbiased, double* __restrict__ batch_var) {
-  const int lane = static_cast<int>(threadIdx.x);
-  advantages::Moments mo = advantages::moments_empty();
-  for (int64_t base = 0; base < num_groups; base += kWarp) {
-    const int64_t g = base + lane;
-    const GroupAccum mine = g < num_groups ? acc[g] : advantages::accum_empty();
-    const int m = static_cast<int>(min64(num_groups - base, kWarp));
-    for (int j = 0; j < m; ++j) mo = advantages::moments_merge(mo, shfl_accum(mine, j));
+// advantages::batch_variance(acc, num_groups, unbiased) with one block of kBatchChunks threads:
+// thread c merges chunk c, then the same pairwise tree as the host version (same bits).
+__global__ void __launch_bounds__(advantages::kBatchChunks)
+    batch_variance_kernel(const GroupAccum* __restrict__ acc, int64_t num_groups, bool unbiased,
+                          double* __restrict__ batch_var) {
+  __shared__ Moments part[advantages::kBatchChunks];
+  const int c = static_cast<int>(threadIdx.x);
+  part[c] = advantages::chunk_moments(acc, num_groups, c);
+  __syncthreads();
+  for (int s = 1; s < advantages::kBatchChunks; s *= 2) {
+    advantages::tree_level(part, c, s);
+    __syncthreads();
   }
-  if (lane == 0) *batch_var = advantages::variance(mo.m2, mo.count, unbiased);
+  if (c == 0) *batch_var = advantages::variance(part[0].m2, part[0].count, unbiased);
 }
 
 template <typename T>
@@ -291,7 +279,8 @@ cudaError_t launch_group_advantages(const T* scores, const int64_t* group_ids, c
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   if (!batch_std) return cudaSuccess;
 
-  batch_variance_kernel<<<1, kWarp, 0, stream>>>(acc, num_groups, params.unbiased, batch_var);
+  batch_variance_kernel<<<1, advantages::kBatchChunks, 0, stream>>>(acc, num_groups, params.unbiased,
+                                                                   batch_var);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   if (num_samples > 0) {
     batch_advantage_kernel<T><<<blocks_for(num_samples), kBlock, 0, stream>>>(

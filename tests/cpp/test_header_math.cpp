@@ -155,14 +155,15 @@ void test_constant_groups() {
   CHECK(std::fabs(adv_of(0.1, a, 0.0, p)) < 1e-9f);
 }
 
-// Chan merges of per-group summaries in group order against the statistics of the whole batch.
+// Chan merges of per-group summaries (in group order, and in batch_variance's chunks + tree order)
+// against the statistics of the whole batch; groups from 1 to past kBatchChunks.
 void test_moments_merge() {
   std::mt19937_64 rng(99);
   std::normal_distribution<double> normal(-1.0, 2.0);
   std::uniform_int_distribution<int> sizes(0, 20);  // empty groups included
   const Params p = make_params(Baseline::kMean, Scale::kBatchStd);
   for (int rep = 0; rep < 20; ++rep) {
-    const int num_groups = 1 + rep * 3;
+    const int num_groups = rep < 19 ? 1 + rep * 3 : 3 * kBatchChunks + 7;
     std::vector<GroupAccum> acc;
     std::vector<double> all;
     for (int g = 0; g < num_groups; ++g) {
@@ -173,7 +174,7 @@ void test_moments_merge() {
     }
     const GroupAccum whole = accumulate(all, nullptr, p);
     Moments m = moments_empty();
-    for (const GroupAccum& g : acc) m = moments_merge(m, g);
+    for (const GroupAccum& g : acc) m = moments_merge(m, group_moments(g));
     CHECK(m.count == whole.count);
     if (all.empty()) {
       CHECK(std::isnan(batch_variance(acc.data(), num_groups, true)));
@@ -192,9 +193,9 @@ void test_moments_merge() {
   // Merging an empty group changes nothing; merging into empty copies the group.
   const std::vector<double> x = {1.0, 2.0, 4.0};
   const GroupAccum g = accumulate(x, nullptr, p);
-  const Moments one = moments_merge(moments_empty(), g);
+  const Moments one = moments_merge(moments_empty(), group_moments(g));
   CHECK(one.count == 3.0 && one.mean == group_mean(g) && one.m2 == g.m2);
-  const Moments same = moments_merge(one, accum_empty());
+  const Moments same = moments_merge(one, group_moments(accum_empty()));
   CHECK(same.count == one.count && same.mean == one.mean && same.m2 == one.m2);
   // One valid sample in the whole batch: unbiased batch variance undefined.
   const GroupAccum single = accumulate({2.0}, nullptr, p);

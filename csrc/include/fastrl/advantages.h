@@ -83,39 +83,43 @@ FASTRL_HOST_DEVICE double variance(double m2, double count, bool unbiased) {
   return dof > 0.0 ? m2 / dof : NAN;
 }
 
-// Chan's merge of (count, mean, m2) summaries: used for batch statistics, merged in group order
-// so the result is deterministic.
-struct Moments {
-  double count;
-  double mean;
-  double m2;
-};
-
-FASTRL_HOST_DEVICE Moments moments_empty() {
+// The batch statistics merge per-group (count, mean, m2) summaries (common.h's Moments) in a
+// fixed order, so the result is deterministic and the same on the CPU and the GPU.
+FASTRL_HOST_DEVICE Moments group_moments(const GroupAccum& g) {
   Moments m;
-  m.count = 0.0;
-  m.mean = 0.0;
-  m.m2 = 0.0;
+  m.count = g.count;
+  m.mean = g.count == 0.0 ? 0.0 : group_mean(g);
+  m.m2 = g.m2;
   return m;
 }
 
-FASTRL_HOST_DEVICE Moments moments_merge(Moments a, const GroupAccum& g) {
-  if (g.count == 0.0) return a;
-  const double gmean = group_mean(g);
-  const double n = a.count + g.count;
-  const double delta = gmean - a.mean;
-  Moments r;
-  r.count = n;
-  r.mean = a.mean + mul_rn(delta, g.count / n);
-  r.m2 = a.m2 + g.m2 + mul_rn(mul_rn(delta, delta), a.count * g.count / n);
-  return r;
+// The batch variance merges the groups in kBatchChunks contiguous chunks (each in index order),
+// then the chunks pairwise in a fixed tree: one GPU block runs the chunks in parallel (a merge per
+// group in one sequence took ~1 ms for 4,096 groups on an H100: each merge waits on the last).
+constexpr int kBatchChunks = 256;
+
+FASTRL_HOST_DEVICE Moments chunk_moments(const GroupAccum* acc, int64_t num_groups, int chunk) {
+  const int64_t size = (num_groups + kBatchChunks - 1) / kBatchChunks;
+  const int64_t begin = chunk * size;
+  const int64_t end = begin + size < num_groups ? begin + size : num_groups;
+  Moments m = moments_empty();
+  for (int64_t g = begin; g < end; ++g) m = moments_merge(m, group_moments(acc[g]));
+  return m;
 }
 
-// Variance of all valid samples of the batch, merging the groups in index order.
-FASTRL_HOST_DEVICE double batch_variance(const GroupAccum* acc, int64_t num_groups, bool unbiased) {
-  Moments m = moments_empty();
-  for (int64_t g = 0; g < num_groups; ++g) m = moments_merge(m, acc[g]);
-  return variance(m.m2, m.count, unbiased);
+// One level of the tree over `part[kBatchChunks]` (stride 1, 2, 4, ...): part[c] absorbs part[c + s]
+// for c a multiple of 2s. After log2(kBatchChunks) levels part[0] holds the batch.
+FASTRL_HOST_DEVICE void tree_level(Moments* part, int c, int s) {
+  if (c % (2 * s) == 0 && c + s < kBatchChunks) part[c] = moments_merge(part[c], part[c + s]);
+}
+
+// Variance of all valid samples of the batch (the host version of the GPU's merge order).
+inline double batch_variance(const GroupAccum* acc, int64_t num_groups, bool unbiased) {
+  Moments part[kBatchChunks];
+  for (int c = 0; c < kBatchChunks; ++c) part[c] = chunk_moments(acc, num_groups, c);
+  for (int s = 1; s < kBatchChunks; s *= 2)
+    for (int c = 0; c < kBatchChunks; c += 2 * s) tree_level(part, c, s);
+  return variance(part[0].m2, part[0].count, unbiased);
 }
 
 // The per-group statistics returned to the user (fp32, count as int64). A group with no valid

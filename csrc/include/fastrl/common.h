@@ -46,4 +46,24 @@ FASTRL_HOST_DEVICE double mul_rn(double a, double b) {
 #endif
 }
 
+// (count, mean, M2) of a set of values: Chan's parallel merge, for batch statistics merged in a
+// fixed order (deterministic, the same bits on the CPU and the GPU). An empty side is returned
+// as is, so infinite means never meet a 0 * inf.
+struct Moments {
+  double count;
+  double mean;
+  double m2;
+};
+
+FASTRL_HOST_DEVICE Moments moments_empty() { return Moments{0.0, 0.0, 0.0}; }
+
+FASTRL_HOST_DEVICE Moments moments_merge(const Moments& a, const Moments& b) {
+  if (b.count == 0.0) return a;
+  if (a.count == 0.0) return b;
+  const double n = a.count + b.count;
+  const double delta = b.mean - a.mean;
+  return Moments{n, a.mean + mul_rn(delta, b.count / n),
+                 a.m2 + b.m2 + mul_rn(mul_rn(delta, delta), a.count * b.count / n)};
+}
+
 }  // namespace fastrl
