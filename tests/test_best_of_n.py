@@ -323,7 +323,7 @@ def test_quantile_mask_device_path_equals_torch_quantile(monkeypatch, dtype):
 
 
 def test_quantile_mask_matches_trl_high_entropy_mask():
-    from trl.trainer.grpo_trainer import GRPOTrainer
+    GRPOTrainer = pytest.importorskip("trl.trainer.grpo_trainer").GRPOTrainer
 
     accel = types.SimpleNamespace(pad_across_processes=lambda t, dim, pad_index: t, gather=lambda t: t)
     fake = types.SimpleNamespace(accelerator=accel)

@@ -3,7 +3,7 @@
 Each rank holds a slice of the vocabulary of the same full logits; its log-probs / entropy and the
 gradient of its shard must equal fastrl.logprobs on the full logits (sliced the same way), and the fp64
 reference: one or K labels per position, out-of-place or in-place backward, uneven and empty shards.
-The ranks run in forked processes (the pattern of tests/test_credit.py's distributed test).
+The ranks run in child processes (tests/_dist.py).
 """
 import math
 
@@ -12,6 +12,7 @@ import torch
 
 from fastrl.logprobs import logprobs, vocab_parallel_logprobs
 from fastrl.reference import logprobs as ref
+from _dist import run_ranks
 
 
 def _case(name, gen, lead, sizes, *, dtype=torch.float32, starts=None, temperature=1.0, ignore_index=-100,
@@ -201,11 +202,7 @@ def _worker(rank, world_size, init_method, out_dir):
 
 
 def _spawn(world_size, tmp_path):
-    import torch.multiprocessing as mp
-
-    # fork: the ranks inherit the imported modules; no CUDA context here, one thread per rank
-    mp.start_processes(_worker, args=(world_size, f"file://{tmp_path}/init", str(tmp_path)), nprocs=world_size,
-                       join=True, start_method="fork")
+    run_ranks(_worker, (world_size, f"file://{tmp_path}/init", str(tmp_path)), world_size)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
 
 
