@@ -14,7 +14,9 @@ bytes_moved: the logits read once (+ the gradient written once for fwd+bwd).
 From hidden states (``linear_logprobs_*``): ``fastrl.linear_logprobs(hidden, weight, labels)`` (chunked
 matmul + the row kernels, never ``[N, V]``) vs what a trainer does today: materialize
 ``hidden @ weight.T`` and call TRL's ``selective_log_softmax`` (or torch eager ``log_softmax.gather``).
-Forward at N = 8,192, V = 65,536 (H = 128, so the matmul stays affordable on a CPU), where the issue
+On CUDA, "fastrl tf32x3" is the Triton path with ``FASTRL_LINEAR_LOGPROBS_FP32=tf32x3`` (fp32 tiles as three
+TF32 tensor-core products instead of fp32 FMAs). Forward at N = 8,192, V = 65,536 (H = 128, so the matmul
+stays affordable on a CPU), where the issue
 asks for a peak extra memory <= 10 % of N * V * 4 bytes (= 205 MiB; compare the "peak extra" column,
 the naive path's included); forward + backward (grads of hidden and weight) at N = 2,048, V = 32,768,
 H = 256.
@@ -100,6 +102,22 @@ def _linear_fwd_bwd(fn):
     return run
 
 
+def _tf32x3(ctx, fn):
+    """``fn`` with the Triton kernels' fp32 tiles multiplied as three TF32 products
+    (``FASTRL_LINEAR_LOGPROBS_FP32=tf32x3``, not the default): CUDA only."""
+    kernels = try_import("fastrl.triton.linear_logprobs") if ctx.device.type == "cuda" else Skip("Triton: CUDA only")
+    if isinstance(kernels, Skip):
+        return kernels
+
+    def run(a):
+        default, kernels.FP32_PRECISION = kernels.FP32_PRECISION, "tf32x3"
+        try:
+            return fn(a)
+        finally:
+            kernels.FP32_PRECISION = default
+    return run
+
+
 def linear_cases(ctx, trl) -> list[Case]:
     materialized = lambda fn: fn if isinstance(fn, Skip) else (  # noqa: E731
         lambda a: fn(a.hidden @ a.weight.t(), a.labels))
@@ -110,7 +128,8 @@ def linear_cases(ctx, trl) -> list[Case]:
     out.append(Case(
         name="linear_logprobs_f32", shape=f"f32 hidden[{N}, {H}], weight[{V}, {H}], int64[{N}] labels",
         setup=_linear_setup(N, V, H, ctx.device),
-        impls={"fastrl": fused, "trl (materialized logits)": materialized(trl_fn),
+        impls={"fastrl": fused, "fastrl tf32x3": _tf32x3(ctx, fused),
+               "trl (materialized logits)": materialized(trl_fn),
                "torch-eager (materialized logits)": materialized(_eager_logprobs),
                "chunked mm (batch-dependent)": _chunked_mm},
         rtol=1e-4, atol=1e-4,
@@ -120,7 +139,7 @@ def linear_cases(ctx, trl) -> list[Case]:
     out.append(Case(
         name="linear_logprobs_small_batch_f32", shape=f"f32 hidden[{N}, {H}], weight[{V}, {H}], int64[{N}] labels",
         setup=_linear_setup(N, V, H, ctx.device),
-        impls={"fastrl": fused, "chunked mm (batch-dependent)": _chunked_mm,
+        impls={"fastrl": fused, "fastrl tf32x3": _tf32x3(ctx, fused), "chunked mm (batch-dependent)": _chunked_mm,
                "torch-eager (materialized logits)": materialized(_eager_logprobs)},
         rtol=1e-4, atol=1e-4,
         note="a batch far below one matmul tile: the cost of batch invariance (a 256-row padded tile) at its "
@@ -129,7 +148,7 @@ def linear_cases(ctx, trl) -> list[Case]:
     out.append(Case(
         name="linear_logprobs_fwd_bwd_f32", shape=f"f32 hidden[{N}, {H}], weight[{V}, {H}], int64[{N}] labels",
         setup=_linear_setup(N, V, H, ctx.device, grad=True),
-        impls={"fastrl": _linear_fwd_bwd(fused),
+        impls={"fastrl": _linear_fwd_bwd(fused), "fastrl tf32x3": _tf32x3(ctx, _linear_fwd_bwd(fused)),
                "trl (materialized logits)": trl_fn if isinstance(trl_fn, Skip) else _linear_fwd_bwd(materialized(trl_fn)),
                "torch-eager (materialized logits)": _linear_fwd_bwd(materialized(_eager_logprobs))},
         check=_check_pair(1e-3, ("grad hidden", "grad weight")),

@@ -250,9 +250,13 @@ _TRITON_SCRIPT = textwrap.dedent(r"""
     from fastrl.reference.logprobs import linear_logprobs as ref
 
     assert isinstance(tk._forward_kernel, InterpretedFunction), type(tk._forward_kernel)
+    defaults, fused, max_splits = dict(tk.TILES), dict(tk.FUSED_TILES), tk.MAX_SPLITS
     results = []
-    for N, V, H, dtype, bias, T, chunk in json.loads(sys.argv[1]):
+    for N, V, H, dtype, bias, T, chunk, splits, tiles in json.loads(sys.argv[1]):
         dtype = getattr(torch, dtype)
+        tk.TILES.update(defaults if tiles is None else {key: tk.Tiles(*tiles) for key in defaults if key[0] == dtype})
+        tk.FUSED_TILES = fused if tiles is None else {}
+        tk.MAX_SPLITS = splits or max_splits
         gen = torch.Generator().manual_seed(N * V + H)
         h = torch.randn(N, H, generator=gen).to(dtype)
         w = (3 * torch.randn(V, H, generator=gen) / H ** 0.5).to(dtype)
@@ -261,6 +265,7 @@ _TRITON_SCRIPT = textwrap.dedent(r"""
         y[torch.rand(N, generator=gen) < 0.25] = -100
         g_lp, g_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
         lp, ent, lse = tk.linear_logprobs_forward(h, w, b, y, T, -100, True)
+        lp_only, _, lse_only = tk.linear_logprobs_forward(h, w, b, y, T, -100, False)
         gh, gw, gb = tk.linear_logprobs_backward(h, w, b, y, lse, ent, g_lp, g_ent, T, -100, chunk)
         fgh, fgw, fgb = tk.linear_logprobs_backward_fused(h, w, b, y, lse, ent, g_lp, g_ent, T, -100)
         leaves = [t.double().requires_grad_(True) for t in (h, w)]
@@ -268,38 +273,74 @@ _TRITON_SCRIPT = textwrap.dedent(r"""
         rlp, rent = ref(leaves[0], leaves[1], y, bias=bl, temperature=T)
         ((rlp * g_lp.double()).sum() + (rent * g_ent.double()).sum()).backward()
         err = lambda a, r: float((a.double() - r).abs().max() / (1 + r.abs().max()))
-        res = {"lp": err(lp, rlp.detach()), "ent": err(ent, rent.detach()),
+        kept = y != -100
+        rlse = torch.logsumexp((leaves[0] @ leaves[1].T + (bl if bias else 0)).detach() / T, -1)
+        res = {"lp": err(lp, rlp.detach()), "ent": err(ent, rent.detach()), "lse": err(lse[kept], rlse[kept]),
                "gh": err(gh, leaves[0].grad), "gw": err(gw, leaves[1].grad),
                "fgh": err(fgh, leaves[0].grad), "fgw": err(fgw, leaves[1].grad),
-               "ignored_zero": bool((lp[y == -100] == 0).all() and (gh[y == -100] == 0).all()
-                                    and (fgh[y == -100] == 0).all()),
-               "grad_dtype": {str(t.dtype) for t in (gw, fgw, fgh)}}
+               "ignored_zero": bool((lp[~kept] == 0).all() and (ent[~kept] == 0).all() and (gh[~kept] == 0).all()
+                                    and (fgh[~kept] == 0).all()),
+               "entropy_off_same": bool(torch.equal(lp_only, lp) and torch.equal(lse_only, lse)),
+               "splits": tk._config(V, dtype).splits,
+               "grad_dtype": sorted({str(t.dtype) for t in (gw, fgw, fgh)})}
         if bias:
             res["gb"], res["fgb"] = err(gb, bl.grad), err(fgb, bl.grad)
-        res["grad_dtype"] = sorted(res["grad_dtype"])
         results.append(res)
+    # every row ignored: all programs exit at once, the outputs stay 0
+    lp, ent, lse = tk.linear_logprobs_forward(h, w, b, torch.full_like(y, -100), 1.0, -100, True)
+    results.append({"all_ignored_zero": bool((lp == 0).all() and (ent == 0).all() and (lse == 0).all())})
     print(json.dumps(results))
 """)
+
+_SMALL_TILES = [16, 16, 16, 16, 4, 2]  # BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_H, num_warps, num_stages: many vocab tiles
 
 
 @pytest.mark.triton
 def test_triton_kernels_under_interpreter():
     pytest.importorskip("triton")
-    # V and H not multiples of the blocks (64, 32; BLOCK_H = 64 for the fused backward), rows not a multiple
-    # of BLOCK_M, chunks of 16 rows; H = 70: two hidden blocks in the fused backward, the second a tail.
-    # Default backward (chunked) and fully fused backward (no [chunk, V] buffer), both vs fp64.
-    cases = [(37, 101, 45, "float32", True, 0.8, 16), (5, 64, 32, "float32", False, 1.0, 0),
-             (33, 70, 19, "bfloat16", True, 1.0, 8), (20, 130, 40, "float16", False, 1.3, 0),
-             (40, 150, 70, "float32", True, 0.9, 0)]
+    # Default tiles: V and H not multiples of the blocks, rows not a multiple of BLOCK_M, chunks of 8 / 16 rows;
+    # H = 70: two hidden blocks in the fused backward, the second a tail. Small 16 x 16 x 16 tiles to split the
+    # vocabulary: 3 splits of 5 tiles over V = 203 (the last split ends in a partial tile and two tiles wholly
+    # past V), 13 splits of one tile (bf16), 2 splits of exactly 2 tiles (V = 64). Default (chunked) and fully
+    # fused backward, both vs fp64; a quarter of the rows ignored.
+    cases = [(37, 101, 45, "float32", True, 0.8, 16, None, None), (5, 64, 32, "float32", False, 1.0, 0, None, None),
+             (33, 70, 19, "bfloat16", True, 1.0, 8, None, None), (20, 130, 40, "float16", False, 1.3, 0, None, None),
+             (40, 150, 70, "float32", True, 0.9, 0, None, None),
+             (21, 203, 37, "float32", True, 1.1, 0, 3, _SMALL_TILES),
+             (9, 200, 20, "bfloat16", False, 0.7, 0, None, _SMALL_TILES),
+             (16, 64, 16, "float32", False, 1.0, 5, 2, _SMALL_TILES)]
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, json.dumps(cases)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    for (N, V, H, dtype, bias, T, chunk), res in zip(cases, json.loads(out.stdout.strip().splitlines()[-1])):
+    *results, last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [res["splits"] for res in results] == [1, 1, 1, 2, 2, 3, 13, 2]
+    assert last == {"all_ignored_zero": True}
+    for (N, V, H, dtype, bias, T, chunk, _, _), res in zip(cases, results):
         tol = 1e-5 if dtype == "float32" else 2e-2
-        assert res["ignored_zero"] and res["grad_dtype"] == [f"torch.{dtype}"]
-        for key in ("lp", "ent", "gh", "gw", "fgh", "fgw") + (("gb", "fgb") if bias else ()):
+        assert res["ignored_zero"] and res["entropy_off_same"] and res["grad_dtype"] == [f"torch.{dtype}"]
+        for key in ("lp", "ent", "lse", "gh", "gw", "fgh", "fgw") + (("gb", "fgb") if bias else ()):
             assert res[key] < tol, (dtype, key, res)
+
+
+def test_fp32_precision_setting_is_checked():
+    pytest.importorskip("triton")
+    env = dict(os.environ, FASTRL_LINEAR_LOGPROBS_FP32="tf32")
+    out = subprocess.run([sys.executable, "-c", "import fastrl.triton.linear_logprobs"], env=env, capture_output=True,
+                         text=True)
+    assert out.returncode != 0 and "FASTRL_LINEAR_LOGPROBS_FP32 must be 'ieee' or 'tf32x3', got 'tf32'" in out.stderr
+
+
+def test_split_config_depends_on_vocab_and_dtype_only():
+    tk = pytest.importorskip("fastrl.triton.linear_logprobs")
+    cfg = tk._config(65536, torch.float32)
+    assert cfg.span % cfg.tiles.BLOCK_N == 0 and cfg.splits * cfg.span >= 65536 > (cfg.splits - 1) * cfg.span
+    assert cfg.splits == tk.MAX_SPLITS == 128  # one row tile fills 128 SMs
+    for vocab in (1, 127, 128, 129, 5000, 152064, 262144):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            c = tk._config(vocab, dtype)
+            assert 1 <= c.splits <= tk.MAX_SPLITS and c.span % c.tiles.BLOCK_N == 0
+            assert (c.splits - 1) * c.span < vocab <= c.splits * c.span  # no empty split
 
 
 _TRITON_INVARIANCE_SCRIPT = textwrap.dedent(r"""
@@ -308,9 +349,13 @@ _TRITON_INVARIANCE_SCRIPT = textwrap.dedent(r"""
     import fastrl.triton.linear_logprobs as tk
 
     out = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    defaults = dict(tk.TILES)
+    for dtype, small in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True)):
+        # small: 16 x 16 x 16 tiles, 3 vocab splits of 2 tiles (the last one partial)
+        tk.TILES.update({key: tk.Tiles(16, 16, 16, 16, 4, 2) for key in defaults} if small else defaults)
+        tk.MAX_SPLITS = 3 if small else 128
         gen = torch.Generator().manual_seed(3)
-        N, V, H = 70, 90, 40  # V, H and N not multiples of the blocks (64, 32, 32)
+        N, V, H = 70, 90, 40  # V, H and N not multiples of the blocks
         h = torch.randn(N, H, generator=gen).to(dtype)
         w = (3 * torch.randn(V, H, generator=gen) / H ** 0.5).to(dtype)
         b = torch.randn(V, generator=gen).to(dtype)
@@ -319,8 +364,10 @@ _TRITON_INVARIANCE_SCRIPT = textwrap.dedent(r"""
         probe = [i for i in (5, 40, 69) if y[i] != -100] + [int((y != -100).nonzero()[-1])]
         g = torch.randn(2, N, generator=gen)
 
-        def run(lo, hi):  # (log-prob, entropy, lse, fused grad_hidden) of rows lo..hi-1
+        def run(lo, hi):  # (log-prob, entropy, lse[, fused grad_hidden]) of rows lo..hi-1
             lp, ent, lse = tk.linear_logprobs_forward(h[lo:hi], w, b, y[lo:hi], 0.9, -100, True)
+            if small:  # the splits are the forward's; the fused backward (slow interpreted) has none
+                return lp, ent, lse
             gh = tk.linear_logprobs_backward_fused(h[lo:hi], w, b, y[lo:hi], lse, ent, g[0, lo:hi], g[1, lo:hi],
                                                    0.9, -100)[0]
             return lp, ent, lse, gh
@@ -331,7 +378,9 @@ _TRITON_INVARIANCE_SCRIPT = textwrap.dedent(r"""
             for lo in (i, max(0, i - 3)):
                 part = run(lo, i + 1)
                 same &= all(bool(torch.equal(p[i - lo], q[i])) for p, q in zip(part, whole))
-        out[str(dtype)] = same
+        out[str(dtype) + (" split" if small else "")] = same
+    tk.TILES.update(defaults)
+    tk.MAX_SPLITS = 128
     # dispatch: FASTRL_LINEAR_LOGPROBS_BACKWARD=fused routes the op's backward to the fused kernels
     import importlib, os
     fll = importlib.import_module("fastrl.linear_logprobs")  # the module (`fastrl.linear_logprobs` is the function)
@@ -350,7 +399,7 @@ _TRITON_INVARIANCE_SCRIPT = textwrap.dedent(r"""
 
 @pytest.mark.triton
 def test_triton_batch_invariance_under_interpreter():
-    """Fixed BLOCK_M x BLOCK_N x BLOCK_K tiles, no split over H that depends on N: a row's log-prob,
+    """Tiles and vocab splits fixed by (V, dtype), splits merged in a fixed order: a row's log-prob,
     entropy, lse and (fused backward) grad_hidden are bitwise the same alone and inside any batch."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -358,4 +407,51 @@ def test_triton_batch_invariance_under_interpreter():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"torch.float32": True, "torch.bfloat16": True,
-                                                               "distinct": True, "fused": True, "chunked": True}
+                                                               "torch.float32 split": True, "distinct": True,
+                                                               "fused": True, "chunked": True}
+
+
+# ------------------------------------------------------------------------------------- CUDA (Triton)
+
+_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@_cuda
+@pytest.mark.parametrize("N, V, H, dtype, bias", [(300, 5000, 96, torch.float32, True),
+                                                  (77, 70000, 128, torch.float32, False),  # 110 splits of 5 tiles
+                                                  (200, 3001, 256, torch.bfloat16, True),
+                                                  (130, 4099, 72, torch.float16, False)])
+def test_cuda_matches_cpu_and_fp64(N, V, H, dtype, bias):
+    pytest.importorskip("triton")
+    hidden, weight, b, labels = make(N, V, H, dtype=dtype, seed=N, bias=bias, ignore_frac=0.2)
+    g = torch.randn(2, N, generator=torch.Generator().manual_seed(2))
+    cpu = _grads(hidden, weight, b, labels, g, chunk_size=64)
+    cuda = _grads(*(t.cuda() if t is not None else None for t in (hidden, weight, b, labels)), g.cuda())
+    ref = ref_with_grads(hidden, weight, b, labels, g[0], g[1], 1.0)
+    tol = 2e-5 if dtype == torch.float32 else 3e-2  # half: the CPU path's logits are rounded to the dtype
+    for k, (want, got_cpu, got_cuda) in enumerate(zip(ref, cpu, cuda)):
+        if want is None:
+            continue
+        scale = 1 + want.abs().max()
+        assert (got_cuda.cpu().double() - want).abs().max() / scale < tol, k
+        assert (got_cuda.cpu().double() - got_cpu.double()).abs().max() / scale < tol, k
+    assert torch.all(cuda[0].cpu()[labels == -100] == 0) and torch.all(cuda[2].cpu()[labels == -100] == 0)
+
+
+@pytest.mark.cuda
+@_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_batch_invariance_bitwise(dtype):
+    """Vocab splits merged in a fixed order: a row's log-prob, entropy and lse are bitwise the same alone,
+    in batches of other sizes and positions (across row tiles), and next to ignored rows."""
+    pytest.importorskip("triton")
+    hidden, weight, b, labels = (t.cuda() for t in make(300, 9000, 136, dtype=dtype, seed=3, bias=True,
+                                                         ignore_frac=0.3))
+    labels[[5, 150, 299]] = torch.tensor([1, 8999, 4000], device="cuda")
+    whole = torch.ops.fastrl.linear_logprobs(hidden, weight, b, labels, 0.9, -100, True, 0)
+    for i in (5, 150, 299):
+        for lo, hi in ((i, i + 1), (max(0, i - 140), min(300, i + 3)), (i, 300)):
+            part = torch.ops.fastrl.linear_logprobs(hidden[lo:hi], weight, b, labels[lo:hi], 0.9, -100, True, 0)
+            for p, q in zip(part, whole):
+                assert torch.equal(p[i - lo], q[i]), (i, lo, hi)

@@ -20,11 +20,17 @@ Two implementations behind one function, :func:`linear_logprobs`:
   tile (up to 255 rows of matmul per call, which dominates for small batches) and, in the
   backward, tiles smaller than the chunk (measured: benchmarks/bench_logprobs.py).
 * **Triton** (CUDA tensors, when Triton is installed): :mod:`fastrl.triton.linear_logprobs`, vocab tiles
-  with ``tl.dot`` and an online logsumexp / label / entropy epilogue; no ``[N, V]`` either. Its
-  forward is batch invariant too (fixed tiles, no split over H). Its backward uses a ``[chunk, V]``
+  with ``tl.dot`` and an online logsumexp / label / entropy epilogue; no ``[N, V]`` either. The forward
+  runs on a grid of (row tiles, vocab splits), so one row tile fills the GPU; each program writes its
+  range's partial softmax state to an fp32 ``[3 or 4, splits, N]`` workspace (up to 2 KiB per row)
+  and a second kernel merges the splits in a fixed order. Tiles and splits depend on V and the dtype
+  only, so the forward is batch invariant too. fp32 tiles are multiplied with fp32 FMAs, or with
+  ``FASTRL_LINEAR_LOGPROBS_FP32=tf32x3`` as three TF32 tensor-core products (about fp32 accuracy,
+  ~2.8x faster on an H100). Its backward uses a ``[chunk, V]``
   gradient buffer and two matmuls per chunk; ``FASTRL_LINEAR_LOGPROBS_BACKWARD=fused`` selects the
   fully fused one instead (one kernel per output, no buffer, batch-invariant ``grad_hidden``; it
-  recomputes the logits ``ceil(H / 64)`` times: not yet timed on a GPU).
+  recomputes the logits ``ceil(H / 64)`` times: on an H100, fp32 N = 2,048, V = 32,768, H = 256,
+  24.5 ms against 3.4 ms for the default backward).
 
 Both are registered as the torch.library custom ops ``fastrl::linear_logprobs`` and
 ``fastrl::linear_logprobs_backward`` with a fake kernel and autograd, so they compose with

@@ -1,24 +1,32 @@
 """Triton kernels of :func:`fastrl.linear_logprobs`: ``hidden @ weight.T`` in vocab tiles with ``tl.dot``
-(tensor cores for bf16/fp16) and the softmax reductions as the tiles' epilogue.
+(tensor cores for bf16/fp16; for fp32, FMAs, or three TF32 tensor-core products with
+``FASTRL_LINEAR_LOGPROBS_FP32=tf32x3``: :data:`FP32_PRECISION`) and the softmax reductions as the
+tiles' epilogue.
 
-Forward (``_forward_kernel``): one program per block of ``BLOCK_M`` rows. For each vocab tile of
-``BLOCK_N`` columns it accumulates the logits tile over ``H`` in ``BLOCK_K`` steps (fp32
-accumulator), scales by ``1/T``, and folds it into the rows' online softmax state
-``(m, s = sum exp(z - m), t = sum exp(z - m)(z - m))`` plus the label's logit. ``H`` and ``V`` tails
-are masked (any H, any V: the padded columns are -inf, so they never reach the logsumexp).
-Rows are visited in ``order`` (the non-ignored rows first, computed on the device) and a program
-whose block lies past the count of non-ignored rows exits at once: ignored rows are skipped
-without a host sync. Extra memory: the fp32 outputs.
+Forward, split over the vocabulary: ``_forward_kernel`` runs on a grid of (row tiles of ``BLOCK_M``
+rows, ``splits`` vocab ranges of ``span`` columns, a multiple of the vocab tile ``BLOCK_N``), so even
+one row tile fills the GPU. Each program accumulates every ``[BLOCK_M, BLOCK_N]`` logits tile of its
+range over ``H`` in ``BLOCK_K`` steps (fp32 accumulator), scales by ``1/T`` and folds it into the
+rows' partial softmax state ``(m = max z, s = sum exp(z - m), t = sum exp(z - m)(z - m))`` and the
+label's logit (0 unless the label is in the range), written to an fp32 ``[3 or 4, splits, N]``
+workspace. ``_combine_kernel`` merges the splits of each row in split order (no atomics) into
+``lse = m + log s``, ``log p(label) = z_label - lse`` and ``entropy = log s - t / s``. The tiles,
+``span`` and ``splits`` are a function of ``(V, dtype)`` only (:func:`_config`) and the merge order is
+fixed, so a row's results are bitwise the same whatever else is in the batch. ``H`` and ``V`` tails
+are masked (padded columns are -inf: they never reach the logsumexp). Rows are visited in ``order``
+(the non-ignored rows first, computed on the device) and a program whose block lies past the count
+of non-ignored rows exits at once: ignored rows are skipped without a host sync. Extra memory: the
+workspace, ``(12 or 16) x splits`` bytes per row (2 KiB per row at 128 splits), plus the fp32 outputs.
 
-Backward (default): the same rows in chunks of ``chunk`` rows; ``_dlogits_kernel`` recomputes each
-``[BLOCK_M, BLOCK_N]`` logits tile with ``tl.dot`` and writes its gradient
-``dL/dlogits = (g_lp ([j == y] - p_j) - g_ent p_j (log p_j + H)) / T`` into a ``[chunk, V]`` buffer
-(input dtype), then two matmuls give ``grad_hidden`` rows and accumulate ``grad_weight`` (and the
-bias' column sums) over the chunks, in a fixed order: deterministic, no atomics. Extra memory:
-O(chunk x V) for the buffer (``fastrl.linear_logprobs.CHUNK_BYTES``), plus an fp32 ``[V, H]``
-accumulator for half inputs. Ignored rows have zero gradient rows (they still take part in the
-chunk matmuls: skipping them there would need the count on the host). ``grad_hidden`` comes from a
-cuBLAS matmul whose height is the chunk's, so it is not guaranteed batch invariant.
+Backward (default): the same rows in chunks of ``chunk`` rows; ``_dlogits_kernel`` (one program per
+``[BLOCK_M, BLOCK_N]`` tile: parallel over rows and vocab) recomputes the logits tile with ``tl.dot``
+and writes its gradient ``dL/dlogits = (g_lp ([j == y] - p_j) - g_ent p_j (log p_j + H)) / T`` into a
+``[chunk, V]`` buffer (input dtype), then two matmuls give ``grad_hidden`` rows and accumulate
+``grad_weight`` (and the bias' column sums) over the chunks, in a fixed order: deterministic, no
+atomics. Extra memory: O(chunk x V) for the buffer (``fastrl.linear_logprobs.CHUNK_BYTES``), plus an
+fp32 ``[V, H]`` accumulator for half inputs. Ignored rows have zero gradient rows (they still take part
+in the chunk matmuls: skipping them there would need the count on the host). ``grad_hidden`` comes
+from a cuBLAS matmul whose height is the chunk's, so it is not guaranteed batch invariant.
 
 Backward, fully fused (``linear_logprobs_backward_fused``, ``FASTRL_LINEAR_LOGPROBS_BACKWARD=fused``):
 one kernel per output and no buffer at all. ``_grad_hidden_kernel``: one program per (block of
@@ -30,11 +38,19 @@ bias' sums): deterministic, no atomics, and ignored rows cost nothing. Both reco
 tiles once per ``BLOCK_H`` block, i.e. ``ceil(H / BLOCK_H)`` times the forward's matmul each: the
 price of holding no ``[*, V]`` buffer. Extra memory: none beyond the gradients.
 
-Untested on a GPU here: CI runs these kernels under TRITON_INTERPRET=1.
+Portability: ``H`` and ``V`` are ``tl.constexpr`` where they bound a loop (one compilation per model
+shape) and the row loop of ``_grad_weight_kernel`` is a ``while``: Triton 3.6's interpreter cannot
+turn a runtime scalar argument into a ``range`` bound under NumPy >= 2.5 (its ``__index__`` calls
+``int()`` on a 1-element array).
+
+Measured on an H100 (torch 2.11, Triton 3.6), forward of hidden f32[8192, 128] x weight[65536, 128]
+(137 GFLOP): 7.2 ms with fp32 FMAs (19 TFLOP/s; the one-program-per-row-tile version: 20.7 ms), 2.6 ms
+with tf32x3; torch eager with materialized logits: 6.6 ms. CI runs these kernels under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -42,14 +58,70 @@ import triton.language as tl
 
 from fastrl.linear_logprobs import _chunk_rows
 
-BLOCK_M, BLOCK_N, BLOCK_K = 32, 64, 32
-BLOCK_H = 64  # columns of hidden per program of the fused backward (its logits recompute factor: H / BLOCK_H)
+
+class Tiles(NamedTuple):
+    """Tile sizes and launch parameters of every kernel for one input dtype."""
+    BLOCK_M: int  # rows per tile
+    BLOCK_N: int  # vocab columns per tile
+    BLOCK_K: int  # hidden columns per tl.dot step
+    BLOCK_H: int  # hidden columns per program of the fused backward (its logits recompute factor: H / BLOCK_H)
+    num_warps: int
+    num_stages: int
+
+
+FP32_PRECISION = os.environ.get("FASTRL_LINEAR_LOGPROBS_FP32", "ieee")
+"""``tl.dot`` precision of fp32 inputs: "ieee" (the default: fp32 FMAs, no TF32 rounding) or "tf32x3"
+(``FASTRL_LINEAR_LOGPROBS_FP32=tf32x3``: each product split into TF32 high and low parts, three
+tensor-core products; measured on an H100 at V = 65,536: the same max error against fp64 as "ieee",
+2.8x faster)."""
+if FP32_PRECISION not in ("ieee", "tf32x3"):
+    raise ValueError(f"FASTRL_LINEAR_LOGPROBS_FP32 must be 'ieee' or 'tf32x3', got {FP32_PRECISION!r}")
+
+TILES = {
+    # fp32 on the FMA units: 128 x 128 x 32, 8 warps, 2 stages (H100, V = 65,536, H = 128: 7.2 ms; 64 x 128 x 32,
+    # 8 warps, 3 stages: 11.2 ms)
+    (torch.float32, "ieee"): Tiles(128, 128, 32, 64, 8, 2),
+    # fp32 as three TF32 tensor-core products: 64 x 128 x 32, 4 warps (2.6 ms; 128 x 128: as fast at N = 8,192,
+    # 1.8x slower at N = 100)
+    (torch.float32, "tf32x3"): Tiles(64, 128, 32, 64, 4, 3),
+    # bf16 / fp16: tensor cores (wgmma on Hopper), 128 x 128 x 64 tiles
+    (torch.bfloat16, "ieee"): Tiles(128, 128, 64, 64, 8, 3),
+    (torch.float16, "ieee"): Tiles(128, 128, 64, 64, 8, 3),
+}
+"""Tiles per (dtype, fp32 precision): never a function of the batch (a row's bits must not depend on it)."""
+
+FUSED_TILES = {(torch.float32, "ieee"): Tiles(64, 128, 32, 64, 8, 3)}
+"""Where the fused backward wants other tiles: fp32 FMAs, N = 2,048, V = 32,768, H = 256 on an H100:
+24.5 ms with these, 57 ms with 128 x 128 x 32."""
+
+MAX_SPLITS = 128
+"""Most vocab ranges of the forward: enough programs for one row tile to fill an H100 (132 SMs)."""
+
+
+class Config(NamedTuple):
+    tiles: Tiles
+    span: int  # vocab columns per split, a multiple of BLOCK_N
+    splits: int
+
+
+def _key(dtype: torch.dtype):
+    return dtype, FP32_PRECISION if dtype == torch.float32 else "ieee"
+
+
+def _config(vocab: int, dtype: torch.dtype) -> Config:
+    """Tiles and the forward's vocab split: a pure function of V and the dtype (H only bounds the
+    kernels' loops). ``splits`` = at most :data:`MAX_SPLITS` ranges of whole vocab tiles, every range
+    non-empty; e.g. V = 65,536 fp32: 512 tiles of 128, 128 splits of 4 tiles."""
+    tiles = TILES[_key(dtype)]
+    n_tiles = triton.cdiv(vocab, tiles.BLOCK_N)
+    per_split = triton.cdiv(n_tiles, MAX_SPLITS)
+    return Config(tiles, per_split * tiles.BLOCK_N, triton.cdiv(n_tiles, per_split))
 
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w, inv_t,
-                 HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, stride_h, stride_w, inv_t, H: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """z = (hidden[rows] @ weight[cols].T + bias[cols]) / T as fp32 [BLOCK_M, BLOCK_N]; -inf past V."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -57,8 +129,8 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, s
         k_ok = ks < H
         a = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptr + cols[None, :] * stride_w + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        if FP32_DOT:  # fp32 inputs: no TF32 rounding; bf16 under the interpreter: upcast (see _fp32_dot)
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        if FP32_DOT:  # fp32 inputs (FP32_PRECISION); bf16 under the interpreter: upcast (see _fp32_dot)
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(a, b, acc)
     if HAS_BIAS:
@@ -67,36 +139,78 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, s
 
 
 @triton.jit
-def _forward_kernel(h_ptr, w_ptr, b_ptr, y_ptr, order_ptr, count_ptr, lp_ptr, ent_ptr, lse_ptr,
-                    V, H, stride_h, stride_w, inv_t,
-                    HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, FP32_DOT: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _merge(m, s, t, m2, s2, t2, ENTROPY: tl.constexpr):
+    """Two softmax states ``(m, s = sum exp(z - m), t = sum exp(z - m)(z - m))`` of disjoint column sets
+    as one (an empty set: m = -inf, s = t = 0). ``t`` is carried only with ENTROPY."""
+    m_new = tl.maximum(m, m2)
+    d1 = tl.where(s > 0, m - m_new, 0.0)  # s > 0: m finite; the empty side contributes nothing
+    d2 = tl.where(s2 > 0, m2 - m_new, 0.0)
+    a = tl.where(s > 0, tl.exp(d1), 0.0)
+    b = tl.where(s2 > 0, tl.exp(d2), 0.0)
+    if ENTROPY:
+        t = a * (t + d1 * s) + b * (t2 + d2 * s2)
+    return m_new, a * s + b * s2, t
+
+
+@triton.jit
+def _row_block(order_ptr, y_ptr, start, count, BLOCK: tl.constexpr):
+    """Positions ``start + [0, BLOCK)`` in ``order`` (valid below ``count``), their rows and labels, and
+    an empty softmax state (m, s, t) and label logit for them."""
+    offs = start + tl.arange(0, BLOCK)
+    row_ok = offs < count
+    rows = tl.load(order_ptr + offs, mask=row_ok, other=0)
+    y = tl.load(y_ptr + rows, mask=row_ok, other=0)
+    zero = tl.zeros([BLOCK], dtype=tl.float32)
+    return offs, row_ok, rows, y, zero + float("-inf"), zero, zero, zero
+
+
+@triton.jit
+def _forward_kernel(h_ptr, w_ptr, b_ptr, y_ptr, order_ptr, count_ptr, ws_ptr, N, V, stride_h, stride_w, inv_t,
+                    H: tl.constexpr, SPAN: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    ENTROPY: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial softmax state and label logit of BLOCK_M rows over the vocab range [split * SPAN, + SPAN)
+    into ws[:, split, row position]."""
     start = tl.program_id(0).to(tl.int64) * BLOCK_M
+    split = tl.program_id(1).to(tl.int64)
     count = tl.load(count_ptr)
     if start < count:  # blocks of only ignored rows do nothing
-        offs = start + tl.arange(0, BLOCK_M)
-        row_ok = offs < count
-        rows = tl.load(order_ptr + offs, mask=row_ok, other=0)
-        y = tl.load(y_ptr + rows, mask=row_ok, other=0)
-        m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        s = tl.zeros([BLOCK_M], dtype=tl.float32)
-        t = tl.zeros([BLOCK_M], dtype=tl.float32)
-        label_z = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for v0 in range(0, V, BLOCK_N):
-            cols = v0 + tl.arange(0, BLOCK_N)
+        offs, row_ok, rows, y, m, s, t, label_z = _row_block(order_ptr, y_ptr, start, count, BLOCK_M)
+        for v0 in range(0, SPAN, BLOCK_N):
+            cols = split * SPAN + v0 + tl.arange(0, BLOCK_N)
             col_ok = cols < V
-            z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w, inv_t,
-                             HAS_BIAS, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
-            m_new = tl.maximum(m, tl.max(z, 1))
-            scale = tl.exp(m - m_new)
-            d = tl.where(col_ok[None, :], z - m_new[:, None], 0.0)  # padded columns: e = 0, d = 0
+            z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, stride_h, stride_w, inv_t, H,
+                             HAS_BIAS, FP32_DOT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            tile_m = tl.max(z, 1)  # -inf for a tile wholly past V (its e and d are 0)
+            d = tl.where(col_ok[None, :], z - tile_m[:, None], 0.0)
             e = tl.where(col_ok[None, :], tl.exp(d), 0.0)
-            if ENTROPY:  # t rescaled to the new max (fastrl/logprobs.h rescale), then this tile's terms
-                dm = tl.where(s > 0, m - m_new, 0.0)
-                t = scale * (t + dm * s) + tl.sum(e * d, 1)
-            s = s * scale + tl.sum(e, 1)
-            m = m_new
+            m, s, t = _merge(m, s, t, tile_m, tl.sum(e, 1), tl.sum(e * d, 1), ENTROPY)
             label_z += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
+        ws = ws_ptr + split * N + offs  # ws: [3 or 4, SPLITS, N]
+        tl.store(ws, m, mask=row_ok)
+        tl.store(ws + SPLITS * N, s, mask=row_ok)
+        tl.store(ws + 2 * SPLITS * N, label_z, mask=row_ok)
+        if ENTROPY:
+            tl.store(ws + 3 * SPLITS * N, t, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(ws_ptr, y_ptr, order_ptr, count_ptr, lp_ptr, ent_ptr, lse_ptr, N, V, SPLITS: tl.constexpr,
+                    ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+    """Merges each row's SPLITS partial states in split order: log-prob, entropy and lse."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    count = tl.load(count_ptr)
+    if start < count:
+        offs, row_ok, rows, y, m, s, t, label_z = _row_block(order_ptr, y_ptr, start, count, BLOCK)
+        for split in range(0, SPLITS):
+            ws = ws_ptr + split * N + offs
+            t2 = t
+            if ENTROPY:
+                t2 = tl.load(ws + 3 * SPLITS * N, mask=row_ok, other=0.0)
+            # rows past the count: a finite dummy state (not stored), no 0 / 0 below
+            m, s, t = _merge(m, s, t, tl.load(ws, mask=row_ok, other=0.0),
+                             tl.load(ws + SPLITS * N, mask=row_ok, other=1.0), t2, ENTROPY)
+            label_z += tl.load(ws + 2 * SPLITS * N, mask=row_ok, other=0.0)  # non-zero in one split only
         lse = m + tl.log(s)
         lp = tl.where((y < 0) | (y >= V), float("nan"), label_z - lse)
         tl.store(lp_ptr + rows, lp, mask=row_ok)
@@ -107,12 +221,12 @@ def _forward_kernel(h_ptr, w_ptr, b_ptr, y_ptr, order_ptr, count_ptr, lp_ptr, en
 
 @triton.jit
 def _dlogits_tile(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, rows, row_ok, cols, col_ok,
-                  H, stride_h, stride_w, inv_t, HAS_BIAS: tl.constexpr, HAS_GLP: tl.constexpr,
-                  HAS_GENT: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+                  stride_h, stride_w, inv_t, H: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GLP: tl.constexpr,
+                  HAS_GENT: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dL/dlogits of the [BLOCK_M, BLOCK_N] tile (fp32, recomputed from hidden and weight); 0 outside."""
-    z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w, inv_t,
-                     HAS_BIAS, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
+    z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, stride_h, stride_w, inv_t, H,
+                     HAS_BIAS, FP32_DOT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
     log_p = tl.where(col_ok[None, :], z - lse[:, None], 0.0)
@@ -129,19 +243,19 @@ def _dlogits_tile(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gent_pt
 
 
 @triton.jit
-def _dot(a, b, acc, FP32_DOT: tl.constexpr):
+def _dot(a, b, acc, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr):
     """acc + a @ b: fp32 a (a gradient tile) times b in the inputs' dtype, on the tensor cores for
     bf16/fp16 (a rounded to that dtype, as the chunked path's gradient buffer is)."""
     if FP32_DOT:
-        return tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b.to(tl.float32), acc, input_precision=PRECISION)
     return tl.dot(a.to(b.dtype), b, acc)
 
 
 @triton.jit
 def _dlogits_kernel(h_ptr, w_ptr, b_ptr, y_ptr, order_ptr, count_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr,
-                    out_ptr, chunk_start, chunk_rows, V, H, stride_h, stride_w, stride_out, inv_t,
+                    out_ptr, chunk_start, chunk_rows, V, stride_h, stride_w, stride_out, inv_t, H: tl.constexpr,
                     HAS_BIAS: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr, FP32_DOT: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     local = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < V
@@ -150,17 +264,18 @@ def _dlogits_kernel(h_ptr, w_ptr, b_ptr, y_ptr, order_ptr, count_ptr, lse_ptr, e
     row_ok = in_chunk & (offs < tl.load(count_ptr))  # past the count: ignored rows, zero gradient
     rows = tl.load(order_ptr + offs, mask=row_ok, other=0)
     g = _dlogits_tile(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, rows, row_ok, cols, col_ok,
-                      H, stride_h, stride_w, inv_t, HAS_BIAS, HAS_GLP, HAS_GENT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
+                      stride_h, stride_w, inv_t, H, HAS_BIAS, HAS_GLP, HAS_GENT, FP32_DOT, PRECISION,
+                      BLOCK_M, BLOCK_N, BLOCK_K)
     tl.store(out_ptr + local[:, None] * stride_out + cols[None, :], g.to(out_ptr.dtype.element_ty),
              mask=in_chunk[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def _grad_hidden_kernel(h_ptr, w_ptr, b_ptr, y_ptr, order_ptr, count_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr,
-                        gh_ptr, V, H, stride_h, stride_w, stride_gh, inv_t,
+                        gh_ptr, stride_h, stride_w, stride_gh, inv_t, V: tl.constexpr, H: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr,
-                        FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_H: tl.constexpr):
+                        FP32_DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
     """grad_hidden[rows, h block] = sum over the vocab tiles of dlogits[rows, tile] @ weight[tile, h block]."""
     start = tl.program_id(0).to(tl.int64) * BLOCK_M
     hs = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -175,21 +290,21 @@ def _grad_hidden_kernel(h_ptr, w_ptr, b_ptr, y_ptr, order_ptr, count_ptr, lse_pt
             cols = v0 + tl.arange(0, BLOCK_N)
             col_ok = cols < V
             g = _dlogits_tile(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, rows, row_ok, cols,
-                              col_ok, H, stride_h, stride_w, inv_t, HAS_BIAS, HAS_GLP, HAS_GENT, FP32_DOT,
-                              BLOCK_M, BLOCK_N, BLOCK_K)
+                              col_ok, stride_h, stride_w, inv_t, H, HAS_BIAS, HAS_GLP, HAS_GENT, FP32_DOT,
+                              PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             w = tl.load(w_ptr + cols[:, None] * stride_w + hs[None, :], mask=col_ok[:, None] & h_ok[None, :],
                         other=0.0)
-            acc = _dot(g, w, acc, FP32_DOT)
+            acc = _dot(g, w, acc, FP32_DOT, PRECISION)
         tl.store(gh_ptr + rows[:, None] * stride_gh + hs[None, :], acc.to(gh_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & h_ok[None, :])
 
 
 @triton.jit
 def _grad_weight_kernel(h_ptr, w_ptr, b_ptr, y_ptr, order_ptr, count_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr,
-                        gw_ptr, gb_ptr, V, H, stride_h, stride_w, stride_gw, inv_t,
+                        gw_ptr, gb_ptr, V, stride_h, stride_w, stride_gw, inv_t, H: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr,
-                        FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_H: tl.constexpr):
+                        FP32_DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
     """grad_weight[tile, h block] = sum over the non-ignored row blocks of dlogits[rows, tile].T @
     hidden[rows, h block] (and grad_bias[tile], by the h block 0), in row order: no atomics."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -199,17 +314,19 @@ def _grad_weight_kernel(h_ptr, w_ptr, b_ptr, y_ptr, order_ptr, count_ptr, lse_pt
     count = tl.load(count_ptr)
     acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
     g_bias = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for start in range(0, count, BLOCK_M):
+    start = count * 0  # an int64 scalar, like count (a `while`: the count is a runtime bound, see the module doc)
+    while start < count:
         offs = start + tl.arange(0, BLOCK_M)
         row_ok = offs < count
         rows = tl.load(order_ptr + offs, mask=row_ok, other=0)
         g = _dlogits_tile(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, rows, row_ok, cols, col_ok,
-                          H, stride_h, stride_w, inv_t, HAS_BIAS, HAS_GLP, HAS_GENT, FP32_DOT,
+                          stride_h, stride_w, inv_t, H, HAS_BIAS, HAS_GLP, HAS_GENT, FP32_DOT, PRECISION,
                           BLOCK_M, BLOCK_N, BLOCK_K)
         x = tl.load(h_ptr + rows[:, None] * stride_h + hs[None, :], mask=row_ok[:, None] & h_ok[None, :], other=0.0)
-        acc = _dot(tl.trans(g), x, acc, FP32_DOT)
+        acc = _dot(tl.trans(g), x, acc, FP32_DOT, PRECISION)
         if HAS_BIAS:
             g_bias += tl.sum(g, 0)
+        start += BLOCK_M
     tl.store(gw_ptr + cols[:, None] * stride_gw + hs[None, :], acc.to(gw_ptr.dtype.element_ty),
              mask=col_ok[:, None] & h_ok[None, :])
     if HAS_BIAS:
@@ -217,10 +334,22 @@ def _grad_weight_kernel(h_ptr, w_ptr, b_ptr, y_ptr, order_ptr, count_ptr, lse_pt
             tl.store(gb_ptr + cols, g_bias.to(gb_ptr.dtype.element_ty), mask=col_ok)
 
 
+COMBINE_BLOCK = 128  # rows per program of _combine_kernel
+
+
 def _fp32_dot(dtype: torch.dtype) -> bool:
     """Whether the tiles are multiplied in fp32: for fp32 inputs, and for bf16 under TRITON_INTERPRET=1,
     whose numpy tl.dot mishandles bf16 operands (on a GPU bf16/fp16 tiles go to the tensor cores)."""
     return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _launch(dtype: torch.dtype, tiles: Tiles, fused: bool = False) -> dict:
+    """The constexpr tile arguments and launch parameters shared by the kernels."""
+    meta = dict(FP32_DOT=_fp32_dot(dtype), PRECISION=FP32_PRECISION, BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N,
+                BLOCK_K=tiles.BLOCK_K, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    if fused:
+        meta["BLOCK_H"] = tiles.BLOCK_H
+    return meta
 
 
 def _order(labels: torch.Tensor, ignore_index: int):
@@ -239,12 +368,15 @@ def linear_logprobs_forward(hidden, weight, bias, labels, temperature, ignore_in
     ent = torch.zeros(n if compute_entropy else 0, **f32)
     if n == 0:
         return lp, ent, lse
+    cfg = _config(vocab, hidden.dtype)
     order, count = _order(labels, ignore_index)
-    _forward_kernel[(triton.cdiv(n, BLOCK_M),)](
-        hidden, weight, bias if bias is not None else weight, labels, order, count, lp, ent, lse,
-        vocab, h, hidden.stride(0), weight.stride(0), 1.0 / temperature,
-        HAS_BIAS=bias is not None, ENTROPY=compute_entropy, FP32_DOT=_fp32_dot(hidden.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    ws = torch.empty(4 if compute_entropy else 3, cfg.splits, n, **f32)  # (m, s, label logit[, t]) per split
+    _forward_kernel[(triton.cdiv(n, cfg.tiles.BLOCK_M), cfg.splits)](
+        hidden, weight, bias if bias is not None else weight, labels, order, count, ws,
+        n, vocab, hidden.stride(0), weight.stride(0), 1.0 / temperature, H=h, SPAN=cfg.span, SPLITS=cfg.splits,
+        HAS_BIAS=bias is not None, ENTROPY=compute_entropy, **_launch(hidden.dtype, cfg.tiles))
+    _combine_kernel[(triton.cdiv(n, COMBINE_BLOCK),)](ws, labels, order, count, lp, ent, lse, n, vocab,
+                                                      SPLITS=cfg.splits, ENTROPY=compute_entropy, BLOCK=COMBINE_BLOCK)
     return lp, ent, lse
 
 
@@ -258,6 +390,7 @@ def linear_logprobs_backward(hidden, weight, bias, labels, lse, entropy, grad_lo
     grad_h = torch.zeros_like(hidden)
     grad_w = torch.zeros(weight.shape, dtype=torch.float32 if half else weight.dtype, device=weight.device)
     grad_b = torch.zeros(vocab if bias is not None else 0, dtype=torch.float32, device=weight.device)
+    tiles = _config(vocab, hidden.dtype).tiles
     order, count = _order(labels, ignore_index)
     step = min(n, _chunk_rows(chunk_size, vocab, hidden.element_size()))
     buf = torch.empty(step, vocab, dtype=hidden.dtype, device=hidden.device) if n else None
@@ -265,15 +398,15 @@ def linear_logprobs_backward(hidden, weight, bias, labels, lse, entropy, grad_lo
     for start in range(0, n, step):
         rows = order[start:start + step]
         g = buf[:rows.numel()]
-        grid = (triton.cdiv(rows.numel(), BLOCK_M), triton.cdiv(vocab, BLOCK_N))
+        grid = (triton.cdiv(rows.numel(), tiles.BLOCK_M), triton.cdiv(vocab, tiles.BLOCK_N))
         _dlogits_kernel[grid](
             hidden, weight, bias if bias is not None else weight, labels, order, count, lse,
             entropy if entropy is not None else dummy,
             grad_logprobs.contiguous() if grad_logprobs is not None else dummy,
             grad_entropy.contiguous() if grad_entropy is not None else dummy,
-            g, start, rows.numel(), vocab, h, hidden.stride(0), weight.stride(0), g.stride(0), 1.0 / temperature,
+            g, start, rows.numel(), vocab, hidden.stride(0), weight.stride(0), g.stride(0), 1.0 / temperature, H=h,
             HAS_BIAS=bias is not None, HAS_GLP=grad_logprobs is not None, HAS_GENT=grad_entropy is not None,
-            FP32_DOT=_fp32_dot(hidden.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+            **_launch(hidden.dtype, tiles))
         x = hidden.index_select(0, rows)
         grad_h.index_copy_(0, rows, torch.mm(g, weight))
         grad_w.add_(torch.mm(g.t(), x)) if half else grad_w.addmm_(g.t(), x)
@@ -292,18 +425,19 @@ def linear_logprobs_backward_fused(hidden, weight, bias, labels, lse, entropy, g
     grad_h = torch.zeros_like(hidden)
     grad_w = torch.empty_like(weight)
     grad_b = torch.empty_like(bias) if bias is not None else torch.zeros(0, dtype=torch.float32, device=weight.device)
+    tiles = FUSED_TILES.get(_key(hidden.dtype), TILES[_key(hidden.dtype)])
     order, count = _order(labels, ignore_index)
     args = (hidden, weight, bias if bias is not None else weight, labels, order, count, lse,
             entropy if entropy is not None else lse,
             grad_logprobs.contiguous() if grad_logprobs is not None else lse,
             grad_entropy.contiguous() if grad_entropy is not None else lse)
-    meta = dict(HAS_BIAS=bias is not None, HAS_GLP=grad_logprobs is not None, HAS_GENT=grad_entropy is not None,
-                FP32_DOT=_fp32_dot(hidden.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_H=BLOCK_H)
+    meta = dict(H=h, HAS_BIAS=bias is not None, HAS_GLP=grad_logprobs is not None,
+                HAS_GENT=grad_entropy is not None, **_launch(hidden.dtype, tiles, fused=True))
     if n:
-        _grad_hidden_kernel[(triton.cdiv(n, BLOCK_M), triton.cdiv(h, BLOCK_H))](
-            *args, grad_h, vocab, h, hidden.stride(0), weight.stride(0), grad_h.stride(0), 1.0 / temperature, **meta)
-    _grad_weight_kernel[(triton.cdiv(vocab, BLOCK_N), triton.cdiv(h, BLOCK_H))](
-        *args, grad_w, grad_b, vocab, h, hidden.stride(0), weight.stride(0), grad_w.stride(0), 1.0 / temperature,
+        _grad_hidden_kernel[(triton.cdiv(n, tiles.BLOCK_M), triton.cdiv(h, tiles.BLOCK_H))](
+            *args, grad_h, hidden.stride(0), weight.stride(0), grad_h.stride(0), 1.0 / temperature, V=vocab, **meta)
+    _grad_weight_kernel[(triton.cdiv(vocab, tiles.BLOCK_N), triton.cdiv(h, tiles.BLOCK_H))](
+        *args, grad_w, grad_b, vocab, hidden.stride(0), weight.stride(0), grad_w.stride(0), 1.0 / temperature,
         **meta)
     return grad_h, grad_w, grad_b
 
