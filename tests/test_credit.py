@@ -62,9 +62,11 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 
 from fastrl.reference import credit as ref  # noqa: E402
 from _isa import assert_same_bits, run_capped  # noqa: E402
+from _dist import run_ranks  # noqa: E402
+from _optional import optional_module  # noqa: E402
 
-verl_core = pytest.importorskip("verl.trainer.ppo.core_algos")
-verl_F = pytest.importorskip("verl.utils.torch_functional")
+verl_core = optional_module("verl.trainer.ppo.core_algos")
+verl_F = optional_module("verl.utils.torch_functional")
 import fastrl.integrations.verl as fverl  # noqa: E402
 
 MODES = ["skip", "reset", "cumsum"]
@@ -875,18 +877,13 @@ def _distributed_statistics_worker(rank, world_size, init_method, xs, masks, out
 
 @pytest.mark.distributed
 def test_distributed_whitening_equals_single_process(tmp_path):
-    import torch.multiprocessing as mp
-
     gen = torch.Generator().manual_seed(97)
     # uneven shards, far-off means (the merge must be stable), rank 1 with an all-masked row
     xs = [torch.randn(5, 40, generator=gen, dtype=torch.float64) * 3 + 100,
           torch.randn(3, 17, generator=gen, dtype=torch.float64) * 0.5 + 90]
     masks = [(torch.rand(5, 40, generator=gen) < 0.7).long(), (torch.rand(3, 17, generator=gen) < 0.5).long()]
     masks[1][0] = 0
-    # fork: the ranks inherit the imported modules (a spawned child re-imports this file and verl,
-    # ~6 s each); safe here: no CUDA context, and each rank runs torch single-threaded
-    mp.start_processes(_distributed_statistics_worker, args=(2, f"file://{tmp_path}/init", xs, masks, str(tmp_path)),
-                       nprocs=2, join=True, start_method="fork")
+    run_ranks(_distributed_statistics_worker, (2, f"file://{tmp_path}/init", xs, masks, str(tmp_path)), 2)
     x_all = torch.cat([x.flatten() for x in xs])
     m_all = torch.cat([m.flatten() for m in masks])
     sizes = [x.numel() for x in xs]
@@ -1727,3 +1724,169 @@ def test_cuda_returns_turn_ends_match_cpu():
         plain = fastrl.credit.discounted_returns(r.cuda(), m.cuda(), 0.99, mode=mode)
         assert torch.equal(fastrl.credit.discounted_returns(r.cuda(), m.cuda(), 0.99, mode=mode,
                                                             dones=torch.zeros_like(dones).cuda()), plain)
+
+
+# ------------------------------------------------- fused whitening and masked statistics on CUDA
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_reference_runs_on_the_inputs_device():
+    """The references (the benchmarks' PyTorch-loop baselines) create no tensor on another device."""
+    r, v, m, dones = (t.to("meta") for t in turn_batch(3, 7, seed=401))
+    for out in (*ref.gae(r, v, m, 0.9, 0.9, dones=dones, turn_gamma=0.5, mode="reset"),
+                ref.discounted_returns(r, m, 0.9, dones=dones, turn_gamma=0.5),
+                ref.token_rewards(torch.randn(3, device="meta"), m, kl=r, kl_coef=0.1)):
+        assert out.device.type == "meta" and out.shape == r.shape
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("packed", [False, True])
+def test_cuda_fused_whitening_matches_cpu_and_is_deterministic(packed):
+    r, v, m, dones = turn_batch(24, 2500, seed=403)  # rows of several scan tiles
+    kws = [dict(mode=mode, dones=dones, turn_gamma=0.5) for mode in GAE_MODES] + [dict()]
+    for kw in kws:
+        cpu_args = (r, v, m)
+        if packed:
+            rp, cu, keep = pack(r, m)
+            cpu_args = (rp, v[keep], m[keep])
+            kw = {**kw, "cu_seqlens": cu, **({"dones": kw["dones"][keep]} if "dones" in kw else {})}
+        dev_args = [t.cuda() for t in cpu_args]
+        dev_kw = {k: t.cuda() if torch.is_tensor(t) else t for k, t in kw.items()}
+        adv, ret = fastrl.credit.gae(*dev_args, 0.99, 0.95, whiten=True, **dev_kw)
+        plain_adv, plain_ret = fastrl.credit.gae(*dev_args, 0.99, 0.95, **dev_kw)
+        assert torch.equal(ret, plain_ret)  # the returns are not whitened
+        again = fastrl.credit.gae(*dev_args, 0.99, 0.95, whiten=True, **dev_kw)[0]
+        assert torch.equal(adv, again)  # bitwise run to run
+        # the same advantages whitened by the unfused CUDA op: only the statistics' fp64 rounding differs
+        torch.testing.assert_close(adv, fastrl.credit.masked_whiten(plain_adv, dev_args[2]), rtol=1e-6, atol=1e-6)
+        want = fastrl.credit.gae(*cpu_args, 0.99, 0.95, whiten=True, **kw)[0]
+        torch.testing.assert_close(adv.cpu(), want, rtol=1e-5, atol=1e-5)  # CPU: sequential scan (rounding)
+    for mode in MODES:
+        kw = dict(mode=mode, dones=dones, turn_gamma=0.5)
+        cpu_args = (r, m)
+        if packed:
+            rp, cu, keep = pack(r, m)
+            cpu_args, kw = (rp, m[keep]), {**kw, "cu_seqlens": cu, "dones": dones[keep]}
+        dev_args = [t.cuda() for t in cpu_args]
+        dev_kw = {k: t.cuda() if torch.is_tensor(t) else t for k, t in kw.items()}
+        adv, ret = fastrl.credit.discounted_returns(*dev_args, 0.99, whiten=True, **dev_kw)
+        plain = fastrl.credit.discounted_returns(*dev_args, 0.99, **dev_kw)
+        assert torch.equal(ret, plain)
+        assert torch.equal(adv, fastrl.credit.discounted_returns(*dev_args, 0.99, whiten=True, **dev_kw)[0])
+        valid = dev_args[1].bool()
+        assert torch.equal(adv[~valid], torch.zeros_like(adv[~valid]))
+        torch.testing.assert_close(adv, fastrl.credit.masked_whiten(plain, dev_args[1]) * valid, rtol=1e-6,
+                                   atol=1e-6)
+        want = fastrl.credit.discounted_returns(*cpu_args, 0.99, whiten=True, **kw)[0]
+        torch.testing.assert_close(adv.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_fused_whitening_with_more_rows_than_blocks():
+    """B > 65536 rows: blocks stride over rows; each row's moments do not depend on its block."""
+    B, T = 70001, 3
+    gen = torch.Generator().manual_seed(405)
+    r, v = torch.randn(B, T, generator=gen), torch.randn(B, T, generator=gen)
+    m = (torch.rand(B, T, generator=gen) < 0.6).to(torch.int64)
+    adv, ret = fastrl.credit.gae(r.cuda(), v.cuda(), m.cuda(), 0.99, 0.95, whiten=True)
+    want_adv, want_ret = fastrl.credit.gae(r, v, m, 0.99, 0.95, whiten=True)
+    torch.testing.assert_close(adv.cpu(), want_adv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ret.cpu(), want_ret, rtol=1e-5, atol=1e-5)
+    adv, ret = fastrl.credit.discounted_returns(r.cuda(), m.cuda(), 0.99, whiten=True)
+    torch.testing.assert_close(adv.cpu(), fastrl.credit.discounted_returns(r, m, 0.99, whiten=True)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32])
+@pytest.mark.parametrize("n", [1, 4097, 1_500_001])  # one partial chunk; two; > 256 chunks (merge runs)
+def test_cuda_masked_statistics_match_cpu(dtype, mask_dtype, n):
+    gen = torch.Generator().manual_seed(407 + n)
+    x = (torch.randn(n, generator=gen, dtype=torch.float64) * 3 + 50).to(dtype)
+    m = (torch.rand(n, generator=gen) < 0.7).to(mask_dtype)
+    m[0] = 1
+    if n > 1:
+        m[-1] = 1
+    x[~m.bool()] = float("nan")  # never reaches the statistics
+    xd, md = x.cuda(), m.cuda()
+    got, want = torch.ops.fastrl.masked_moments(xd, md), torch.ops.fastrl.masked_moments(x, m)
+    assert got[0].item() == want[0].item()  # the count is exact
+    for g, w in zip(got[1:], want[1:]):  # the same fp64 sums in another order
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-10, atol=1e-9)
+    assert all(torch.equal(a, b) for a, b in zip(got, torch.ops.fastrl.masked_moments(xd, md)))
+    torch.testing.assert_close(fastrl.credit.masked_mean(xd, md).cpu(), fastrl.credit.masked_mean(x, m))
+    for unbiased in ((True, False) if n > 1 else (False,)):
+        torch.testing.assert_close(fastrl.credit.masked_var(xd, md, unbiased=unbiased).cpu(),
+                                   fastrl.credit.masked_var(x, m, unbiased=unbiased))
+        for shift_mean in (True, False):
+            kw = dict(shift_mean=shift_mean, unbiased=unbiased)
+            out = fastrl.credit.masked_whiten(xd, md, **kw)
+            assert out.dtype == dtype and torch.equal(out, fastrl.credit.masked_whiten(xd, md, **kw))
+            want = fastrl.credit.masked_whiten(x, m, **kw)
+            tol = 1e-12 if dtype == torch.float64 else 1e-6
+            if dtype in (torch.float32, torch.float64):
+                torch.testing.assert_close(out.cpu(), want, rtol=tol, atol=tol, equal_nan=True)
+            else:  # rounded once from fp64 values equal to ~1e-15: at most one ulp apart
+                torch.testing.assert_close(out.cpu().float(), want.float(), rtol=1e-2, atol=1e-2, equal_nan=True)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_whitening_errors_and_host_syncs():
+    x = torch.randn(4, 6, device="cuda")
+    one = torch.zeros(4, 6, dtype=torch.int64, device="cuda")
+    one[2, 3] = 1
+    for mask, n in [(torch.zeros_like(one), 0), (one, 1)]:
+        with pytest.raises(ValueError, match=f"at least 2 elements where `mask` is 1, got {n}"):
+            fastrl.credit.gae(x, x, mask, 0.9, 0.9, whiten=True)
+        with pytest.raises(ValueError, match=f"at least 2 elements where `mask` is 1, got {n}"):
+            fastrl.credit.discounted_returns(x, mask, 0.9, whiten=True)
+        with pytest.raises(ValueError, match=f"at least 2 elements where `mask` is 1, got {n}"):
+            fastrl.credit.masked_whiten(x, mask)
+        with pytest.raises(ValueError, match=f"got {n}"):
+            fastrl.credit.masked_var(x, mask)
+    # biased whitening of an empty mask: 0 mean, 0 variance (verl), x * 1e4
+    torch.testing.assert_close(fastrl.credit.masked_whiten(x, torch.zeros_like(one), unbiased=False), x * 1e4)
+    torch.testing.assert_close(fastrl.credit.masked_whiten(x.cpu(), one.cpu(), unbiased=False),
+                               fastrl.credit.masked_whiten(x, one, unbiased=False).cpu())
+
+    m = torch.ones_like(one)
+    calls = {  # host syncs per call: the count check only (verl makes the same one)
+        "gae": (lambda: fastrl.credit.gae(x, x, m, 0.9, 0.9), 0),
+        "gae whiten": (lambda: fastrl.credit.gae(x, x, m, 0.9, 0.9, whiten=True), 1),
+        "returns whiten": (lambda: fastrl.credit.discounted_returns(x, m, 0.9, whiten=True), 1),
+        "masked_moments": (lambda: torch.ops.fastrl.masked_moments(x, m), 0),
+        "masked_mean": (lambda: fastrl.credit.masked_mean(x, m), 0),
+        "masked_whiten": (lambda: fastrl.credit.masked_whiten(x, m), 1),
+        "masked_whiten biased": (lambda: fastrl.credit.masked_whiten(x, m, unbiased=False), 0),
+    }
+    import warnings
+    for name, (fn, syncs) in calls.items():
+        fn()  # warm up (lazy initializations)
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        got = sum("synchroniz" in str(w.message) for w in caught)
+        assert got == syncs, f"{name}: {got} host syncs, expected {syncs}"
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_opcheck_whitening_ops():
+    r, v, m = (t.cuda() for t in multiturn_batch(4, 9, seed=409, mask_dtype=torch.float32))
+    m[0, :2] = 1
+    ops = torch.ops.fastrl
+    torch.library.opcheck(ops.gae.default, (r, v, m, None, 0.9, 0.8, None, "skip", 0.0, 1.0, True))
+    torch.library.opcheck(ops.discounted_returns_whiten.default, (r, m, None, 0.9, "skip", None, 0.0))
+    torch.library.opcheck(ops.masked_moments.default, (r, m))
+    torch.library.opcheck(ops.masked_whiten.default, (r, m, True, True, 1e-8))
+    torch.library.opcheck(ops.masked_whiten.default, (r.half(), m.bool(), False, False, 1e-6))

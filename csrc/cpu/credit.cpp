@@ -327,21 +327,20 @@ int64_t masked_moments(const scalar_t* x, const mask_t* mask, int64_t n, credit:
 }
 
 template <typename scalar_t>
-void affine_transform(const scalar_t* x, int64_t n, double shift, double scale, double add,
-                      scalar_t* out) {
+void affine_transform(const scalar_t* x, int64_t n, const credit::WhitenCoefs& k, scalar_t* out) {
   at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      out[i] = static_cast<scalar_t>((static_cast<double>(x[i]) - shift) * scale + add);
+      out[i] = static_cast<scalar_t>(credit::whiten_value(static_cast<double>(x[i]), k));
     }
   });
 }
 
 template <typename scalar_t, typename mask_t>
-void masked_affine_transform(const scalar_t* x, const mask_t* mask, int64_t n, double shift,
-                             double scale, double add, scalar_t* out) {
+void masked_affine_transform(const scalar_t* x, const mask_t* mask, int64_t n,
+                             const credit::WhitenCoefs& k, scalar_t* out) {
   at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const scalar_t w = static_cast<scalar_t>((static_cast<double>(x[i]) - shift) * scale + add);
+      const scalar_t w = static_cast<scalar_t>(credit::whiten_value(static_cast<double>(x[i]), k));
       out[i] = w * static_cast<scalar_t>(mask[i]);
     }
   });
@@ -545,7 +544,7 @@ FASTRL_INSTANTIATE_KL(c10::BFloat16, float, float)
   FASTRL_INSTANTIATE_MASKED(T, int64_t, A)        \
   FASTRL_INSTANTIATE_MASKED(T, float, A)          \
   FASTRL_INSTANTIATE_MASKED(T, double, A)         \
-  template void affine_transform<T>(const T*, int64_t, double, double, double, T*);
+  template void affine_transform<T>(const T*, int64_t, const credit::WhitenCoefs&, T*);
 FASTRL_INSTANTIATE(float, float)
 FASTRL_INSTANTIATE(double, double)
 FASTRL_INSTANTIATE(c10::Half, float)
@@ -554,22 +553,20 @@ FASTRL_INSTANTIATE(c10::BFloat16, float)
 #undef FASTRL_INSTANTIATE_MASKED
 
 // The fused whitening of discounted_returns: its fp32 / fp64 outputs, any mask type.
-#define FASTRL_INSTANTIATE_MASKED_AFFINE(A)                                                          \
-  template void masked_affine_transform<A, bool>(const A*, const bool*, int64_t, double, double,     \
-                                                 double, A*);                                        \
-  template void masked_affine_transform<A, uint8_t>(const A*, const uint8_t*, int64_t, double,       \
-                                                    double, double, A*);                             \
-  template void masked_affine_transform<A, int32_t>(const A*, const int32_t*, int64_t, double,       \
-                                                    double, double, A*);                             \
-  template void masked_affine_transform<A, int64_t>(const A*, const int64_t*, int64_t, double,       \
-                                                    double, double, A*);                             \
-  template void masked_affine_transform<A, float>(const A*, const float*, int64_t, double, double,   \
-                                                  double, A*);                                       \
-  template void masked_affine_transform<A, double>(const A*, const double*, int64_t, double, double, \
-                                                   double, A*);
+#define FASTRL_INSTANTIATE_MASKED_AFFINE_M(A, M)                                               \
+  template void masked_affine_transform<A, M>(const A*, const M*, int64_t,                   \
+                                              const credit::WhitenCoefs&, A*);
+#define FASTRL_INSTANTIATE_MASKED_AFFINE(A)          \
+  FASTRL_INSTANTIATE_MASKED_AFFINE_M(A, bool)        \
+  FASTRL_INSTANTIATE_MASKED_AFFINE_M(A, uint8_t)     \
+  FASTRL_INSTANTIATE_MASKED_AFFINE_M(A, int32_t)     \
+  FASTRL_INSTANTIATE_MASKED_AFFINE_M(A, int64_t)     \
+  FASTRL_INSTANTIATE_MASKED_AFFINE_M(A, float)       \
+  FASTRL_INSTANTIATE_MASKED_AFFINE_M(A, double)
 FASTRL_INSTANTIATE_MASKED_AFFINE(float)
 FASTRL_INSTANTIATE_MASKED_AFFINE(double)
 #undef FASTRL_INSTANTIATE_MASKED_AFFINE
+#undef FASTRL_INSTANTIATE_MASKED_AFFINE_M
 
 }  // namespace cpu
 }  // namespace fastrl

@@ -44,16 +44,15 @@ int64_t discounted_returns(const scalar_t* rewards, const mask_t* mask, const bo
 template <typename scalar_t, typename mask_t>
 int64_t masked_moments(const scalar_t* x, const mask_t* mask, int64_t n, credit::Moments* out);
 
-// out[i] = (x[i] - shift) * scale + add, computed in fp64, rounded once to scalar_t.
+// out[i] = credit::whiten_value(x[i], k) (fp64), rounded once to scalar_t.
 template <typename scalar_t>
-void affine_transform(const scalar_t* x, int64_t n, double shift, double scale, double add,
-                      scalar_t* out);
+void affine_transform(const scalar_t* x, int64_t n, const credit::WhitenCoefs& k, scalar_t* out);
 
-// out[i] = scalar_t((x[i] - shift) * scale + add) * scalar_t(mask[i]): affine_transform, then
+// out[i] = scalar_t(credit::whiten_value(x[i], k)) * scalar_t(mask[i]): affine_transform, then
 // torch's `out * mask` in scalar_t (mask values are not checked here).
 template <typename scalar_t, typename mask_t>
-void masked_affine_transform(const scalar_t* x, const mask_t* mask, int64_t n, double shift,
-                             double scale, double add, scalar_t* out);
+void masked_affine_transform(const scalar_t* x, const mask_t* mask, int64_t n,
+                             const credit::WhitenCoefs& k, scalar_t* out);
 
 // out[i] = credit::kl_value<kind, conv>(logp[i], ref[i]) computed in acc_t, rounded to out_t.
 template <typename scalar_t, typename acc_t, typename out_t>

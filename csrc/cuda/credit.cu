@@ -9,6 +9,8 @@
 //   then:     an inclusive scan of the affine pairs (c_t, d_t) of fastrl/credit.h composed
 //             first-then-second, carried across tiles; the carry at t is the composite applied to
 //             0, i.e. its d.
+// With row_moments (fused whitening) each thread also folds the fp64 moments of its valid outputs
+// into its running moments, tile after tile, and one block reduction per row merges the threads'.
 #include <cuda_runtime.h>
 
 #include <cub/block/block_reduce.cuh>
@@ -92,6 +94,38 @@ struct RunningPrefix {
   }
 };
 
+struct MergeMoments {
+  __device__ __forceinline__ credit::Moments operator()(const credit::Moments& a,
+                                                        const credit::Moments& b) const {
+    return credit::moments_merge(a, b);
+  }
+};
+
+// credit::Moments of the valid ones of N values held by one thread, two passes (sum, then squared
+// deviations from the mean) in fp64 without FMA, as the CPU summarizes a span.
+template <int N, typename A>
+__device__ __forceinline__ credit::Moments items_moments(const A (&x)[N], const bool (&valid)[N]) {
+  double count = 0.0, sum = 0.0;
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    if (valid[j]) {
+      count += 1.0;
+      sum += static_cast<double>(x[j]);
+    }
+  }
+  if (count == 0.0) return credit::moments_empty();
+  const double mean = sum / count;
+  double m2 = 0.0;
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    if (valid[j]) {
+      const double d = static_cast<double>(x[j]) - mean;
+      m2 += fastrl::mul_rn(d, d);
+    }
+  }
+  return credit::Moments{count, mean, m2};
+}
+
 template <bool kGae, typename T, typename M>
 __global__ void __launch_bounds__(kBlock)
     scan_kernel(const T* __restrict__ rewards, const T* __restrict__ values,
@@ -100,13 +134,16 @@ __global__ void __launch_bounds__(kBlock)
                 int64_t num_tokens, credit::GaeCoefs<typename CreditAcc<T>::type> coefs,
                 credit::GaeMode gae_mode, ReturnsMode mode,
                 typename CreditAcc<T>::type* __restrict__ out0,
-                typename CreditAcc<T>::type* __restrict__ out1) {
+                typename CreditAcc<T>::type* __restrict__ out1,
+                credit::Moments* __restrict__ row_moments) {
   using A = typename CreditAcc<T>::type;
   using AffineScan = cub::BlockScan<Affine<A>, kBlock>;
   using NextScan = cub::BlockScan<NextValue<A>, kBlock>;
+  using MomentsReduce = cub::BlockReduce<credit::Moments, kBlock>;
   __shared__ union {
     typename AffineScan::TempStorage affine;
     typename NextScan::TempStorage next;
+    typename MomentsReduce::TempStorage moments;
   } temp;
   __shared__ A s_r[kScanTile];
   __shared__ A s_v[kScanTile];
@@ -118,6 +155,7 @@ __global__ void __launch_bounds__(kBlock)
     row_range(cu_seqlens, b, row_len, num_tokens, begin, end);
     RunningPrefix<Affine<A>, Compose> affine_prefix{credit::identity<A>()};
     RunningPrefix<NextValue<A>, LatestValid> next_prefix{NextValue<A>{false, false, A(0)}};
+    credit::Moments moments = credit::moments_empty();  // of this thread's valid outputs
     for (int64_t tile_end = end; tile_end > begin; tile_end -= kScanTile) {
       const int len = static_cast<int>(min(static_cast<int64_t>(kScanTile), tile_end - begin));
       for (int k = tid; k < len; k += kBlock) {  // reversed, coalesced
@@ -181,6 +219,12 @@ __global__ void __launch_bounds__(kBlock)
       }
       AffineScan(temp.affine).InclusiveScan(f, f, Compose(), affine_prefix);
       __syncthreads();  // every thread has read its staged inputs
+      if (row_moments != nullptr) {  // block-uniform; the output at a valid position is its carry
+        A carry[kItems];
+#pragma unroll
+        for (int j = 0; j < kItems; ++j) carry[j] = f[j].d;
+        moments = credit::moments_merge(moments, items_moments(carry, valid));
+      }
 
 #pragma unroll
       for (int j = 0; j < kItems; ++j) {
@@ -200,6 +244,11 @@ __global__ void __launch_bounds__(kBlock)
         if (kGae) out1[pos] = s_v[k];
       }
       __syncthreads();  // the staging buffers and temp are reused by the next tile
+    }
+    if (row_moments != nullptr) {  // block-uniform
+      const credit::Moments row = MomentsReduce(temp.moments).Reduce(moments, MergeMoments());
+      if (tid == 0) row_moments[b] = row;
+      __syncthreads();  // temp is reused by the next row
     }
   }
 }
@@ -411,6 +460,95 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
+// ------------------------------------------------------------------ masked moments, whitening
+
+constexpr int kMomentItems = static_cast<int>(kMomentsChunk / kBlock);
+
+// chunks[c] = moments of chunk c: thread t holds the chunk's elements t, t + 256, ... (coalesced,
+// every load in flight at once), summarizes them in two passes, and the block merges the threads'
+// summaries in a fixed tree. Elements outside the mask never reach the sums (a NaN there is ignored).
+template <typename T, typename M>
+__global__ void __launch_bounds__(kBlock)
+    moments_kernel(const T* __restrict__ x, const M* __restrict__ mask, int64_t n,
+                   int64_t num_chunks, credit::Moments* __restrict__ chunks) {
+  using A = typename CreditAcc<T>::type;
+  using Reduce = cub::BlockReduce<credit::Moments, kBlock>;
+  __shared__ typename Reduce::TempStorage temp;
+  for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {  // block-uniform
+    const int64_t first = c * kMomentsChunk + threadIdx.x;
+    A v[kMomentItems];
+    bool valid[kMomentItems];
+#pragma unroll
+    for (int j = 0; j < kMomentItems; ++j) {
+      const int64_t i = first + int64_t{j} * kBlock;
+      v[j] = i < n ? to_acc(x[i]) : A(0);
+      valid[j] = i < n && is_valid(mask[i]);
+    }
+    const credit::Moments chunk = Reduce(temp).Reduce(items_moments(v, valid), MergeMoments());
+    if (threadIdx.x == 0) chunks[c] = chunk;
+    __syncthreads();  // temp is reused by the next chunk
+  }
+}
+
+// One block: thread t merges parts [t * per, (t + 1) * per) in order, then a fixed block tree.
+__global__ void __launch_bounds__(kBlock)
+    merge_moments_kernel(const credit::Moments* __restrict__ parts, int64_t num_parts,
+                         double* count, double* mean, double* m2, credit::WhitenCoefs* coefs,
+                         bool shift_mean, bool unbiased, double eps) {
+  using Reduce = cub::BlockReduce<credit::Moments, kBlock>;
+  __shared__ typename Reduce::TempStorage temp;
+  const int64_t per = (num_parts + kBlock - 1) / kBlock;
+  const int64_t begin = min(num_parts, int64_t{threadIdx.x} * per);
+  const int64_t end = min(num_parts, begin + per);
+  credit::Moments run = credit::moments_empty();
+  for (int64_t i = begin; i < end; i += 4) {  // 4 loads in flight, then merged in order
+    credit::Moments p[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) p[j] = i + j < end ? parts[i + j] : credit::moments_empty();
+#pragma unroll
+    for (int j = 0; j < 4; ++j) run = credit::moments_merge(run, p[j]);  // an empty p[j]: no-op
+  }
+  const credit::Moments total = Reduce(temp).Reduce(run, MergeMoments());
+  if (threadIdx.x == 0) {
+    *count = total.count;
+    *mean = total.mean;
+    *m2 = total.m2;
+    if (coefs != nullptr) *coefs = credit::whiten_coefs(total, shift_mean, unbiased, eps);
+  }
+}
+
+constexpr int kWhitenItems = 4;  // elements per thread and step: their loads are in flight together
+
+// Rounded as cpu::affine_transform / masked_affine_transform: fp64 -> A once (then -> T through
+// float for half types, as c10::Half(double) does), the mask product in A. No __restrict__ on x
+// and out: out may be x (each element is read, then written, by the same thread).
+template <typename T, typename M>
+__global__ void whiten_kernel(const T* x, const M* __restrict__ mask, int64_t n,
+                              const credit::WhitenCoefs* __restrict__ coefs, T* out) {
+  using A = typename CreditAcc<T>::type;
+  const credit::WhitenCoefs k = *coefs;
+  const int64_t step = int64_t{gridDim.x} * blockDim.x * kWhitenItems;
+  for (int64_t first = blockIdx.x * int64_t{blockDim.x} * kWhitenItems + threadIdx.x; first < n;
+       first += step) {
+    A v[kWhitenItems], mv[kWhitenItems];
+#pragma unroll
+    for (int j = 0; j < kWhitenItems; ++j) {
+      const int64_t i = first + int64_t{j} * blockDim.x;
+      v[j] = i < n ? to_acc(x[i]) : A(0);
+      mv[j] = mask != nullptr && i < n ? static_cast<A>(mask[i]) : A(1);
+    }
+#pragma unroll
+    for (int j = 0; j < kWhitenItems; ++j) {
+      const int64_t i = first + int64_t{j} * blockDim.x;
+      if (i < n) {
+        A w = static_cast<A>(credit::whiten_value(static_cast<double>(v[j]), k));
+        if (mask != nullptr) w = w * mv[j];
+        out[i] = store_as<T>(w);
+      }
+    }
+  }
+}
+
 bool bad_sizes(int64_t num_rows, int64_t row_len, int64_t num_tokens, const int64_t* cu_seqlens) {
   if (num_rows < 0 || row_len < 0 || num_tokens < 0) return true;
   return cu_seqlens == nullptr && num_rows * row_len != num_tokens;
@@ -427,7 +565,8 @@ cudaError_t launch_gae(const T* rewards, const T* values, const M* mask, const b
                        const int64_t* cu_seqlens, int64_t num_rows, int64_t row_len,
                        int64_t num_tokens, double gamma, double lam, credit::GaeMode mode,
                        double turn_gamma, double turn_lam, typename CreditAcc<T>::type* adv,
-                       typename CreditAcc<T>::type* ret, cudaStream_t stream) {
+                       typename CreditAcc<T>::type* ret, credit::Moments* row_moments,
+                       cudaStream_t stream) {
   using A = typename CreditAcc<T>::type;
   if (bad_sizes(num_rows, row_len, num_tokens, cu_seqlens)) return cudaErrorInvalidValue;
   if (num_rows == 0) return cudaSuccess;
@@ -435,7 +574,7 @@ cudaError_t launch_gae(const T* rewards, const T* values, const M* mask, const b
                                   static_cast<A>(turn_gamma), static_cast<A>(turn_gamma * turn_lam)};
   scan_kernel<true, T, M><<<grid_for(num_rows), kBlock, 0, stream>>>(
       rewards, values, mask, dones, cu_seqlens, num_rows, row_len, num_tokens, coefs, mode,
-      ReturnsMode::kSkip, adv, ret);
+      ReturnsMode::kSkip, adv, ret, row_moments);
   return cudaGetLastError();
 }
 
@@ -444,7 +583,8 @@ cudaError_t launch_discounted_returns(const T* rewards, const M* mask, const boo
                                       const int64_t* cu_seqlens, int64_t num_rows,
                                       int64_t row_len, int64_t num_tokens, double gamma,
                                       ReturnsMode mode, double turn_gamma,
-                                      typename CreditAcc<T>::type* out, cudaStream_t stream) {
+                                      typename CreditAcc<T>::type* out,
+                                      credit::Moments* row_moments, cudaStream_t stream) {
   using A = typename CreditAcc<T>::type;
   if (bad_sizes(num_rows, row_len, num_tokens, cu_seqlens)) return cudaErrorInvalidValue;
   if (num_rows == 0) return cudaSuccess;
@@ -452,7 +592,36 @@ cudaError_t launch_discounted_returns(const T* rewards, const M* mask, const boo
   const credit::GaeCoefs<A> coefs{static_cast<A>(gamma), A(0), static_cast<A>(turn_gamma), A(0)};
   scan_kernel<false, T, M><<<grid_for(num_rows), kBlock, 0, stream>>>(
       rewards, nullptr, mask, dones, cu_seqlens, num_rows, row_len, num_tokens, coefs,
-      credit::GaeMode::kSkip, mode, out, nullptr);
+      credit::GaeMode::kSkip, mode, out, nullptr, row_moments);
+  return cudaGetLastError();
+}
+
+template <typename T, typename M>
+cudaError_t launch_masked_moments(const T* x, const M* mask, int64_t n, credit::Moments* chunks,
+                                  cudaStream_t stream) {
+  if (n < 0) return cudaErrorInvalidValue;
+  const int64_t num_chunks = masked_moments_num_chunks(n);
+  if (num_chunks == 0) return cudaSuccess;
+  moments_kernel<T, M><<<grid_for(num_chunks), kBlock, 0, stream>>>(x, mask, n, num_chunks, chunks);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_merge_moments(const credit::Moments* parts, int64_t num_parts, double* count,
+                                 double* mean, double* m2, credit::WhitenCoefs* coefs,
+                                 bool shift_mean, bool unbiased, double eps, cudaStream_t stream) {
+  if (num_parts < 0) return cudaErrorInvalidValue;
+  merge_moments_kernel<<<1, kBlock, 0, stream>>>(parts, num_parts, count, mean, m2, coefs,
+                                                 shift_mean, unbiased, eps);
+  return cudaGetLastError();
+}
+
+template <typename T, typename M>
+cudaError_t launch_whiten(const T* x, const M* mask, int64_t n, const credit::WhitenCoefs* coefs,
+                          T* out, cudaStream_t stream) {
+  if (n < 0) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  whiten_kernel<T, M><<<elementwise_grid((n + kWhitenItems - 1) / kWhitenItems), kBlock, 0, stream>>>(
+      x, mask, n, coefs, out);
   return cudaGetLastError();
 }
 
@@ -557,11 +726,17 @@ FASTRL_INSTANTIATE_KL(__nv_bfloat16, float, float)
   template cudaError_t launch_gae<T, M>(const T*, const T*, const M*, const bool*,             \
                                         const int64_t*, int64_t, int64_t, int64_t, double,      \
                                         double, credit::GaeMode, double, double,                \
-                                        CreditAcc<T>::type*, CreditAcc<T>::type*, cudaStream_t); \
+                                        CreditAcc<T>::type*, CreditAcc<T>::type*,               \
+                                        credit::Moments*, cudaStream_t);                        \
   template cudaError_t launch_discounted_returns<T, M>(const T*, const M*, const bool*,          \
                                                        const int64_t*, int64_t, int64_t, int64_t, \
                                                        double, ReturnsMode, double,             \
-                                                       CreditAcc<T>::type*, cudaStream_t);      \
+                                                       CreditAcc<T>::type*, credit::Moments*,   \
+                                                       cudaStream_t);                           \
+  template cudaError_t launch_masked_moments<T, M>(const T*, const M*, int64_t, credit::Moments*, \
+                                                   cudaStream_t);                               \
+  template cudaError_t launch_whiten<T, M>(const T*, const M*, int64_t,                        \
+                                           const credit::WhitenCoefs*, T*, cudaStream_t);       \
   template cudaError_t launch_implicit_rewards<T, M>(const T*, const T*, const M*, const bool*,  \
                                                      const int64_t*, int64_t, int64_t, int64_t,  \
                                                      double, CreditAcc<T>::type*, cudaStream_t); \

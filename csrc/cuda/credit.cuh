@@ -39,23 +39,64 @@ constexpr int kScanTile = 1024;  // tokens per block-wide scan step
 // rewards, values, mask: [num_tokens] (padded [num_rows, row_len] contiguous when cu_seqlens is
 // nullptr, else packed rows given by cu_seqlens[num_rows + 1], int64, on the device).
 // Writes adv and ret (credit.h GAE in credit::GaeMode `mode`, turn ends at dones[i] != 0, dones
-// may be nullptr) at every position. Returns cudaErrorInvalidValue for bad sizes, else the launch
-// error. No workspace.
+// may be nullptr) at every position. row_moments (nullptr: not wanted; else [num_rows] on the
+// device) receives each row's credit::Moments of adv over its valid tokens, for the fused
+// whitening: each thread keeps fp64 moments of the positions it scans (each tile's items summarized
+// in two passes, merged into the thread's running moments with Chan's formula, tile after tile),
+// and a fixed-shape block reduction merges the threads' (deterministic, independent of the grid).
+// Returns cudaErrorInvalidValue for bad sizes, else the launch error. No workspace.
 template <typename T, typename M>
 cudaError_t launch_gae(const T* rewards, const T* values, const M* mask, const bool* dones,
                        const int64_t* cu_seqlens, int64_t num_rows, int64_t row_len,
                        int64_t num_tokens, double gamma, double lam, credit::GaeMode mode,
                        double turn_gamma, double turn_lam, typename CreditAcc<T>::type* adv,
-                       typename CreditAcc<T>::type* ret, cudaStream_t stream);
+                       typename CreditAcc<T>::type* ret, credit::Moments* row_moments,
+                       cudaStream_t stream);
 
 // Discounted returns in credit::ReturnsMode `mode` with turn ends at dones[i] (nullptr: none)
-// discounted by turn_gamma (credit::returns_turn_step), same layout and contract as launch_gae.
+// discounted by turn_gamma (credit::returns_turn_step), same layout and contract as launch_gae
+// (row_moments: each row's moments of out over its valid tokens).
 template <typename T, typename M>
 cudaError_t launch_discounted_returns(const T* rewards, const M* mask, const bool* dones,
                                       const int64_t* cu_seqlens, int64_t num_rows,
                                       int64_t row_len, int64_t num_tokens, double gamma,
                                       credit::ReturnsMode mode, double turn_gamma,
-                                      typename CreditAcc<T>::type* out, cudaStream_t stream);
+                                      typename CreditAcc<T>::type* out,
+                                      credit::Moments* row_moments, cudaStream_t stream);
+
+// Masked statistics and whitening (verl's masked_mean / masked_var / masked_whiten), in three
+// launches, no host sync, no fp64 copy of x:
+//   launch_masked_moments  x[n] cut in fixed chunks of kMomentsChunk elements; one block
+//                          summarizes a chunk (each thread two passes over kMomentsChunk / 256
+//                          strided elements in registers, then a fixed-shape block merge)
+//                          into chunks[c], c < masked_moments_num_chunks(n);
+//   launch_merge_moments   merges parts[num_parts] (chunks, or a scan's row_moments) in a fixed
+//                          order with one block: thread t merges a contiguous run of parts in
+//                          order, then a fixed-shape block merge; writes *count, *mean, *m2 and,
+//                          when coefs is not nullptr, credit::whiten_coefs(shift_mean, unbiased,
+//                          eps) of the merged moments into *coefs (computed once, on the device);
+//   launch_whiten          out[i] = credit::whiten_value(x[i], *coefs) (read on the device), times
+//                          mask[i] when mask is not nullptr (REINFORCE++), rounded as the CPU's
+//                          (cpu::affine_transform / masked_affine_transform).
+// Every result is deterministic and independent of the grid size. A nonzero mask value counts as
+// valid (not checked: that would need a host sync). out may be x (in place).
+constexpr int64_t kMomentsChunk = 4096;
+
+inline int64_t masked_moments_num_chunks(int64_t n) {
+  return (n + kMomentsChunk - 1) / kMomentsChunk;
+}
+
+template <typename T, typename M>
+cudaError_t launch_masked_moments(const T* x, const M* mask, int64_t n, credit::Moments* chunks,
+                                  cudaStream_t stream);
+
+cudaError_t launch_merge_moments(const credit::Moments* parts, int64_t num_parts, double* count,
+                                 double* mean, double* m2, credit::WhitenCoefs* coefs,
+                                 bool shift_mean, bool unbiased, double eps, cudaStream_t stream);
+
+template <typename T, typename M>
+cudaError_t launch_whiten(const T* x, const M* mask, int64_t n, const credit::WhitenCoefs* coefs,
+                          T* out, cudaStream_t stream);
 
 // PRIME implicit rewards (credit::implicit_reward; mask may be nullptr: every token valid), same
 // layout and contract as launch_gae. step_ends == nullptr: per token, elementwise. Otherwise each
@@ -108,10 +149,15 @@ cudaError_t launch_segment_reduce_grad(const typename CreditAcc<T>::type* grad, 
   extern template cudaError_t launch_gae<T, M>(                                               \
       const T*, const T*, const M*, const bool*, const int64_t*, int64_t, int64_t, int64_t,    \
       double, double, credit::GaeMode, double, double, CreditAcc<T>::type*,                    \
-      CreditAcc<T>::type*, cudaStream_t);                                                      \
+      CreditAcc<T>::type*, credit::Moments*, cudaStream_t);                                    \
   extern template cudaError_t launch_discounted_returns<T, M>(                                \
       const T*, const M*, const bool*, const int64_t*, int64_t, int64_t, int64_t, double,      \
-      credit::ReturnsMode, double, CreditAcc<T>::type*, cudaStream_t);                        \
+      credit::ReturnsMode, double, CreditAcc<T>::type*, credit::Moments*, cudaStream_t);      \
+  extern template cudaError_t launch_masked_moments<T, M>(const T*, const M*, int64_t,        \
+                                                          credit::Moments*, cudaStream_t);    \
+  extern template cudaError_t launch_whiten<T, M>(const T*, const M*, int64_t,                \
+                                                  const credit::WhitenCoefs*, T*,             \
+                                                  cudaStream_t);                              \
   extern template cudaError_t launch_implicit_rewards<T, M>(                                  \
       const T*, const T*, const M*, const bool*, const int64_t*, int64_t, int64_t, int64_t,    \
       double, CreditAcc<T>::type*, cudaStream_t);                                              \

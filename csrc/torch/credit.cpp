@@ -351,8 +351,8 @@ at::Tensor token_rewards_cpu(const at::Tensor& scores, const at::Tensor& mask,
 
 // ---------------------------------------------------------------------------------------- CPU
 
-std::tuple<double, double, double> whiten_coefficients(const credit::Moments& m, bool shift_mean,
-                                                       bool unbiased, double eps);
+credit::WhitenCoefs whiten_coefficients(const credit::Moments& m, bool shift_mean, bool unbiased,
+                                        double eps);
 
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                            const at::Tensor& mask,
@@ -385,8 +385,8 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
     for (const auto& row : rows) m = credit::moments_merge(m, row);
     const auto coef = whiten_coefficients(m, /*shift_mean=*/true, /*unbiased=*/true, 1e-8);
     AT_DISPATCH_FLOATING_TYPES(adv.scalar_type(), "fastrl::gae_whiten", [&] {
-      cpu::affine_transform<scalar_t>(adv.data_ptr<scalar_t>(), adv.numel(), std::get<0>(coef),
-                                      std::get<1>(coef), std::get<2>(coef), adv.data_ptr<scalar_t>());
+      cpu::affine_transform<scalar_t>(adv.data_ptr<scalar_t>(), adv.numel(), coef,
+                                      adv.data_ptr<scalar_t>());
     });
   }
   return {adv, ret};
@@ -446,8 +446,7 @@ std::tuple<at::Tensor, at::Tensor> discounted_returns_whiten_cpu(
   AT_DISPATCH_FLOATING_TYPES(ret.scalar_type(), "fastrl::discounted_returns_whiten", [&] {
     FASTRL_DISPATCH_MASK(m.scalar_type(), [&] {
       cpu::masked_affine_transform<scalar_t, mask_t>(ret.data_ptr<scalar_t>(), m.data_ptr<mask_t>(),
-                                                     ret.numel(), std::get<0>(coef), std::get<1>(coef),
-                                                     std::get<2>(coef), adv.data_ptr<scalar_t>());
+                                                     ret.numel(), coef, adv.data_ptr<scalar_t>());
     });
   });
   return {adv, ret};
@@ -498,13 +497,11 @@ void check_whiten_count(double count, bool unbiased) {
               "is 1, got 1 (verl: \"The sum of the mask is one, which can cause a division by zero.\")");
 }
 
-// (shift, scale, add) of out = (x - shift) * scale + add.
-std::tuple<double, double, double> whiten_coefficients(const credit::Moments& m, bool shift_mean,
-                                                       bool unbiased, double eps) {
+// verl's count check, then the whitening's affine coefficients (credit::whiten_coefs).
+credit::WhitenCoefs whiten_coefficients(const credit::Moments& m, bool shift_mean, bool unbiased,
+                                        double eps) {
   check_whiten_count(m.count, unbiased);
-  const double mean = credit::masked_mean(m);
-  const double scale = 1.0 / std::sqrt(credit::masked_var(m, unbiased) + eps);
-  return {mean, scale, shift_mean ? 0.0 : mean};
+  return credit::whiten_coefs(m, shift_mean, unbiased, eps);
 }
 
 at::Tensor masked_whiten_cpu(const at::Tensor& x, const at::Tensor& mask, bool shift_mean,
@@ -515,8 +512,7 @@ at::Tensor masked_whiten_cpu(const at::Tensor& x, const at::Tensor& mask, bool s
   const at::Tensor xc = x.contiguous();
   at::Tensor out = empty_streaming_output(xc.sizes(), xc.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "fastrl::masked_whiten", [&] {
-    cpu::affine_transform<scalar_t>(xc.data_ptr<scalar_t>(), xc.numel(), std::get<0>(coef),
-                                    std::get<1>(coef), std::get<2>(coef), out.data_ptr<scalar_t>());
+    cpu::affine_transform<scalar_t>(xc.data_ptr<scalar_t>(), xc.numel(), coef, out.data_ptr<scalar_t>());
   });
   return out;
 }
@@ -677,9 +673,47 @@ at::Tensor implicit_rewards_cpu(const at::Tensor& logp, const at::Tensor& ref_lo
 // --------------------------------------------------------------------------------------- CUDA
 
 #ifdef FASTRL_WITH_CUDA
-at::Tensor masked_whiten_cuda(const at::Tensor& x, const at::Tensor& mask, bool shift_mean,
-                              bool unbiased, double eps);
+// A [k, 3] fp64 tensor holds k credit::Moments (a scan's rows, or fixed chunks), filled on the device.
+static_assert(sizeof(credit::Moments) == 3 * sizeof(double), "credit::Moments is 3 doubles");
+static_assert(sizeof(credit::WhitenCoefs) == 3 * sizeof(double), "credit::WhitenCoefs is 3 doubles");
 
+at::Tensor moments_buffer(int64_t k, const at::Tensor& like) {
+  return at::empty({k, 3}, like.options().dtype(at::kDouble));
+}
+
+credit::Moments* moments_ptr(const at::Tensor& buffer) {
+  return reinterpret_cast<credit::Moments*>(buffer.data_ptr<double>());
+}
+
+// out = masked_whiten(x) (times `mask` when defined: REINFORCE++) from the partial moments `parts`
+// ([k, 3]): a one-block kernel merges them in a fixed order and writes the moments and the
+// whitening coefficients to a device buffer, the elementwise kernel reads the coefficients there;
+// x and out contiguous, out may be x. verl's unbiased count
+// check is the op's one host sync (none when biased), made after every kernel is queued so the GPU
+// never waits for the host; when it raises, out holds garbage and is not returned.
+void whiten_from_parts_cuda(const at::Tensor& parts, const at::Tensor& x, const at::Tensor& mask,
+                            bool shift_mean, bool unbiased, double eps, at::Tensor& out) {
+  // count, mean, m2, then the credit::WhitenCoefs
+  at::Tensor total = at::empty({6}, x.options().dtype(at::kDouble));
+  double* t = total.data_ptr<double>();
+  auto* coefs = reinterpret_cast<credit::WhitenCoefs*>(t + 3);
+  C10_CUDA_CHECK(cuda::launch_merge_moments(moments_ptr(parts), parts.size(0), t, t + 1, t + 2,
+                                            coefs, shift_mean, unbiased, eps, stream_of(x)));
+  cudaError_t err = cudaSuccess;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastrl::whiten", [&] {
+    using cuda_t = typename CudaScalar<scalar_t>::type;
+    FASTRL_DISPATCH_OPT_MASK(mask, [&] {
+      err = cuda::launch_whiten<cuda_t, mask_t>(
+          reinterpret_cast<const cuda_t*>(x.data_ptr<scalar_t>()), opt_mask_ptr<mask_t>(mask),
+          x.numel(), coefs, reinterpret_cast<cuda_t*>(out.data_ptr<scalar_t>()), stream_of(x));
+    });
+  });
+  C10_CUDA_CHECK(err);
+  if (unbiased) check_whiten_count(total[0].item<double>(), true);
+}
+
+// With whiten: the scan emits each row's moments of the advantages, then whiten_from_parts_cuda
+// whitens them in place (3 launches, 1 host sync).
 std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,
                                             const at::Tensor& mask,
                                             const c10::optional<at::Tensor>& cu_seqlens,
@@ -694,6 +728,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
   const c10::cuda::CUDAGuard guard(in.rewards.device());
   const auto opts = in.rewards.options().dtype(acc_dtype(in.rewards.scalar_type()));
   at::Tensor adv = at::empty(in.rewards.sizes(), opts), ret = at::empty(in.rewards.sizes(), opts);
+  const at::Tensor rows = whiten ? moments_buffer(in.rows.num_rows, adv) : at::Tensor();
   cudaError_t err = cudaSuccess;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.rewards.scalar_type(), "fastrl::gae", [&] {
     using cuda_t = typename CudaScalar<scalar_t>::type;
@@ -704,18 +739,22 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
           reinterpret_cast<const cuda_t*>(in.values.data_ptr<scalar_t>()),
           in.mask.data_ptr<mask_t>(), flags_ptr(done), in.rows.cu_seqlens, in.rows.num_rows,
           in.rows.row_len, in.rewards.numel(), gamma, lam, gm, turn_gamma, turn_lam,
-          adv.data_ptr<acc_t>(), ret.data_ptr<acc_t>(), stream_of(in.rewards));
+          adv.data_ptr<acc_t>(), ret.data_ptr<acc_t>(), whiten ? moments_ptr(rows) : nullptr,
+          stream_of(in.rewards));
     });
   });
   C10_CUDA_CHECK(err);
-  if (whiten) adv = masked_whiten_cuda(adv, in.mask, true, true, 1e-8);  // not fused on CUDA yet
+  if (whiten) whiten_from_parts_cuda(rows, adv, at::Tensor(), true, true, 1e-8, adv);
   return {adv, ret};
 }
 
-at::Tensor discounted_returns_cuda(const at::Tensor& rewards, const at::Tensor& mask,
-                                   const c10::optional<at::Tensor>& cu_seqlens, double gamma,
-                                   c10::string_view mode, const c10::optional<at::Tensor>& dones,
-                                   double turn_gamma) {
+// The returns scan on CUDA; `row_moments` (nullptr: not wanted) gets a [B, 3] buffer of each row's
+// moments of the returns over its valid tokens. Returns the output and the contiguous mask.
+std::tuple<at::Tensor, at::Tensor> returns_scan_cuda(const at::Tensor& rewards, const at::Tensor& mask,
+                                                     const c10::optional<at::Tensor>& cu_seqlens,
+                                                     double gamma, c10::string_view mode,
+                                                     const c10::optional<at::Tensor>& dones,
+                                                     double turn_gamma, at::Tensor* row_moments) {
   check_unit_interval(gamma, "gamma");
   check_unit_interval(turn_gamma, "turn_gamma");
   const ReturnsMode m = parse_mode(std::string(mode));
@@ -724,6 +763,7 @@ at::Tensor discounted_returns_cuda(const at::Tensor& rewards, const at::Tensor& 
   const c10::cuda::CUDAGuard guard(in.rewards.device());
   at::Tensor out = at::empty(in.rewards.sizes(),
                              in.rewards.options().dtype(acc_dtype(in.rewards.scalar_type())));
+  if (row_moments != nullptr) *row_moments = moments_buffer(in.rows.num_rows, out);
   cudaError_t err = cudaSuccess;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.rewards.scalar_type(),
                                   "fastrl::discounted_returns", [&] {
@@ -734,45 +774,76 @@ at::Tensor discounted_returns_cuda(const at::Tensor& rewards, const at::Tensor& 
           reinterpret_cast<const cuda_t*>(in.rewards.data_ptr<scalar_t>()),
           in.mask.data_ptr<mask_t>(), flags_ptr(done), in.rows.cu_seqlens, in.rows.num_rows,
           in.rows.row_len, in.rewards.numel(), gamma, m, turn_gamma, out.data_ptr<acc_t>(),
-          stream_of(in.rewards));
+          row_moments != nullptr ? moments_ptr(*row_moments) : nullptr, stream_of(in.rewards));
     });
   });
   C10_CUDA_CHECK(err);
-  return out;
+  return {out, in.mask};
 }
 
-// Not fused on CUDA yet: the scan, then masked_whiten_cuda (one host sync for verl's count check).
+at::Tensor discounted_returns_cuda(const at::Tensor& rewards, const at::Tensor& mask,
+                                   const c10::optional<at::Tensor>& cu_seqlens, double gamma,
+                                   c10::string_view mode, const c10::optional<at::Tensor>& dones,
+                                   double turn_gamma) {
+  return std::get<0>(
+      returns_scan_cuda(rewards, mask, cu_seqlens, gamma, mode, dones, turn_gamma, nullptr));
+}
+
+// REINFORCE++ fused as on the CPU: the scan emits the rows' moments, then one pass whitens and
+// masks (3 launches, 1 host sync).
 std::tuple<at::Tensor, at::Tensor> discounted_returns_whiten_cuda(
     const at::Tensor& rewards, const at::Tensor& mask, const c10::optional<at::Tensor>& cu_seqlens,
     double gamma, c10::string_view mode, const c10::optional<at::Tensor>& dones, double turn_gamma) {
-  at::Tensor ret = discounted_returns_cuda(rewards, mask, cu_seqlens, gamma, mode, dones, turn_gamma);
-  at::Tensor adv = masked_whiten_cuda(ret, mask, true, true, 1e-8).mul_(mask);
+  at::Tensor rows;
+  auto [ret, m] = returns_scan_cuda(rewards, mask, cu_seqlens, gamma, mode, dones, turn_gamma, &rows);
+  at::Tensor adv = at::empty(ret.sizes(), ret.options());
+  whiten_from_parts_cuda(rows, ret, m, true, true, 1e-8, adv);
   return {adv, ret};
 }
 
-// Masked statistics on CUDA with torch's own (deterministic) fp64 reductions; the mask's 0/1
-// values are not checked (no host sync: a nonzero value counts as 1).
+// The moments of fixed chunks of x (contiguous) over the valid elements: [num_chunks, 3].
+at::Tensor chunk_moments_cuda(const at::Tensor& x, const at::Tensor& mask) {
+  at::Tensor parts = moments_buffer(cuda::masked_moments_num_chunks(x.numel()), x);
+  cudaError_t err = cudaSuccess;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastrl::masked_moments", [&] {
+    using cuda_t = typename CudaScalar<scalar_t>::type;
+    FASTRL_DISPATCH_MASK(mask.scalar_type(), [&] {
+      err = cuda::launch_masked_moments<cuda_t, mask_t>(
+          reinterpret_cast<const cuda_t*>(x.data_ptr<scalar_t>()), mask.data_ptr<mask_t>(),
+          x.numel(), moments_ptr(parts), stream_of(x));
+    });
+  });
+  C10_CUDA_CHECK(err);
+  return parts;
+}
+
+// Masked statistics on CUDA: two kernels (chunk moments, fixed-order merge), no fp64 copy of x,
+// no host sync; the mask's 0/1 values are not checked (a nonzero value counts as 1).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_moments_cuda(const at::Tensor& x,
                                                                    const at::Tensor& mask) {
   check_masked_inputs(x, mask);
-  const at::Tensor keep = mask.ne(0);
-  const at::Tensor x64 = at::where(keep, x.to(at::kDouble), 0.0);
-  const at::Tensor count = keep.sum(at::kDouble);
-  const at::Tensor mean = at::where(count > 0, x64.sum() / count, 0.0);
-  const at::Tensor d = at::where(keep, x64 - mean, 0.0);
-  return {count, mean, (d * d).sum()};
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), mc = mask.contiguous();
+  const at::Tensor parts = chunk_moments_cuda(xc, mc);
+  const auto f64 = xc.options().dtype(at::kDouble);
+  at::Tensor count = at::empty({}, f64), mean = at::empty({}, f64), m2 = at::empty({}, f64);
+  C10_CUDA_CHECK(cuda::launch_merge_moments(moments_ptr(parts), parts.size(0), count.data_ptr<double>(),
+                                            mean.data_ptr<double>(), m2.data_ptr<double>(),
+                                            nullptr, false, false, 0.0, stream_of(xc)));
+  return {count, mean, m2};
 }
 
-// One host sync (the count, for verl's unbiased check), as verl makes.
+// Three kernels (chunk moments, merge, whitening), one host sync for verl's unbiased count check.
 at::Tensor masked_whiten_cuda(const at::Tensor& x, const at::Tensor& mask, bool shift_mean,
                               bool unbiased, double eps) {
+  check_masked_inputs(x, mask);
   TORCH_CHECK(eps >= 0.0, "fastrl: `eps` must be >= 0, got ", eps);
-  auto [count, mean, m2] = masked_moments_cuda(x, mask);
-  check_whiten_count(count.item<double>(), unbiased);
-  const at::Tensor var = unbiased ? m2 / (count - 1) : at::where(count > 0, m2 / count, 0.0);
-  at::Tensor out = (x.to(at::kDouble) - mean) * at::rsqrt(var + eps);
-  if (!shift_mean) out = out + mean;
-  return out.to(x.scalar_type());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(xc.sizes(), xc.options());
+  whiten_from_parts_cuda(chunk_moments_cuda(xc, mask.contiguous()), xc, at::Tensor(), shift_mean,
+                         unbiased, eps, out);
+  return out;
 }
 
 at::Tensor kl_penalty_cuda(const at::Tensor& logp, const at::Tensor& ref_logp,

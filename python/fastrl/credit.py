@@ -120,8 +120,12 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     tokens raise ``ValueError``); the returns stay unwhitened (verl computes them first). On the CPU
     the scan emits each row's fp64 moments of ``A`` while the row is still in cache and they are
     merged in row order, so the statistics pass over ``A`` and ``mask`` disappears (equal to
-    :func:`masked_whiten` up to fp64 rounding of the merge order; deterministic). On CUDA it is the
-    scan followed by :func:`masked_whiten` (not fused yet).
+    :func:`masked_whiten` up to fp64 rounding of the merge order; deterministic). On CUDA the same
+    fusion: the scan kernel also emits each row's fp64 moments of ``A`` (per thread, merged by a
+    fixed-shape block reduction), a one-block kernel merges the rows in a fixed order, and one
+    elementwise pass whitens ``A`` in place (3 launches, no fp64 ``[B, T]`` temporary,
+    deterministic and independent of the grid size). The check for fewer than 2 valid tokens is the
+    call's one host sync on CUDA (a copy of the count, after every kernel is queued), as verl's.
 
     Args:
         rewards, values: ``[B, T]`` (padded) or ``[N]`` (packed), floating; promoted to a common dtype.
@@ -189,8 +193,9 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, 
     unbiased, ``eps=1e-8``; fewer than 2 valid tokens raise ``ValueError``, as verl). On the CPU the
     scan emits each row's fp64 moments of the returns while the row is in cache and they are merged
     in row order (no statistics pass; equal to :func:`masked_whiten` up to fp64 rounding of the
-    merge order; deterministic), and one more pass whitens and masks. On CUDA it is the scan
-    followed by :func:`masked_whiten` (not fused yet).
+    merge order; deterministic), and one more pass whitens and masks. CUDA fuses the same way (the
+    scan kernel emits the rows' moments, a one-block kernel merges them in a fixed order, one pass
+    whitens and masks; one host sync, for the count check, as :func:`gae`).
 
     >>> fastrl.credit.discounted_returns(torch.tensor([[1.0, 0.0, 2.0]]), torch.tensor([[1, 1, 0]]), 1.0,
     ...                                  whiten=True)
@@ -255,7 +260,10 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, *, process_group=None) -> t
 
     Elements outside the mask never reach the sum (a NaN there is ignored). Accumulated in fp64
     with a fixed chunking (deterministic whatever the thread count); returned as a 0-dim tensor in
-    ``x.dtype``. ``x``, ``mask``: any shape, the same; mask 0/1. Not differentiable.
+    ``x.dtype``. ``x``, ``mask``: any shape, the same; mask 0/1. Not differentiable. On CUDA: two
+    kernels (fp64 moments of fixed 4096-element chunks, each thread's share summarized in
+    registers; a one-block merge in a fixed order), no fp64 copy of ``x``, no host sync;
+    deterministic, equal to the CPU's up to fp64 rounding.
     ``process_group`` (a ``torch.distributed`` group, gloo or NCCL; every rank of it must call):
     the mean over the masked elements of all ranks, token-weighted (one all-reduce).
 
@@ -294,8 +302,11 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
 
     One fused pass computes the fp64 statistics (fixed chunks merged in order: deterministic), a
     second writes the output in ``x.dtype``. ``unbiased=True`` with fewer than 2 masked elements
-    raises ``ValueError`` as verl does (e.g. an all-masked batch; on CUDA this check is one host
-    sync, as in verl). Not differentiable.
+    raises ``ValueError`` as verl does (e.g. an all-masked batch; on CUDA this check is the call's
+    one host sync, as in verl, made after the kernels are queued; ``unbiased=False`` makes none).
+    On CUDA: the :func:`masked_mean` kernels, then one elementwise kernel reading the merged
+    moments on the device (no fp64 copy of ``x``); the whitening value is computed with the CPU's
+    operations, so the two differ only by the fp64 rounding of their statistics. Not differentiable.
 
     ``process_group`` (a ``torch.distributed`` group, gloo on CPU or NCCL on GPU; every rank of it
     must call): ``mean``/``var`` are those of the masked elements of all ranks together, so each

@@ -168,22 +168,9 @@ FASTRL_HOST_DEVICE A returns_output(A carry, bool valid, ReturnsMode mode) {
 // the chunk summaries are merged in chunk order with Chan's formula: stable, and the result does
 // not depend on the thread count.
 
-struct Moments {
-  double count;
-  double mean;
-  double m2;
-};
-
-FASTRL_HOST_DEVICE Moments moments_empty() { return Moments{0.0, 0.0, 0.0}; }
-
-FASTRL_HOST_DEVICE Moments moments_merge(const Moments& a, const Moments& b) {
-  if (b.count == 0.0) return a;
-  if (a.count == 0.0) return b;
-  const double n = a.count + b.count;
-  const double delta = b.mean - a.mean;
-  return Moments{n, a.mean + fastrl::mul_rn(delta, b.count / n),
-                 a.m2 + b.m2 + fastrl::mul_rn(fastrl::mul_rn(delta, delta), a.count * b.count / n)};
-}
+using fastrl::Moments;  // common.h: (count, mean, M2) and Chan's merge
+using fastrl::moments_empty;
+using fastrl::moments_merge;
 
 // verl's masked_mean: sum / (count + 1e-8), i.e. 0 for an empty mask (the 1e-8 is below fp32's
 // resolution for any count >= 1, so the plain count is used).
@@ -194,6 +181,26 @@ FASTRL_HOST_DEVICE double masked_mean(const Moments& m) { return m.count > 0.0 ?
 FASTRL_HOST_DEVICE double masked_var(const Moments& m, bool unbiased) {
   if (unbiased) return m.m2 / (m.count - 1.0);
   return m.count > 0.0 ? m.m2 / m.count : 0.0;
+}
+
+// verl's masked_whiten as an affine map, out = (x - shift) * scale + add: shift = mean,
+// scale = 1 / sqrt(var + eps), add = 0 (shift_mean) or mean. The CPU and CUDA kernels both compute
+// the coefficients and the value in fp64 with these functions (no FMA), so the same moments and
+// input give the same bits on both; the caller rounds the value once to its output type.
+struct WhitenCoefs {
+  double shift;
+  double scale;
+  double add;
+};
+
+FASTRL_HOST_DEVICE WhitenCoefs whiten_coefs(const Moments& m, bool shift_mean, bool unbiased,
+                                            double eps) {
+  const double mean = masked_mean(m);
+  return WhitenCoefs{mean, 1.0 / ::sqrt(masked_var(m, unbiased) + eps), shift_mean ? 0.0 : mean};
+}
+
+FASTRL_HOST_DEVICE double whiten_value(double x, const WhitenCoefs& k) {
+  return fastrl::mul_rn(x - k.shift, k.scale) + k.add;
 }
 
 

@@ -3,8 +3,8 @@
 Written from verl 0.9.1's loops (``compute_gae_advantage_return``,
 ``compute_reinforce_plus_plus_outcome_advantage``, ``verl.utils.torch_functional.masked_*``): an
 explicit reverse loop over T for the scans, fp64 statistics for the masked moments. Packed inputs
-are padded per row, run through the padded loop and unpadded again. Used by the tests and by
-``FASTRL_BACKEND=reference``.
+are padded per row, run through the padded loop and unpadded again. Everything runs on the inputs'
+device. Used by the tests, the benchmarks' PyTorch-loop baselines and ``FASTRL_BACKEND=reference``.
 """
 from __future__ import annotations
 
@@ -62,10 +62,11 @@ def gae(rewards, values, mask, gamma: float, lam: float, *, cu_seqlens=None, don
     d = torch.zeros_like(m) if dones is None else dones.bool()
     B, T = r.shape
     # (gamma, gamma * lam) inside a turn and at a turn end, each product rounded once (verl's order)
-    g, gl, tg, tgl = (torch.tensor(x, dtype=dtype) for x in (gamma, gamma * lam, turn_gamma, turn_gamma * turn_lam))
+    g, gl, tg, tgl = (torch.tensor(x, dtype=dtype, device=r.device)
+                      for x in (gamma, gamma * lam, turn_gamma, turn_gamma * turn_lam))
     zero = r.new_zeros(())
     nv, carry = r.new_zeros(B), r.new_zeros(B)
-    pending = torch.zeros(B, dtype=torch.bool)
+    pending = torch.zeros(B, dtype=torch.bool, device=r.device)
     adv, ret = r.new_zeros(B, T), r.new_zeros(B, T)
     for t in reversed(range(T)):
         valid = m[:, t]
@@ -101,9 +102,10 @@ def discounted_returns(rewards, mask, gamma: float, *, mode: str = "skip", cu_se
     r, m = rewards.to(_acc_dtype(rewards.dtype)), mask.bool()
     d = torch.zeros_like(m) if dones is None else dones.bool()
     B, T = r.shape
-    g, tg = (torch.tensor(x, dtype=r.dtype) for x in (gamma, turn_gamma))  # each rounded once, as the kernels
+    # each rounded once, as the kernels
+    g, tg = (torch.tensor(x, dtype=r.dtype, device=r.device) for x in (gamma, turn_gamma))
     carry = r.new_zeros(B)
-    pending = torch.zeros(B, dtype=torch.bool)
+    pending = torch.zeros(B, dtype=torch.bool, device=r.device)
     out = r.new_zeros(B, T)
     zero = r.new_zeros(())
     for t in reversed(range(T)):
@@ -205,11 +207,11 @@ def token_rewards(scores, mask, *, kl=None, kl_coef: float = 0.0, clip=None, cu_
     m = mask.bool()
     lo, hi = clip_range(clip)
     r = scores if lo is None else scores.clamp(min=lo, max=hi)
-    last_reward = torch.zeros(m.shape, dtype=dtype)
+    last_reward = torch.zeros(m.shape, dtype=dtype, device=m.device)
     if m.shape[1] > 0:  # rows without a valid token: the score lands on a masked position, dropped below
         last = m.shape[1] - 1 - m.long().fliplr().argmax(dim=1, keepdim=True)
         last_reward.scatter_(1, last, r.unsqueeze(1).to(dtype))
-    kl_reward = torch.zeros(m.shape, dtype=dtype) if kl is None else -kl_coef * kl.to(dtype)
+    kl_reward = torch.zeros(m.shape, dtype=dtype, device=m.device) if kl is None else -kl_coef * kl.to(dtype)
     return torch.where(m, last_reward + kl_reward, 0.0)
 
 
