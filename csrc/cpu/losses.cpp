@@ -188,7 +188,8 @@ template <typename load_t, typename acc_t>
 struct GradArgs {
   const load_t* mask;
   Rows rows;
-  const double *grad_rows, *stats;
+  double g;
+  const double* stats;
   const acc_t *dpol, *daux;
   double entropy_coef;
   acc_t *grad_logp, *grad_entropy;
@@ -217,7 +218,7 @@ template <typename V, typename load_t, typename acc_t>
 FASTRL_CPU_INLINE void backward_rows(const GradArgs<load_t, acc_t>* a, int64_t b0, int64_t b1) {
   const Rows& rows = a->rows;
   for (int64_t b = b0; b < b1; ++b) {
-    const losses::RowGrad r = losses::row_grad(a->grad_rows, a->stats, b);
+    const losses::RowGrad r = losses::row_grad(a->g, a->stats, b);
     const acc_t g_ent = static_cast<acc_t>(-a->entropy_coef * r.g_aux);
     const int64_t begin = rows.cu_seqlens ? rows.cu_seqlens[b] : b * rows.row_len;
     const int64_t end = rows.cu_seqlens ? rows.cu_seqlens[b + 1] : (b + 1) * rows.row_len;
@@ -245,13 +246,24 @@ int64_t policy_loss_rows(const LossInputs<scalar_t, mask_t>& in, Rows rows, cons
   return bad.load();
 }
 
+double policy_loss_finish(double* stats, int64_t num_rows, const losses::FinishParams& f, const double* counts,
+                          float* metrics) {
+  losses::Counts c = losses::counts_zero();
+  for (int64_t b = 0; b < num_rows; ++b) c = losses::counts_add(c, losses::counts_row(stats + b * losses::kNumStats));
+  const losses::AggCounts agg = losses::agg_counts(f, c, counts, num_rows);
+  losses::Totals t = losses::totals_zero();
+  for (int64_t b = 0; b < num_rows; ++b) {
+    t = losses::totals_add(t, losses::totals_row(f, agg, stats + b * losses::kNumStats));
+  }
+  return losses::finish(f, agg, t, metrics);
+}
+
 template <typename mask_t, typename acc_t>
-void policy_loss_rows_grad(const mask_t* mask, Rows rows, const double* grad_rows, const double* stats,
-                           const acc_t* dpol, const acc_t* daux, double entropy_coef, acc_t* grad_logp,
-                           acc_t* grad_entropy) {
+void policy_loss_rows_grad(const mask_t* mask, Rows rows, double g, const double* stats, const acc_t* dpol,
+                           const acc_t* daux, double entropy_coef, acc_t* grad_logp, acc_t* grad_entropy) {
   // A bool mask is read as its bytes (0 / 1): GCC does not vectorize loads of bool.
   using load_t = std::conditional_t<std::is_same<mask_t, bool>::value, uint8_t, mask_t>;
-  const GradArgs<load_t, acc_t> a{reinterpret_cast<const load_t*>(mask), rows, grad_rows, stats, dpol, daux,
+  const GradArgs<load_t, acc_t> a{reinterpret_cast<const load_t*>(mask), rows, g, stats, dpol, daux,
                                   entropy_coef, grad_logp, grad_entropy};
   at::parallel_for(0, rows.num_rows, grain(rows), [&](int64_t b0, int64_t b1) {
     FASTRL_CPU_ISA_CALL(backward_rows, &a, b0, b1);
@@ -276,10 +288,10 @@ FASTRL_INSTANTIATE_LOSS_MASKS(c10::BFloat16, float)
 #undef FASTRL_INSTANTIATE_LOSS
 
 #define FASTRL_INSTANTIATE_GRAD(M)                                                                        \
-  template void policy_loss_rows_grad<M, float>(const M*, Rows, const double*, const double*, const float*, \
+  template void policy_loss_rows_grad<M, float>(const M*, Rows, double, const double*, const float*,          \
                                                 const float*, double, float*, float*);                     \
-  template void policy_loss_rows_grad<M, double>(const M*, Rows, const double*, const double*,              \
-                                                 const double*, const double*, double, double*, double*);
+  template void policy_loss_rows_grad<M, double>(const M*, Rows, double, const double*, const double*,        \
+                                                 const double*, double, double*, double*);
 FASTRL_INSTANTIATE_GRAD(bool)
 FASTRL_INSTANTIATE_GRAD(uint8_t)
 FASTRL_INSTANTIATE_GRAD(int32_t)

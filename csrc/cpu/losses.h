@@ -31,14 +31,20 @@ template <typename scalar_t, typename mask_t, typename acc_t>
 int64_t policy_loss_rows(const LossInputs<scalar_t, mask_t>& in, Rows rows, const losses::Params& p,
                          double* stats, acc_t* dpol, acc_t* daux);
 
-// The backward, one streaming pass: at valid tokens of row b (g = grad_rows[b]),
-//   grad_logp[i] = losses::token_grad(g[kPolicy], g[kAux], stats[b][kRowMul], stats[b][kRowAdd], dpol, daux)
-//   grad_entropy[i] = -entropy_coef * g[kAux]          (grad_entropy null: no entropy input)
-// and 0 at masked ones. grad_rows, stats: [num_rows, kNumStats] fp64.
+// The finish (losses::finish_* in fastrl/losses.h), the rows in order: returns the loss (scaled, before
+// its cast to the output dtype), writes metrics[losses::kNumMetrics] and each row's kWeight /
+// kPolicyDiv columns. counts: nullptr or [3] given N, S, B (NaN: not given).
+double policy_loss_finish(double* stats, int64_t num_rows, const losses::FinishParams& f, const double* counts,
+                          float* metrics);
+
+// The backward, one streaming pass: at valid tokens of row b, with g = the loss's incoming
+// gradient times scale and r = losses::row_grad(g, stats, b),
+//   grad_logp[i] = losses::token_grad(r, dpol[i], daux[i])
+//   grad_entropy[i] = -entropy_coef * r.g_aux          (grad_entropy null: no entropy input)
+// and 0 at masked ones. stats: [num_rows, kNumStats] fp64 after the finish.
 template <typename mask_t, typename acc_t>
-void policy_loss_rows_grad(const mask_t* mask, Rows rows, const double* grad_rows, const double* stats,
-                           const acc_t* dpol, const acc_t* daux, double entropy_coef, acc_t* grad_logp,
-                           acc_t* grad_entropy);
+void policy_loss_rows_grad(const mask_t* mask, Rows rows, double g, const double* stats, const acc_t* dpol,
+                           const acc_t* daux, double entropy_coef, acc_t* grad_logp, acc_t* grad_entropy);
 
 }  // namespace cpu
 }  // namespace fastrl

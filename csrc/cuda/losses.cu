@@ -33,6 +33,16 @@ struct StatsOp {
     return losses::stats_merge(a, b);
   }
 };
+struct CountsOp {
+  __device__ losses::Counts operator()(const losses::Counts& a, const losses::Counts& b) const {
+    return losses::counts_add(a, b);
+  }
+};
+struct TotalsOp {
+  __device__ losses::Totals operator()(const losses::Totals& a, const losses::Totals& b) const {
+    return losses::totals_add(a, b);
+  }
+};
 
 // One token's inputs in the accumulation type.
 template <typename A>
@@ -115,15 +125,52 @@ __global__ void __launch_bounds__(kLossBlock)
   }
 }
 
+// The finish: one block; thread k walks rows k, k + kLossBlock, ... (the counts pass, then the
+// weighted sums), cub reductions in a fixed tree; thread 0 writes the loss and the metrics.
+__global__ void __launch_bounds__(kLossBlock)
+    finish_kernel(double* stats, int64_t num_rows, losses::FinishParams f, const double* counts, void* loss,
+                  bool loss_double, float* metrics) {
+  using CountsReduce = cub::BlockReduce<losses::Counts, kLossBlock>;
+  using TotalsReduce = cub::BlockReduce<losses::Totals, kLossBlock>;
+  __shared__ union {
+    typename CountsReduce::TempStorage counts;
+    typename TotalsReduce::TempStorage totals;
+  } tmp;
+  __shared__ losses::Counts total_counts;
+  losses::Counts c = losses::counts_zero();
+  for (int64_t b = threadIdx.x; b < num_rows; b += kLossBlock) {
+    c = losses::counts_add(c, losses::counts_row(stats + b * losses::kNumStats));
+  }
+  c = CountsReduce(tmp.counts).Reduce(c, CountsOp());
+  if (threadIdx.x == 0) total_counts = c;
+  __syncthreads();  // also ends the use of tmp.counts
+  const losses::AggCounts agg = losses::agg_counts(f, total_counts, counts, num_rows);
+  losses::Totals t = losses::totals_zero();
+  for (int64_t b = threadIdx.x; b < num_rows; b += kLossBlock) {
+    t = losses::totals_add(t, losses::totals_row(f, agg, stats + b * losses::kNumStats));
+  }
+  t = TotalsReduce(tmp.totals).Reduce(t, TotalsOp());
+  if (threadIdx.x == 0) {
+    const double value = losses::finish(f, agg, t, metrics);
+    if (loss_double) {
+      *static_cast<double*>(loss) = value;
+    } else {
+      *static_cast<float*>(loss) = static_cast<float>(value);
+    }
+  }
+}
+
 template <typename M, typename A>
 __global__ void __launch_bounds__(kLossBlock)
-    rows_grad_kernel(const M* mask, const int64_t* cu, int64_t row_len, const double* grad_rows,
-                     const double* stats, const A* dpol, const A* daux, double entropy_coef, A* grad_logp,
-                     A* grad_entropy) {
+    rows_grad_kernel(const M* mask, const int64_t* cu, int64_t row_len, const void* grad, bool grad_double,
+                     double scale, const double* stats, const A* dpol, const A* daux, double entropy_coef,
+                     A* grad_logp, A* grad_entropy) {
   const int64_t b = blockIdx.x;
   int64_t begin, end;
   row_range(cu, row_len, b, &begin, &end);
-  const losses::RowGrad r = losses::row_grad(grad_rows, stats, b);
+  const double g = (grad_double ? *static_cast<const double*>(grad)
+                                : static_cast<double>(*static_cast<const float*>(grad))) * scale;
+  const losses::RowGrad r = losses::row_grad(g, stats, b);
   const A g_ent = static_cast<A>(-entropy_coef * r.g_aux);
   for (int64_t i = begin + threadIdx.x; i < end; i += kLossBlock) {
     const bool valid = is_valid(mask[i]);
@@ -146,14 +193,23 @@ cudaError_t launch_policy_loss_rows(LossPtrs<T> in, const M* mask, const int64_t
   return cudaGetLastError();
 }
 
+cudaError_t launch_policy_loss_finish(double* stats, int64_t num_rows, const losses::FinishParams& f,
+                                      const double* counts, void* loss, bool loss_double, float* metrics,
+                                      cudaStream_t stream) {
+  if (num_rows < 0) return cudaErrorInvalidValue;
+  finish_kernel<<<1, kLossBlock, 0, stream>>>(stats, num_rows, f, counts, loss, loss_double, metrics);
+  return cudaGetLastError();
+}
+
 template <typename M, typename A>
 cudaError_t launch_policy_loss_rows_grad(const M* mask, const int64_t* cu_seqlens, int64_t num_rows, int64_t row_len,
-                                         const double* grad_rows, const double* stats, const A* dpol, const A* daux,
-                                         double entropy_coef, A* grad_logp, A* grad_entropy, cudaStream_t stream) {
+                                         const void* grad, bool grad_double, double scale, const double* stats,
+                                         const A* dpol, const A* daux, double entropy_coef, A* grad_logp,
+                                         A* grad_entropy, cudaStream_t stream) {
   if (num_rows < 0 || num_rows > 0x7fffffff || row_len < 0) return cudaErrorInvalidValue;
   if (num_rows == 0) return cudaSuccess;
   rows_grad_kernel<M, A><<<static_cast<unsigned>(num_rows), kLossBlock, 0, stream>>>(
-      mask, cu_seqlens, row_len, grad_rows, stats, dpol, daux, entropy_coef, grad_logp, grad_entropy);
+      mask, cu_seqlens, row_len, grad, grad_double, scale, stats, dpol, daux, entropy_coef, grad_logp, grad_entropy);
   return cudaGetLastError();
 }
 
@@ -177,12 +233,13 @@ FASTRL_INSTANTIATE_LOSS_MASKS(__nv_bfloat16)
 
 #define FASTRL_INSTANTIATE_GRAD(M)                                                                            \
   template cudaError_t launch_policy_loss_rows_grad<M, float>(const M*, const int64_t*, int64_t, int64_t,     \
-                                                              const double*, const double*, const float*,     \
-                                                              const float*, double, float*, float*, cudaStream_t); \
+                                                              const void*, bool, double, const double*,       \
+                                                              const float*, const float*, double, float*,     \
+                                                              float*, cudaStream_t);                          \
   template cudaError_t launch_policy_loss_rows_grad<M, double>(const M*, const int64_t*, int64_t, int64_t,    \
-                                                               const double*, const double*, const double*,   \
-                                                               const double*, double, double*, double*,       \
-                                                               cudaStream_t);
+                                                               const void*, bool, double, const double*,      \
+                                                               const double*, const double*, double, double*, \
+                                                               double*, cudaStream_t);
 FASTRL_INSTANTIATE_GRAD(bool)
 FASTRL_INSTANTIATE_GRAD(uint8_t)
 FASTRL_INSTANTIATE_GRAD(int32_t)

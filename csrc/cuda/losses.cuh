@@ -5,7 +5,8 @@
 // statistics (the forward also writes each token's derivatives; the backward scales them) are cub
 // block reductions over a fixed thread-to-token assignment (each thread walks
 // tokens tid, tid + kLossBlock, ...), so results are bitwise reproducible run to run: no atomics,
-// no host sync, no workspace. They equal the CPU kernel's up to fp64 summation order.
+// no host sync, no workspace. They equal the CPU kernel's up to fp64 summation order. The loss and
+// the metrics come from a second launch of one block over the rows (the same fixed assignment).
 //
 // A device-side check cannot raise without a host sync: a nonzero mask value counts as valid and
 // cu_seqlens is trusted (a decreasing pair is an empty row). The CPU op raises instead.
@@ -47,12 +48,21 @@ cudaError_t launch_policy_loss_rows(LossPtrs<T> in, const M* mask, const int64_t
                                     int64_t row_len, const losses::Params& p, double* stats, A* dpol, A* daux,
                                     cudaStream_t stream);
 
-// The backward (see cpu/losses.h policy_loss_rows_grad), one block per row: grad_logp, and
-// grad_entropy unless nullptr, [num_tokens] in A (float or double).
+// The finish (see cpu/losses.h policy_loss_finish), one block: the loss (float64 when loss_double,
+// else float32) and metrics[losses::kNumMetrics], and each row's kWeight / kPolicyDiv columns.
+// counts: nullptr or [3] on the device. Runs for num_rows == 0 too (a zero loss and metrics).
+cudaError_t launch_policy_loss_finish(double* stats, int64_t num_rows, const losses::FinishParams& f,
+                                      const double* counts, void* loss, bool loss_double, float* metrics,
+                                      cudaStream_t stream);
+
+// The backward (see cpu/losses.h policy_loss_rows_grad), one block per row, g = *grad (a device
+// float64 when grad_double, else float32) * scale: grad_logp, and grad_entropy unless nullptr,
+// [num_tokens] in A (float or double).
 template <typename M, typename A>
 cudaError_t launch_policy_loss_rows_grad(const M* mask, const int64_t* cu_seqlens, int64_t num_rows, int64_t row_len,
-                                         const double* grad_rows, const double* stats, const A* dpol, const A* daux,
-                                         double entropy_coef, A* grad_logp, A* grad_entropy, cudaStream_t stream);
+                                         const void* grad, bool grad_double, double scale, const double* stats,
+                                         const A* dpol, const A* daux, double entropy_coef, A* grad_logp,
+                                         A* grad_entropy, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastrl

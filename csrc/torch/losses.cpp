@@ -1,10 +1,13 @@
 // torch bindings of the fused policy-loss family: schemas, checks, dispatch.
-//   policy_loss_rows           per-row fp64 statistics of a policy loss (+ KL + entropy terms) and
-//                              its metrics, and each token's derivatives, one pass (fastrl/losses.h)
-//   policy_loss_rows_backward  d loss / d logp and d loss / d entropy from d loss / d rows: one
-//                              streaming pass over the saved derivatives
-// The scalar loss is a linear combination of the rows chosen by the aggregation mode, computed
-// by python/fastrl/losses.py on [B] tensors (so a process group can all-reduce the counts first).
+//   policy_loss_rows           the aggregated loss of a policy loss (+ KL + entropy terms) and its
+//                              metrics (float32 [kNumMetrics]), from per-row fp64 statistics and
+//                              each token's derivatives (one pass over the tokens, fastrl/losses.h)
+//                              and one small reduction over the rows (the finish); the rows and the
+//                              derivatives are returned for the backward
+//   policy_loss_rows_backward  d loss / d logp and d loss / d entropy from d loss: one streaming
+//                              pass over the saved derivatives, in the inputs' dtypes
+// Counts given by the caller (num_tokens / num_seqs as numbers, or a [3] device tensor such as a
+// process group's all-reduced N, S, B) replace the local ones in the weights, without a host sync.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -46,6 +49,19 @@ KlMode parse_kl_kind(const std::string& s) {
   if (s == "k3_unclamped") return KlMode::kK3Trl;
   TORCH_CHECK_VALUE(false, "fastrl: policy_loss `kl_kind` must be one of 'k1', 'kl', 'abs', 'k2', 'mse', "
                     "'k3', 'low_var_kl', 'k3_unclamped'; got '", s, "'");
+}
+
+losses::Agg parse_agg(const std::string& s) {
+  if (s == "token-mean" || s == "bnpo") return losses::Agg::kTokenMean;
+  if (s == "token-sum") return losses::Agg::kTokenSum;
+  if (s == "seq-mean-token-sum") return losses::Agg::kSeqMeanTokenSum;
+  if (s == "seq-mean-token-sum-norm") return losses::Agg::kSeqMeanTokenSumNorm;
+  if (s == "seq-mean-token-mean") return losses::Agg::kSeqMeanTokenMean;
+  if (s == "grpo") return losses::Agg::kGrpo;
+  if (s == "dr_grpo") return losses::Agg::kDrGrpo;
+  if (s == "luspo") return losses::Agg::kLuspo;
+  TORCH_CHECK_VALUE(false, "fastrl: policy_loss `agg` must be one of token-mean, token-sum, seq-mean-token-sum, "
+                    "seq-mean-token-mean, seq-mean-token-sum-norm, grpo, bnpo, dr_grpo, luspo; got '", s, "'");
 }
 
 losses::Params make_params(c10::string_view kind, c10::string_view ratio_level, double clip_low,
@@ -190,31 +206,62 @@ void raise_if_bad_mask(int64_t bad, const at::Tensor& mask) {
       const c10::optional<at::Tensor>&cu_seqlens, c10::string_view kind, c10::string_view ratio_level, \
       double clip_low, double clip_high, c10::optional<double> dual_clip,                            \
       c10::optional<double> log_ratio_clamp, c10::optional<double> delta, double tau_pos,            \
-      double tau_neg, double kl_coef, c10::string_view kl_kind, double entropy_coef
+      double tau_neg, double kl_coef, c10::string_view kl_kind, double entropy_coef,                 \
+      c10::string_view agg, double horizon, double scale, c10::optional<double> num_tokens,          \
+      c10::optional<double> num_seqs, const c10::optional<at::Tensor>&counts
 #define FASTRL_LOSS_PREPARE                                                                           \
   const losses::Params p = make_params(kind, ratio_level, clip_low, clip_high, dual_clip,             \
                                        log_ratio_clamp, delta, tau_pos, tau_neg, kl_coef, kl_kind,    \
                                        entropy_coef, ref_logp.has_value());                           \
-  const LossTensors t = prepare(logp, old_logp, advantages, mask, ref_logp, entropy, is_weights, cu_seqlens);
+  const losses::FinishParams f = make_finish(p, agg, horizon, scale, num_tokens, num_seqs);           \
+  const LossTensors t = prepare(logp, old_logp, advantages, mask, ref_logp, entropy, is_weights, cu_seqlens); \
+  const at::Tensor count_values = prepare_counts(counts, logp);
 
-// (rows [B, kNumStats] fp64, dlogp and dlogp_aux: logp's shape in the accumulation dtype -- float64
-// for float64 inputs, else float32 -- dlogp_aux [0] without ref_logp).
+losses::FinishParams make_finish(const losses::Params& p, c10::string_view agg, double horizon, double scale,
+                                 c10::optional<double> num_tokens, c10::optional<double> num_seqs) {
+  losses::FinishParams f;
+  f.agg = parse_agg(std::string(agg));
+  f.geo_mean = p.kind == Kind::kGeoMean;
+  f.horizon = horizon;
+  f.scale = scale;
+  f.num_tokens = num_tokens.value_or(NAN);
+  f.num_seqs = num_seqs.value_or(NAN);
+  return f;
+}
+
+// The caller's [3] float64 counts (N, S, B; NaN: not given) on logp's device, or an undefined tensor.
+at::Tensor prepare_counts(const c10::optional<at::Tensor>& counts, const at::Tensor& logp) {
+  if (!counts.has_value()) return at::Tensor();
+  check_dtype(*counts, "counts", at::kDouble);
+  check_same_device(*counts, "counts", logp, "logp");
+  TORCH_CHECK(counts->dim() == 1 && counts->size(0) == 3, "fastrl: `counts` must have shape [3] (N, S, B), got ",
+              counts->sizes());
+  return counts->contiguous();
+}
+
+// (loss: 0-dim, float64 for float64 logp else float32; metrics: float32 [kNumMetrics]; rows
+// [B, kNumStats] fp64; dlogp and dlogp_aux: logp's shape in the accumulation dtype -- float64 for
+// float64 inputs, else float32 --, dlogp_aux [0] without ref_logp).
 struct ForwardOutputs {
-  at::Tensor rows, dpol, daux;
+  at::Tensor loss, metrics, rows, dpol, daux;
 };
 
-ForwardOutputs forward_outputs(const LossTensors& t) {
+ForwardOutputs forward_outputs(const LossTensors& t, const at::Tensor& logp) {
   const auto acc = t.logp.options().dtype(t.logp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   ForwardOutputs o;
+  o.loss = at::empty({}, t.logp.options().dtype(logp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  o.metrics = at::empty({losses::kNumMetrics}, t.logp.options().dtype(at::kFloat));
   o.rows = at::empty({t.rows.num_rows, losses::kNumStats}, t.logp.options().dtype(at::kDouble));
   o.dpol = empty_streaming_output(t.logp.sizes(), acc);
   o.daux = t.ref.defined() ? empty_streaming_output(t.logp.sizes(), acc) : at::empty({0}, acc);
   return o;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_rows_cpu(FASTRL_LOSS_SIGNATURE) {
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+ForwardResult policy_loss_rows_cpu(FASTRL_LOSS_SIGNATURE) {
   FASTRL_LOSS_PREPARE
-  ForwardOutputs o = forward_outputs(t);
+  ForwardOutputs o = forward_outputs(t, logp);
   int64_t bad = -1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.logp.scalar_type(), "fastrl::policy_loss_rows", [&] {
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
@@ -225,16 +272,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_rows_cpu(FASTRL_LOSS_
     });
   });
   raise_if_bad_mask(bad, t.mask);
-  return {o.rows, o.dpol, o.daux};
+  const double loss = cpu::policy_loss_finish(o.rows.data_ptr<double>(), t.rows.num_rows, f,
+                                              count_values.defined() ? count_values.data_ptr<double>() : nullptr,
+                                              o.metrics.data_ptr<float>());
+  if (o.loss.scalar_type() == at::kDouble) {
+    *o.loss.data_ptr<double>() = loss;
+  } else {
+    *o.loss.data_ptr<float>() = static_cast<float>(loss);
+  }
+  return {o.loss, o.metrics, o.rows, o.dpol, o.daux};
 }
 
 // Validated backward inputs: layout from mask (+ cu_seqlens), the forward's outputs.
 struct BackwardInputs {
-  at::Tensor grad_rows, rows, dpol, daux, mask;
+  at::Tensor rows, dpol, daux, mask;
   cpu::Rows layout;
 };
 
-BackwardInputs prepare_backward(const at::Tensor& grad_rows, const at::Tensor& rows, const at::Tensor& dlogp,
+BackwardInputs prepare_backward(const at::Tensor& grad_loss, const at::Tensor& rows, const at::Tensor& dlogp,
                                 const at::Tensor& dlogp_aux, const at::Tensor& mask,
                                 const c10::optional<at::Tensor>& cu_seqlens) {
   BackwardInputs b;
@@ -244,11 +299,15 @@ BackwardInputs prepare_backward(const at::Tensor& grad_rows, const at::Tensor& r
                                                 mask.dim() == 2 ? mask.size(1) : 0};
   TORCH_CHECK(cu_seqlens.has_value() ? mask.dim() == 1 : mask.dim() == 2, "fastrl: `mask` must be ",
               cu_seqlens.has_value() ? "1-D (packed)" : "2-D (padded)", ", got shape ", mask.sizes());
-  for (const at::Tensor* x : {&grad_rows, &rows}) {
-    TORCH_CHECK(x->dim() == 2 && x->size(0) == b.layout.num_rows && x->size(1) == losses::kNumStats,
-                "fastrl: `grad_rows` and `rows` must have shape [", b.layout.num_rows, ", ",
-                int(losses::kNumStats), "], got ", x->sizes());
-  }
+  const bool grad_float = grad_loss.scalar_type() == at::kFloat || grad_loss.scalar_type() == at::kDouble;
+  TORCH_CHECK(grad_loss.dim() == 0 && grad_float,
+              "fastrl: `grad_loss` must be a 0-dim float32/float64 tensor, got ", grad_loss.scalar_type(), " ",
+              grad_loss.sizes());
+  check_same_device(grad_loss, "grad_loss", dlogp, "dlogp");
+  TORCH_CHECK(rows.dim() == 2 && rows.size(0) == b.layout.num_rows && rows.size(1) == losses::kNumStats &&
+                  rows.scalar_type() == at::kDouble,
+              "fastrl: `rows` must be float64 [", b.layout.num_rows, ", ", int(losses::kNumStats), "], got ",
+              rows.scalar_type(), " ", rows.sizes());
   TORCH_CHECK(dlogp.sizes() == mask.sizes() && (dlogp.scalar_type() == at::kFloat || dlogp.scalar_type() == at::kDouble),
               "fastrl: `dlogp` must be float32/float64 with `mask`'s shape ", mask.sizes(), ", got ",
               dlogp.scalar_type(), " ", dlogp.sizes());
@@ -256,8 +315,7 @@ BackwardInputs prepare_backward(const at::Tensor& grad_rows, const at::Tensor& r
                                          dlogp_aux.scalar_type() == dlogp.scalar_type()),
               "fastrl: `dlogp_aux` must be empty or like `dlogp`, got ", dlogp_aux.scalar_type(), " ",
               dlogp_aux.sizes());
-  b.grad_rows = grad_rows.to(at::kDouble).contiguous();
-  b.rows = rows.to(at::kDouble).contiguous();
+  b.rows = rows.contiguous();
   b.dpol = dlogp.contiguous();
   b.daux = dlogp_aux.contiguous();
   b.mask = mask.contiguous();
@@ -265,25 +323,38 @@ BackwardInputs prepare_backward(const at::Tensor& grad_rows, const at::Tensor& r
 }
 
 #define FASTRL_BACKWARD_SIGNATURE                                                                    \
-  const at::Tensor &grad_rows, const at::Tensor &rows, const at::Tensor &dlogp,                      \
+  const at::Tensor &grad_loss, const at::Tensor &rows, const at::Tensor &dlogp,                      \
       const at::Tensor &dlogp_aux, const at::Tensor &mask, const c10::optional<at::Tensor>&cu_seqlens, \
-      double entropy_coef, bool with_entropy
+      double scale, double entropy_coef, at::ScalarType logp_dtype, c10::optional<at::ScalarType> entropy_dtype
 
-// (grad_logp: dlogp's dtype and shape, grad_entropy: the same, or [0] without entropy).
+// The gradients in the inputs' dtypes (a cast only for inputs below the accumulation dtype).
+std::tuple<at::Tensor, at::Tensor> in_input_dtypes(const at::Tensor& grad_logp, const at::Tensor& grad_ent,
+                                                   at::ScalarType logp_dtype,
+                                                   c10::optional<at::ScalarType> entropy_dtype) {
+  return {grad_logp.scalar_type() == logp_dtype ? grad_logp : grad_logp.to(logp_dtype),
+          !entropy_dtype.has_value() || grad_ent.scalar_type() == *entropy_dtype ? grad_ent
+                                                                                 : grad_ent.to(*entropy_dtype)};
+}
+
+// (grad_logp: logp_dtype, dlogp's shape; grad_entropy: entropy_dtype, the same shape, or [0] without entropy).
 std::tuple<at::Tensor, at::Tensor> policy_loss_rows_backward_cpu(FASTRL_BACKWARD_SIGNATURE) {
-  const BackwardInputs b = prepare_backward(grad_rows, rows, dlogp, dlogp_aux, mask, cu_seqlens);
+  const BackwardInputs b = prepare_backward(grad_loss, rows, dlogp, dlogp_aux, mask, cu_seqlens);
+  const bool with_entropy = entropy_dtype.has_value();
+  const double g = (grad_loss.scalar_type() == at::kDouble ? *grad_loss.data_ptr<double>()
+                                                           : static_cast<double>(*grad_loss.data_ptr<float>())) *
+                   scale;
   at::Tensor grad_logp = empty_streaming_output(b.dpol.sizes(), b.dpol.options());
   at::Tensor grad_ent = with_entropy ? empty_streaming_output(b.dpol.sizes(), b.dpol.options())
                                      : at::empty({0}, b.dpol.options());
   AT_DISPATCH_FLOATING_TYPES(b.dpol.scalar_type(), "fastrl::policy_loss_rows_backward", [&] {
     FASTRL_DISPATCH_MASK(b.mask.scalar_type(), [&] {
       cpu::policy_loss_rows_grad<mask_t, scalar_t>(
-          b.mask.data_ptr<mask_t>(), b.layout, b.grad_rows.data_ptr<double>(), b.rows.data_ptr<double>(),
-          b.dpol.data_ptr<scalar_t>(), b.daux.numel() ? b.daux.data_ptr<scalar_t>() : nullptr, entropy_coef,
-          grad_logp.data_ptr<scalar_t>(), with_entropy ? grad_ent.data_ptr<scalar_t>() : nullptr);
+          b.mask.data_ptr<mask_t>(), b.layout, g, b.rows.data_ptr<double>(), b.dpol.data_ptr<scalar_t>(),
+          b.daux.numel() ? b.daux.data_ptr<scalar_t>() : nullptr, entropy_coef, grad_logp.data_ptr<scalar_t>(),
+          with_entropy ? grad_ent.data_ptr<scalar_t>() : nullptr);
     });
   });
-  return {grad_logp, grad_ent};
+  return in_input_dtypes(grad_logp, grad_ent, logp_dtype, entropy_dtype);
 }
 
 #ifdef FASTRL_WITH_CUDA
@@ -298,10 +369,12 @@ cuda::LossPtrs<typename CudaScalar<scalar_t>::type> cuda_ptrs(const LossTensors&
 }
 
 // Mask values and cu_seqlens are not checked on CUDA (no host sync): a nonzero mask counts as 1.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_rows_cuda(FASTRL_LOSS_SIGNATURE) {
+// Two launches: the rows, then the finish (one block).
+ForwardResult policy_loss_rows_cuda(FASTRL_LOSS_SIGNATURE) {
   FASTRL_LOSS_PREPARE
   const c10::cuda::CUDAGuard guard(t.logp.device());
-  ForwardOutputs o = forward_outputs(t);
+  ForwardOutputs o = forward_outputs(t, logp);
+  const cudaStream_t stream = stream_of(t.logp);
   cudaError_t err = cudaSuccess;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.logp.scalar_type(), "fastrl::policy_loss_rows", [&] {
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
@@ -309,30 +382,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_rows_cuda(FASTRL_LOSS
       err = cuda::launch_policy_loss_rows(cuda_ptrs<scalar_t>(t), t.mask.data_ptr<mask_t>(), t.rows.cu_seqlens,
                                           t.rows.num_rows, t.rows.row_len, p, o.rows.data_ptr<double>(),
                                           o.dpol.data_ptr<acc_t>(),
-                                          t.ref.defined() ? o.daux.data_ptr<acc_t>() : nullptr, stream_of(t.logp));
+                                          t.ref.defined() ? o.daux.data_ptr<acc_t>() : nullptr, stream);
     });
   });
   C10_CUDA_CHECK(err);
-  return {o.rows, o.dpol, o.daux};
+  C10_CUDA_CHECK(cuda::launch_policy_loss_finish(o.rows.data_ptr<double>(), t.rows.num_rows, f,
+                                                 count_values.defined() ? count_values.data_ptr<double>() : nullptr,
+                                                 o.loss.data_ptr(), o.loss.scalar_type() == at::kDouble,
+                                                 o.metrics.data_ptr<float>(), stream));
+  return {o.loss, o.metrics, o.rows, o.dpol, o.daux};
 }
 
 std::tuple<at::Tensor, at::Tensor> policy_loss_rows_backward_cuda(FASTRL_BACKWARD_SIGNATURE) {
-  const BackwardInputs b = prepare_backward(grad_rows, rows, dlogp, dlogp_aux, mask, cu_seqlens);
+  const BackwardInputs b = prepare_backward(grad_loss, rows, dlogp, dlogp_aux, mask, cu_seqlens);
   const c10::cuda::CUDAGuard guard(b.dpol.device());
+  const bool with_entropy = entropy_dtype.has_value();
   at::Tensor grad_logp = at::empty(b.dpol.sizes(), b.dpol.options());
   at::Tensor grad_ent = at::empty(with_entropy ? b.dpol.sizes() : at::IntArrayRef{0}, b.dpol.options());
   cudaError_t err = cudaSuccess;
   AT_DISPATCH_FLOATING_TYPES(b.dpol.scalar_type(), "fastrl::policy_loss_rows_backward", [&] {
     FASTRL_DISPATCH_MASK(b.mask.scalar_type(), [&] {
       err = cuda::launch_policy_loss_rows_grad(
-          b.mask.data_ptr<mask_t>(), b.layout.cu_seqlens, b.layout.num_rows, b.layout.row_len,
-          b.grad_rows.data_ptr<double>(), b.rows.data_ptr<double>(), b.dpol.data_ptr<scalar_t>(),
+          b.mask.data_ptr<mask_t>(), b.layout.cu_seqlens, b.layout.num_rows, b.layout.row_len, grad_loss.data_ptr(),
+          grad_loss.scalar_type() == at::kDouble, scale, b.rows.data_ptr<double>(), b.dpol.data_ptr<scalar_t>(),
           b.daux.numel() ? b.daux.data_ptr<scalar_t>() : nullptr, entropy_coef, grad_logp.data_ptr<scalar_t>(),
           with_entropy ? grad_ent.data_ptr<scalar_t>() : nullptr, stream_of(b.dpol));
     });
   });
   C10_CUDA_CHECK(err);
-  return {grad_logp, grad_ent};
+  return in_input_dtypes(grad_logp, grad_ent, logp_dtype, entropy_dtype);
 }
 #endif
 
@@ -342,13 +420,16 @@ std::tuple<at::Tensor, at::Tensor> policy_loss_rows_backward_cuda(FASTRL_BACKWAR
   "Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp, Tensor? entropy, " \
   "Tensor? is_weights, Tensor? cu_seqlens, str kind, str ratio_level, float clip_low, "               \
   "float clip_high, float? dual_clip, float? log_ratio_clamp, float? delta, float tau_pos, "          \
-  "float tau_neg, float kl_coef, str kl_kind, float entropy_coef"
+  "float tau_neg, float kl_coef, str kl_kind, float entropy_coef, str agg, float horizon, float scale, "   \
+  "float? num_tokens, float? num_seqs, Tensor? counts"
 
 TORCH_LIBRARY_FRAGMENT(fastrl, m) {
-  m.def("policy_loss_rows(" FASTRL_LOSS_SCHEMA_ARGS ") -> (Tensor rows, Tensor dlogp, Tensor dlogp_aux)");
+  m.def("policy_loss_rows(" FASTRL_LOSS_SCHEMA_ARGS
+        ") -> (Tensor loss, Tensor metrics, Tensor rows, Tensor dlogp, Tensor dlogp_aux)");
   m.def(
-      "policy_loss_rows_backward(Tensor grad_rows, Tensor rows, Tensor dlogp, Tensor dlogp_aux, Tensor mask, "
-      "Tensor? cu_seqlens, float entropy_coef, bool with_entropy) -> (Tensor grad_logp, Tensor grad_entropy)");
+      "policy_loss_rows_backward(Tensor grad_loss, Tensor rows, Tensor dlogp, Tensor dlogp_aux, Tensor mask, "
+      "Tensor? cu_seqlens, float scale, float entropy_coef, ScalarType logp_dtype, ScalarType? entropy_dtype) -> "
+      "(Tensor grad_logp, Tensor grad_entropy)");
 }
 
 TORCH_LIBRARY_IMPL(fastrl, CPU, m) {

@@ -3,10 +3,12 @@
 :func:`policy_loss` computes, for every valid token (``mask == 1``), the policy-gradient loss of
 the chosen ``kind`` (verl 0.9.1 / trl 1.16.0 semantics), the KL penalty against a reference policy
 and the entropy bonus, sums them per row in fp64 together with every metric, and aggregates the
-rows into the scalar loss with the chosen ``agg`` mode. The backward is closed form: the forward
-pass also writes each token's derivatives (one fp32 per token, two with a KL term: fp64 for fp64
-inputs) and the backward scales them by the rows' incoming gradients in one streaming pass, writing
-``d loss / d logp`` and ``d loss / d entropy``. No host syncs: metrics are device tensors.
+rows into the scalar loss and the metrics with the chosen ``agg`` mode in one small reduction, all
+in one op call (on CUDA: a row kernel and a one-block finish kernel). The backward is closed form:
+the forward pass also writes each token's derivatives (one fp32 per token, two with a KL term:
+fp64 for fp64 inputs) and the backward (one op call, one kernel) scales them by the rows' weights
+times the loss's incoming gradient in one streaming pass, writing ``d loss / d logp`` and
+``d loss / d entropy`` in the inputs' dtypes. No host syncs: metrics are device tensors.
 
 Layouts: padded ``[B, T]`` with ``mask``, or packed ``[N]`` with ``cu_seqlens: int64[B+1]``.
 Advantages per token (``logp``'s shape) or per sequence (``[B]``, broadcast inside the kernel).
@@ -33,9 +35,11 @@ AGGS = _ref.AGGS
 KL_KINDS = _ref.KL_KINDS
 RATIO_LEVELS = _ref.RATIO_LEVELS
 
-# Columns of the per-row statistics the kernel returns (csrc/include/fastrl/losses.h RowStat).
-_COUNT, _POLICY, _AUX, _CLIP, _CLIP_LOWER, _LOW, _HIGH, _NEG_LOG, _RSUM, _RMIN, _RMAX, _HSUM, _KLSUM = range(13)
-_NUM_STATS = 15  # + the backward's row coefficients
+_NUM_STATS = 17  # columns of the per-row statistics (csrc/include/fastrl/losses.h RowStat)
+# The entries of the op's metrics vector (csrc/include/fastrl/losses.h Metric), in order.
+_METRICS = ("policy_loss", "clipfrac", "clipfrac_lower", "clip_low_frac", "clip_high_frac", "approx_kl", "ratio_mean",
+            "ratio_min", "ratio_max", "num_tokens")
+_KL_METRICS, _ENTROPY_METRICS = ("kl_mean", "kl_loss"), ("entropy_mean", "entropy_loss")
 _NEEDS_LENGTH = ("seq-mean-token-sum-norm", "dr_grpo")
 
 
@@ -109,7 +113,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 
     Returns:
         ``(loss, metrics)``: ``loss`` a 0-dim tensor (float64 for float64 inputs, else float32);
-        ``metrics`` a dict of detached 0-dim float32 device tensors, token-averaged over the local
+        ``metrics`` a dict of detached 0-dim float32 device tensors (views of the op's one metrics
+        vector, computed in the loss's reduction), token-averaged over the local
         valid tokens (0 when there is none): ``policy_loss`` (the aggregated policy term),
         ``clipfrac`` (verl's ``pg_clipfrac`` of the kind), ``clipfrac_lower`` (dual-clip active;
         geo_mean: clipped with A < 0), ``clip_low_frac`` / ``clip_high_frac`` (TRL's
@@ -121,13 +126,13 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     NaN/Inf: masked tokens are never read. A NaN or Inf in a valid token's log-prob or advantage
     propagates into the loss and its row's gradients (as in the trainers), never into other rows.
 
-    Extra memory: ``[B, 15]`` fp64 statistics, and saved for the backward the per-token derivatives
+    Extra memory: ``[B, 17]`` fp64 statistics, and saved for the backward the per-token derivatives
     (``logp``'s shape in float32 -- float64 for float64 inputs --, a second one with ``ref_logp``).
 
     >>> lp = torch.tensor([[-1.0, -0.5, -2.0]], requires_grad=True)
     >>> loss, m = fastrl.losses.policy_loss(lp, lp.detach() - 0.1, torch.tensor([1.0]), torch.tensor([[1, 1, 0]]))
     >>> loss
-    tensor(-1.1052, grad_fn=<ToCopyBackward0>)
+    tensor(-1.1052, grad_fn=<_PolicyLossRowsBackward>)
     """
     kind = "gpg" if kind == "reinforce" else kind
     if kind in ("clip_cov", "kl_cov"):
@@ -144,36 +149,29 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
                          "length the trainer normalizes by)")
     if not scale == scale:
         raise ValueError(f"fastrl: policy_loss `scale` must be a number, got {scale}")
-    num_rows = None
+    counts = None
     if process_group is not None:
-        num_tokens, num_seqs, num_rows, scale = _global_counts(mask, cu_seqlens, num_tokens, num_seqs, scale,
-                                                               process_group)
+        counts, scale = _global_counts(mask, cu_seqlens, scale, process_group)
     kw = dict(kind=kind, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, ref_logp=ref_logp,
               kl_coef=kl_coef, kl_kind=kl_kind, entropy=entropy, entropy_coef=entropy_coef, is_weights=is_weights,
               cu_seqlens=cu_seqlens, ratio_level=ratio_level, log_ratio_clamp=log_ratio_clamp, delta=delta,
               tau_pos=tau_pos, tau_neg=tau_neg)
     if _extension.use_reference():
-        return _ref.policy_loss(logp, old_logp, advantages, mask, max_length=max_length, num_tokens=num_tokens,
-                                num_seqs=num_seqs, scale=scale, num_rows=num_rows, **kw)
-    rows, _, _ = torch.ops.fastrl.policy_loss_rows(
+        return _ref.policy_loss(logp, old_logp, advantages, mask, max_length=max_length,
+                                num_tokens=counts[0] if num_tokens is None and counts is not None else num_tokens,
+                                num_seqs=counts[1] if num_seqs is None and counts is not None else num_seqs,
+                                scale=scale, num_rows=None if counts is None else counts[2], **kw)
+    num_tokens, num_seqs, counts = _count_args(num_tokens, num_seqs, counts, logp.device)
+    # One op: the rows' statistics and each token's derivatives, then the loss and every metric in
+    # one small reduction; its backward is one streaming pass (no per-call glue ops: on a GPU each
+    # would cost a launch).
+    loss, metrics, _, _, _ = _PolicyLossRows.apply(
         logp, old_logp, advantages, mask, ref_logp, entropy, is_weights, cu_seqlens, kind, ratio_level,
         float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip),
         None if log_ratio_clamp is None else float(log_ratio_clamp), None if delta is None else float(delta),
-        float(tau_pos), float(tau_neg), float(kl_coef), kl_kind, float(entropy_coef))
-    horizon = float(max_length if max_length is not None else logp.shape[-1])
-    n = rows[:, _COUNT]
-    w = _ref.agg_weights(n, agg, horizon=horizon, num_tokens=num_tokens, num_seqs=num_seqs,
-                         num_rows=rows.shape[0] if num_rows is None else num_rows)
-    if kind == "geo_mean":
-        b = torch.as_tensor(rows.shape[0] if num_rows is None else num_rows, dtype=torch.float64)
-        pg_loss = rows[:, _POLICY].sum() / b.clamp(min=1)
-        loss = pg_loss + (w * rows[:, _AUX]).sum()
-    else:
-        pg_loss = (w * rows[:, _POLICY]).sum()
-        loss = (w * (rows[:, _POLICY] + rows[:, _AUX])).sum()
-    out_dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
-    return (loss * scale).to(out_dtype), _metrics(rows.detach(), w.detach(), pg_loss.detach() * scale, scale,
-                                                  ref_logp is not None, entropy is not None)
+        float(tau_pos), float(tau_neg), float(kl_coef), kl_kind, float(entropy_coef), agg,
+        float(max_length if max_length is not None else logp.shape[-1]), float(scale), num_tokens, num_seqs, counts)
+    return loss, _metrics(metrics, ref_logp is not None, entropy is not None)
 
 
 def _cov_loss(logp, old_logp, advantages, mask, *, kind, clip_low, clip_high, cov_ratio, clip_cov_lb, clip_cov_ub,
@@ -239,8 +237,8 @@ def _cov_loss(logp, old_logp, advantages, mask, *, kind, clip_low, clip_high, co
     return loss, m
 
 
-def _global_counts(mask, cu_seqlens, num_tokens, num_seqs, scale, process_group):
-    """(N, S, B) summed over the group (one all-reduce), and scale * world size."""
+def _global_counts(mask, cu_seqlens, scale, process_group):
+    """float64 [3] (N, S, B) summed over the group (one all-reduce), and scale * world size."""
     import torch.distributed as dist
 
     valid = mask != 0
@@ -253,34 +251,34 @@ def _global_counts(mask, cu_seqlens, num_tokens, num_seqs, scale, process_group)
     counts = torch.stack([per_row.sum().double(), (per_row > 0).sum().double(),
                           torch.tensor(float(per_row.shape[0]), dtype=torch.float64, device=mask.device)])
     dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=process_group)
-    world = dist.get_world_size(process_group)
-    return (counts[0] if num_tokens is None else num_tokens, counts[1] if num_seqs is None else num_seqs,
-            counts[2], scale * world)
+    return counts, scale * dist.get_world_size(process_group)
 
 
-def _metrics(rows, w, pg_loss, scale, has_kl, has_entropy):
-    n = rows[:, _COUNT].sum()
-    has = n > 0
-    inv = torch.where(has, 1.0 / n.clamp(min=1), 0.0)
+def _count_args(num_tokens, num_seqs, counts, device):
+    """The op's count arguments (num_tokens, num_seqs, counts): Python numbers as floats (no tensor per
+    call); 0-dim tensors (no host sync) go into the float64 [3] ``counts`` (N, S, B; NaN: not given)
+    with a process group's all-reduced counts."""
+    given = [v for v in (num_tokens, num_seqs) if isinstance(v, torch.Tensor)]
+    if not given:
+        return (None if num_tokens is None else float(num_tokens), None if num_seqs is None else float(num_seqs),
+                counts)
+    if counts is None:
+        counts = torch.full((3,), float("nan"), dtype=torch.float64, device=device)
+    entries = [v.to(device=device, dtype=torch.float64).reshape(()) if isinstance(v, torch.Tensor) else counts[i]
+               for i, v in enumerate((num_tokens, num_seqs))]
+    counts = torch.stack(entries + [counts[2]])
+    return (None if num_tokens is None or isinstance(num_tokens, torch.Tensor) else float(num_tokens),
+            None if num_seqs is None or isinstance(num_seqs, torch.Tensor) else float(num_seqs), counts)
 
-    def mean(col):
-        return (rows[:, col].sum() * inv).float()
 
-    m = {
-        "policy_loss": pg_loss.float(),
-        "clipfrac": mean(_CLIP), "clipfrac_lower": mean(_CLIP_LOWER),
-        "clip_low_frac": mean(_LOW), "clip_high_frac": mean(_HIGH),
-        "approx_kl": mean(_NEG_LOG), "ratio_mean": mean(_RSUM),
-        "ratio_min": torch.where(has, rows[:, _RMIN].min() if rows.shape[0] else n, 0.0).float(),
-        "ratio_max": torch.where(has, rows[:, _RMAX].max() if rows.shape[0] else n, 0.0).float(),
-        "num_tokens": n.float(),
-    }
+def _metrics(values, has_kl, has_entropy):
+    """The op's float32 metrics vector as a dict of 0-dim views (one unbind)."""
+    values = values.unbind()
+    m = dict(zip(_METRICS, values))
     if has_kl:
-        m["kl_mean"] = mean(_KLSUM)
-        m["kl_loss"] = ((w * rows[:, _KLSUM]).sum() * scale).float()
+        m.update(zip(_KL_METRICS, values[10:12]))
     if has_entropy:
-        m["entropy_mean"] = mean(_HSUM)
-        m["entropy_loss"] = ((w * rows[:, _HSUM]).sum() * scale).float()
+        m.update(zip(_ENTROPY_METRICS, values[12:14]))
     return m
 
 
@@ -735,7 +733,9 @@ def _rows_fake(logp, old_logp, advantages, mask, ref_logp, entropy, is_weights, 
     num_rows = logp.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     acc = torch.float64 if _promoted(logp, old_logp, advantages, ref_logp, entropy, is_weights) == torch.float64 \
         else torch.float32
-    return (logp.new_empty((num_rows, _NUM_STATS), dtype=torch.float64), logp.new_empty(logp.shape, dtype=acc),
+    return (logp.new_empty((), dtype=torch.float64 if logp.dtype == torch.float64 else torch.float32),
+            logp.new_empty((len(_METRICS) + len(_KL_METRICS) + len(_ENTROPY_METRICS),), dtype=torch.float32),
+            logp.new_empty((num_rows, _NUM_STATS), dtype=torch.float64), logp.new_empty(logp.shape, dtype=acc),
             logp.new_empty(logp.shape if ref_logp is not None else (0,), dtype=acc))
 
 
@@ -747,30 +747,44 @@ def _promoted(*tensors):
     return dtype
 
 
-def _rows_backward_fake(grad_rows, rows, dlogp, dlogp_aux, mask, cu_seqlens, entropy_coef, with_entropy):
-    return torch.empty_like(dlogp), dlogp.new_empty(dlogp.shape if with_entropy else (0,))
+def _rows_backward_fake(grad_loss, rows, dlogp, dlogp_aux, mask, cu_seqlens, scale, entropy_coef, logp_dtype,
+                        entropy_dtype):
+    return (torch.empty_like(dlogp, dtype=logp_dtype),
+            dlogp.new_empty(dlogp.shape, dtype=entropy_dtype) if entropy_dtype is not None else dlogp.new_empty((0,)))
 
 
 def _rows_setup(ctx, inputs, output):
-    rows, dlogp, dlogp_aux = output
-    mask, entropy, cu_seqlens = inputs[3], inputs[5], inputs[7]
+    _, metrics, rows, dlogp, dlogp_aux = output
+    logp, mask, entropy, cu_seqlens = inputs[0], inputs[3], inputs[5], inputs[7]
     ctx.save_for_backward(rows, dlogp, dlogp_aux, mask, cu_seqlens)
-    ctx.mark_non_differentiable(dlogp, dlogp_aux)
-    ctx.set_materialize_grads(False)  # no [B, T] zero gradients for the two unused outputs
-    ctx.entropy_coef = inputs[19]
-    ctx.dtypes = (inputs[0].dtype, None if entropy is None else entropy.dtype)
+    ctx.mark_non_differentiable(metrics, rows, dlogp, dlogp_aux)
+    ctx.set_materialize_grads(False)  # no [B, T] zero gradients for the unused outputs
+    ctx.args = (inputs[22], inputs[19], logp.dtype, None if entropy is None else entropy.dtype)  # scale, entropy_coef
 
 
-def _rows_backward(ctx, grad_rows, _grad_dlogp, _grad_dlogp_aux):
+def _rows_backward(ctx, grad_loss, *_):
+    if grad_loss is None:
+        return (None,) * 26
     rows, dlogp, dlogp_aux, mask, cu_seqlens = ctx.saved_tensors
-    logp_dtype, entropy_dtype = ctx.dtypes
-    if grad_rows is None:
-        grad_rows = torch.zeros_like(rows)
-    grad_logp, grad_ent = torch.ops.fastrl.policy_loss_rows_backward(
-        grad_rows, rows, dlogp, dlogp_aux, mask, cu_seqlens, ctx.entropy_coef, entropy_dtype is not None)
-    g_logp = grad_logp.to(logp_dtype) if ctx.needs_input_grad[0] else None
-    g_ent = grad_ent.to(entropy_dtype) if entropy_dtype is not None and ctx.needs_input_grad[5] else None
-    return (g_logp, None, None, None, None, g_ent) + (None,) * 14
+    g_logp, g_ent = torch.ops.fastrl.policy_loss_rows_backward(grad_loss, rows, dlogp, dlogp_aux, mask, cu_seqlens,
+                                                               *ctx.args)
+    return ((g_logp if ctx.needs_input_grad[0] else None, None, None, None, None,
+             g_ent if ctx.args[3] is not None and ctx.needs_input_grad[5] else None) + (None,) * 20)
+
+
+class _PolicyLossRows(torch.autograd.Function):
+    """fastrl::policy_loss_rows with the autograd formula registered for the op (_rows_setup /
+    _rows_backward), applied directly: the op then runs below autograd, which skips the generic
+    wrapper of torch.library.register_autograd (its per-call schema walk costs more host time than
+    the whole op on small batches)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        out = torch.ops.fastrl.policy_loss_rows(*args)
+        _rows_setup(ctx, args, out)
+        return out
+
+    backward = staticmethod(_rows_backward)
 
 
 if _extension._C is not None:

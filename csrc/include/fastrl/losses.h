@@ -2,7 +2,8 @@
 //
 // A row b (one response) of valid tokens t (mask 1) produces the statistics of RowStat below;
 // the loss is a fixed linear combination of the rows' kPolicy / kAux sums chosen by the
-// aggregation mode (in Python, on [B] tensors), so the kernels only need, per token:
+// aggregation mode (finish_* below: one small reduction over the rows that also yields every
+// metric), so the kernels only need, per token:
 //
 //   x_t = logp_t - old_logp_t                                   (log-ratio)
 //   r_t = exp(clamp(x_t, -c, c))  token level (c = log_clamp; verl 20, none for TRL)
@@ -12,8 +13,9 @@
 //   aux_t = kl_coef * KL(logp_t, ref_t) - entropy_coef * H_t
 //
 // and for the backward, d pg_t / d r_t, d pg_t / d logp_t (direct term), d aux_t / d logp_t. The
-// forward pass writes each token's derivatives (dpol_t, daux_t) and the row's backward coefficients,
-// so the backward is one streaming pass: grad_t = g_pol (dpol_t mul_b + add_b) + g_aux daux_t.
+// forward pass writes each token's derivatives (dpol_t, daux_t) and the row's backward coefficients
+// (mul_b, add_b, and the aggregation weights of its policy / aux sums), so the backward is one
+// streaming pass from the loss's incoming gradient: grad_t = g_pol_b (dpol_t mul_b + add_b) + g_aux_b daux_t.
 // Gradients follow torch's rules for the trainers' expressions: clamp passes the gradient where
 // lo <= x <= hi, max/min split it in half on ties, torch.where routes it to the chosen branch.
 // geo_mean (GMPO) is a sequence-level loss (one value per row) handled by geo_* below.
@@ -29,6 +31,17 @@ enum class Kind : int32_t { kVanilla = 0, kGpg = 1, kCispo = 2, kGspo = 3, kSapo
 enum class RatioLevel : int32_t { kToken = 0, kSequence = 1 };
 // verl's estimators (credit.h) plus TRL's k3 without clamps.
 enum class KlMode : int32_t { kNone = -1, kK1 = 0, kAbs = 1, kK2 = 2, kK3 = 3, kK3Trl = 4 };
+// The aggregation modes of fastrl.losses.policy_loss (verl's bnpo is kTokenMean).
+enum class Agg : int32_t {
+  kTokenMean = 0,
+  kTokenSum = 1,
+  kSeqMeanTokenSum = 2,
+  kSeqMeanTokenSumNorm = 3,
+  kSeqMeanTokenMean = 4,
+  kGrpo = 5,
+  kDrGrpo = 6,
+  kLuspo = 7,
+};
 
 // Columns of the per-row statistics (fp64, [B, kNumStats]).
 enum RowStat : int {
@@ -49,7 +62,11 @@ enum RowStat : int {
   // at valid tokens (geo_mean: the row factor; TRL sequence level: the term through the mean)
   kRowMul = 13,
   kRowAdd = 14,
-  kNumStats = 15,
+  // written by the finish: the row's aggregation weight w_b (of its kAux sum, and of its kPolicy
+  // sum unless kPolicyDiv > 0: geo_mean's rows-mean divides the kPolicy sum by max(B, 1))
+  kWeight = 15,
+  kPolicyDiv = 16,
+  kNumStats = 17,
 };
 
 struct Params {
@@ -384,15 +401,143 @@ FASTRL_HOST_DEVICE_HOT void stats_finish(const Params& p, const RowCtx<A>& c, St
   s->v[kRowAdd] = add;
 }
 
-// What the backward needs of row b: the incoming gradients of its kPolicy / kAux columns and its
-// coefficients (grad_rows, stats: [num_rows, kNumStats]).
+// ------------------------------------------------------------------------------------- finish
+// The loss and the metrics from the rows' statistics: one pass over the rows for the counts (N
+// valid tokens, S rows with a valid token: sums of integers, exact in any order), then one for the
+// weighted sums. The CPU walks the rows in order, the CUDA kernel in one block (a fixed tree).
+
+// The metrics vector (float32 [kNumMetrics]; fastrl.losses names the entries).
+enum Metric : int {
+  kMPolicyLoss = 0,  // scale * the aggregated policy term
+  kMClipfrac = 1,    // token means of RowStat columns kClip .. kRatioSum (0 without valid token)
+  kMClipfracLower = 2,
+  kMClipLowFrac = 3,
+  kMClipHighFrac = 4,
+  kMApproxKl = 5,
+  kMRatioMean = 6,
+  kMRatioMin = 7,
+  kMRatioMax = 8,
+  kMNumTokens = 9,
+  kMKlMean = 10,
+  kMKlLoss = 11,      // scale * the aggregated KL (before kl_coef)
+  kMEntropyMean = 12,
+  kMEntropyLoss = 13,  // scale * the aggregated entropy (before entropy_coef)
+  kNumMetrics = 14,
+};
+
+// The aggregation of one call. num_tokens / num_seqs: N, S given as numbers (NaN: not given).
+struct FinishParams {
+  Agg agg;
+  bool geo_mean;
+  double horizon, scale;
+  double num_tokens, num_seqs;
+};
+
+FASTRL_HOST_DEVICE double inv_pos(double d) { return d > 0.0 ? 1.0 / d : 0.0; }
+
+// w_b of a row of n valid tokens, with the operations of fastrl.reference.losses.agg_weights.
+FASTRL_HOST_DEVICE double agg_weight(Agg agg, double n, double N, double S, double B, double horizon) {
+  switch (agg) {
+    case Agg::kTokenMean: return inv_pos(N);
+    case Agg::kTokenSum: return 1.0;
+    case Agg::kSeqMeanTokenSum: return inv_pos(S);
+    case Agg::kSeqMeanTokenSumNorm: return inv_pos(S) / horizon;
+    case Agg::kSeqMeanTokenMean: return inv_pos(n) * inv_pos(S);
+    case Agg::kGrpo: return inv_pos(n > 1.0 ? n : 1.0) * inv_pos(B);
+    case Agg::kDrGrpo: return inv_pos(B) / horizon;
+    default: return inv_pos(B);  // kLuspo
+  }
+}
+
+// First pass: valid tokens and non-empty rows.
+struct Counts {
+  double n, s;
+};
+FASTRL_HOST_DEVICE Counts counts_zero() { return Counts{0.0, 0.0}; }
+FASTRL_HOST_DEVICE Counts counts_add(const Counts& a, const Counts& b) { return Counts{a.n + b.n, a.s + b.s}; }
+FASTRL_HOST_DEVICE Counts counts_row(const double* row) {
+  return Counts{row[kCount], row[kCount] > 0.0 ? 1.0 : 0.0};
+}
+
+// N, S, B of the weights: the numbers given, else counts[0..2] unless NaN (a device tensor, e.g. a
+// process group's all-reduced counts; nullptr: none), else the counted ones (B: the rows).
+struct AggCounts {
+  double n_local, N, S, B;
+};
+FASTRL_HOST_DEVICE double count_or(const double* counts, int k, double local) {
+  return counts && counts[k] == counts[k] ? counts[k] : local;
+}
+FASTRL_HOST_DEVICE AggCounts agg_counts(const FinishParams& f, const Counts& c, const double* counts,
+                                        int64_t num_rows) {
+  return AggCounts{c.n, f.num_tokens == f.num_tokens ? f.num_tokens : count_or(counts, 0, c.n),
+                   f.num_seqs == f.num_seqs ? f.num_seqs : count_or(counts, 1, c.s),
+                   count_or(counts, 2, static_cast<double>(num_rows))};
+}
+
+// Second pass: the weighted sums and the summed statistics (stats_merge: kRatioMin / kRatioMax
+// are a min / max). policy: sum_b w_b P_b (geo_mean: sum_b P_b), loss: sum_b w_b (P_b + X_b)
+// (geo_mean: sum_b w_b X_b), kl / entropy: sum_b w_b KL_b / H_b.
+struct Totals {
+  double policy, loss, kl, entropy;
+  Stats cols;
+};
+FASTRL_HOST_DEVICE Totals totals_zero() { return Totals{0.0, 0.0, 0.0, 0.0, stats_zero()}; }
+FASTRL_HOST_DEVICE Totals totals_add(const Totals& a, const Totals& b) {
+  return Totals{a.policy + b.policy, a.loss + b.loss, a.kl + b.kl, a.entropy + b.entropy, stats_merge(a.cols, b.cols)};
+}
+
+// Row b's weight: written into its kWeight / kPolicyDiv columns for the backward; returns its
+// contribution to the totals.
+FASTRL_HOST_DEVICE Totals totals_row(const FinishParams& f, const AggCounts& c, double* row) {
+  const double w = agg_weight(f.agg, row[kCount], c.N, c.S, c.B, f.horizon);
+  row[kWeight] = w;
+  row[kPolicyDiv] = f.geo_mean ? (c.B > 1.0 ? c.B : 1.0) : 0.0;
+  Totals t;
+  t.policy = f.geo_mean ? row[kPolicy] : w * row[kPolicy];
+  t.loss = f.geo_mean ? w * row[kAux] : w * (row[kPolicy] + row[kAux]);
+  t.kl = w * row[kKlSum];
+  t.entropy = w * row[kEntropySum];
+  for (int k = 0; k < kNumStats; ++k) t.cols.v[k] = row[k];
+  return t;
+}
+
+// The loss (before its cast to the output dtype) and the metrics from the totals.
+FASTRL_HOST_DEVICE double finish(const FinishParams& f, const AggCounts& c, const Totals& t, float* metrics) {
+  const double div = c.B > 1.0 ? c.B : 1.0;
+  const double pg = f.geo_mean ? t.policy / div : t.policy;
+  const double loss = f.geo_mean ? pg + t.loss : t.loss;
+  const double n = c.n_local;
+  const bool has = n > 0.0;
+  const double inv = has ? 1.0 / n : 0.0;
+  const double* s = t.cols.v;
+  metrics[kMPolicyLoss] = static_cast<float>(pg * f.scale);
+  metrics[kMClipfrac] = static_cast<float>(s[kClip] * inv);
+  metrics[kMClipfracLower] = static_cast<float>(s[kClipLower] * inv);
+  metrics[kMClipLowFrac] = static_cast<float>(s[kLowRegion] * inv);
+  metrics[kMClipHighFrac] = static_cast<float>(s[kHighRegion] * inv);
+  metrics[kMApproxKl] = static_cast<float>(s[kNegLogRatio] * inv);
+  metrics[kMRatioMean] = static_cast<float>(s[kRatioSum] * inv);
+  metrics[kMRatioMin] = has ? static_cast<float>(s[kRatioMin]) : 0.0f;
+  metrics[kMRatioMax] = has ? static_cast<float>(s[kRatioMax]) : 0.0f;
+  metrics[kMNumTokens] = static_cast<float>(n);
+  metrics[kMKlMean] = static_cast<float>(s[kKlSum] * inv);
+  metrics[kMKlLoss] = static_cast<float>(t.kl * f.scale);
+  metrics[kMEntropyMean] = static_cast<float>(s[kEntropySum] * inv);
+  metrics[kMEntropyLoss] = static_cast<float>(t.entropy * f.scale);
+  return loss * f.scale;
+}
+
+// ----------------------------------------------------------------------------------- backward
+// What the backward needs of row b: the gradients of its kPolicy / kAux sums given g = the loss's
+// incoming gradient times scale (the chain rule of finish: g w_b, or g / kPolicyDiv) and its
+// coefficients (stats: [num_rows, kNumStats]).
 struct RowGrad {
   double g_pol, g_aux, mul, add;
 };
-FASTRL_HOST_DEVICE_HOT RowGrad row_grad(const double* grad_rows, const double* stats, int64_t b) {
-  const double* g = grad_rows + b * kNumStats;
+FASTRL_HOST_DEVICE_HOT RowGrad row_grad(double g, const double* stats, int64_t b) {
   const double* s = stats + b * kNumStats;
-  return RowGrad{g[kPolicy], g[kAux], s[kRowMul], s[kRowAdd]};
+  const double g_aux = g * s[kWeight];
+  return RowGrad{s[kPolicyDiv] > 0.0 ? g / s[kPolicyDiv] : g_aux, g_aux, s[kRowMul], s[kRowAdd]};
 }
 
 // d loss / d logp_t at a valid token of the row.
