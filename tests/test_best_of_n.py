@@ -86,22 +86,23 @@ def test_best_of_n_noncontiguous_and_unmodified():
     assert torch.equal(wide, s0) and torch.equal(ids, i0)
 
 
-def test_best_of_n_deterministic_across_thread_counts_and_batch_invariant():
+@pytest.mark.parametrize("k", [2, 4])  # the CPU's per-thread tables (k <= 2) and its grouped path
+def test_best_of_n_deterministic_across_thread_counts_and_batch_invariant(k):
     gen = torch.Generator().manual_seed(5)
     scores, ids = ragged(gen, 5000, 16, levels=3, nan_frac=0.05)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = best_of_n(scores, ids, 4, num_groups=5000)
+        one = best_of_n(scores, ids, k, num_groups=5000)
         torch.set_num_threads(max(2, before))
-        many = best_of_n(scores, ids, 4, num_groups=5000)
+        many = best_of_n(scores, ids, k, num_groups=5000)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, many)
-    assert torch.equal(many, ref.best_of_n(scores, ids, 4, num_groups=5000))  # > 1 chunk table merged
+    assert torch.equal(many, ref.best_of_n(scores, ids, k, num_groups=5000))  # k = 2: > 1 chunk table merged
     # a group's selection does not depend on the other groups of the batch
     keep = ids < 100
-    sub = best_of_n(scores[keep], ids[keep], 4, num_groups=100)
+    sub = best_of_n(scores[keep], ids[keep], k, num_groups=100)
     pos = torch.nonzero(keep)[:, 0]
     assert torch.equal(torch.where(sub >= 0, pos[sub.clamp(min=0)], -1), one[:100])
 
@@ -138,6 +139,7 @@ def test_best_of_n_torch_compile_has_no_graph_break():
     ((torch.ones(2, 2), torch.zeros(2, dtype=torch.int64)), {}, ValueError, r"1-D \[B\], got shape \(2, 2\)"),
     ((torch.ones(3), torch.tensor([0, 5, 1])), {"num_groups": 2}, RuntimeError, r"\[0, num_groups=2\), got group_ids\[1\] = 5"),
     ((torch.ones(3), torch.tensor([0, -1, 1])), {}, RuntimeError, r"got group_ids\[1\] = -1"),
+    ((torch.ones(4), torch.tensor([0, 1, 7, -1]), 3), {"num_groups": 2}, RuntimeError, r"got group_ids\[2\] = 7"),
     ((torch.ones(3), torch.tensor([0, 0, 0])), {"num_groups": 0}, RuntimeError, "`num_groups` is 0 but there are 3"),
     (([1.0], torch.tensor([0])), {}, TypeError, "`scores` must be a torch tensor"),
 ])

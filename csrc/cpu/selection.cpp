@@ -1,9 +1,11 @@
 // CPU kernels of the best-of-N / selection family.
 //
-// best_of_n: the samples are split into T contiguous chunks, each walked once in index order into
-// its own table of per-group top-k lists (fastrl/selection.h); then, in parallel over groups, the
-// T lists of each group are merged into the first. No sort, no per-group member lists. The top-k
-// order is total, so the result does not depend on T or on the thread count, bitwise.
+// best_of_n, k < 3: the samples are split into T contiguous chunks, each walked once in index order
+// into its own table of per-group top-k lists (fastrl/selection.h); then, in parallel over groups,
+// the T lists of each group are merged into the first. No sort, no per-group member lists.
+// k >= 3: a counting sort gathers each group's members (in index order), then each group, in
+// parallel, is offered to one top-k list. The top-k order is total, so the result does not depend
+// on the path, on T or on the thread count, bitwise.
 // T = the thread count, fewer for small batches (a chunk is at least kMinChunk samples) and when
 // the tables would pass kTableBudget bytes (T * G * k * 16 bytes). Cost: O(B) reads, O(k) per
 // member that enters a list (few for random order), O(T G k) for the merge.
@@ -36,6 +38,11 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kMinChunk = 16384;
+// best_of_n with k >= this gathers the groups first (group_by) and selects within each group with
+// its members in cache: on 65,536 shuffled samples in groups of 16 (2 cores), k = 4 took 0.47-0.57
+// ms that way against 0.64-0.67 ms through the per-thread tables, k = 8 0.85 vs 1.03 ms; for k = 1
+// the tables win (0.21 vs 0.28 ms: the counting sort is the cost), k = 2 is even.
+constexpr int64_t kGroupedFromK = 3;
 constexpr int64_t kTableBudget = int64_t{64} << 20;
 
 // Counting sort of the samples by group: start[num_groups + 1] offsets, and order[B] the sample
@@ -61,6 +68,26 @@ int64_t group_by(const int64_t* group_ids, int64_t num_samples, int64_t num_grou
 template <typename scalar_t>
 int64_t best_of_n(const scalar_t* scores, const int64_t* group_ids, int64_t num_samples,
                   int64_t num_groups, int64_t k, bool largest, int64_t* out) {
+  if (k >= kGroupedFromK) {
+    std::vector<int64_t> start, order;
+    const int64_t bad = group_by(group_ids, num_samples, num_groups, start, order);
+    if (bad >= 0) return bad;
+    at::parallel_for(0, num_groups, 256, [&](int64_t begin, int64_t end) {
+      std::vector<double> key(static_cast<size_t>(k));
+      std::vector<int64_t> ix(static_cast<size_t>(k));
+      for (int64_t g = begin; g < end; ++g) {
+        selection::topk_clear(key.data(), ix.data(), k);
+        for (int64_t p = start[g]; p < start[g + 1]; ++p) {
+          const int64_t i = order[p];
+          const double x = static_cast<double>(scores[i]);
+          if (x != x) continue;
+          selection::topk_offer(key.data(), ix.data(), k, selection::topk_key(x, largest), i);
+        }
+        selection::topk_write(ix.data(), k, out + g * k);
+      }
+    });
+    return -1;
+  }
   const int64_t slots = num_groups * k;
   const int64_t by_size = std::max<int64_t>(1, num_samples / kMinChunk);
   const int64_t by_memory = std::max<int64_t>(1, kTableBudget / std::max<int64_t>(1, slots * 16));
