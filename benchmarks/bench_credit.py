@@ -110,7 +110,11 @@ def cases(ctx) -> list[Case]:
     dropin = try_import("fastrl.integrations.verl")
     B, T = (256, 512) if ctx.quick else (4096, 4096)
     # the CPU kernel is verl's loop operation for operation; the CUDA one a parallel scan (rounding)
-    dense_tol = (0, 0) if torch.device(ctx.device).type == "cpu" else (1e-5, 1e-5)
+    on_cpu = torch.device(ctx.device).type == "cpu"
+    dense_tol = (0, 0) if on_cpu else (1e-5, 1e-5)
+    # GAE with resets vs a sequential loop: on CUDA the re-associated scan is off by rounding that
+    # cancellation can lift above 1e-6 absolute (seen on an H100: 1.2e-6 on one of 16M elements)
+    turns_tol = (1e-6, 1e-6) if on_cpu else (1e-5, 1e-5)
     shape = f"f32[{B}, {T}] rewards/values, int64 mask (random lengths, 2 observation spans per row)"
     setup = lambda: make_batch(B, T, ctx.device)
 
@@ -220,7 +224,7 @@ def cases(ctx) -> list[Case]:
             impls={"fastrl": lambda a: fastrl.credit.gae(a.r, a.v, a.m, 0.99, 0.95, dones=a.d, turn_gamma=0.9),
                    "torch-loop": lambda a: gae_turns_loop(a.r, a.v, a.m, a.d, 0.99, 0.95, 0.9),
                    "stream-floor": gae_floor},
-            target={"torch-loop": 100, "stream-floor": 0.5}, check=check_pair(1e-6, 1e-6),
+            target={"torch-loop": 100, "stream-floor": 0.5}, check=check_pair(*turns_tol),
             note="multi-turn GAE with turn ends (turn_gamma=0.9); torch-loop = the same semantics as a "
                  "PyTorch loop over T (fastrl.reference.credit.gae), what a user writes without fastrl.",
         ),
