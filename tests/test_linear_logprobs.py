@@ -252,8 +252,12 @@ _TRITON_SCRIPT = textwrap.dedent(r"""
     assert isinstance(tk._forward_kernel, InterpretedFunction), type(tk._forward_kernel)
     defaults, fused, max_splits = dict(tk.TILES), dict(tk.FUSED_TILES), tk.MAX_SPLITS
     results = []
-    for N, V, H, dtype, bias, T, chunk, splits, tiles in json.loads(sys.argv[1]):
+    import importlib
+    fll = importlib.import_module("fastrl.linear_logprobs")
+    budget_default = fll.CHUNK_BYTES
+    for N, V, H, dtype, bias, T, chunk, splits, tiles, *budget in json.loads(sys.argv[1]):
         dtype = getattr(torch, dtype)
+        fll.CHUNK_BYTES = budget[0] if budget else budget_default  # the default backward's block budget
         tk.TILES.update(defaults if tiles is None else {key: tk.Tiles(*tiles) for key in defaults if key[0] == dtype})
         tk.FUSED_TILES = fused if tiles is None else {}
         tk.MAX_SPLITS = splits or max_splits
@@ -302,21 +306,26 @@ def test_triton_kernels_under_interpreter():
     # H = 70: two hidden blocks in the fused backward, the second a tail. Small 16 x 16 x 16 tiles to split the
     # vocabulary: 3 splits of 5 tiles over V = 203 (the last split ends in a partial tile and two tiles wholly
     # past V), 13 splits of one tile (bf16), 2 splits of exactly 2 tiles (V = 64). Default (chunked) and fully
-    # fused backward, both vs fp64; a quarter of the rows ignored.
+    # fused backward, both vs fp64; a quarter of the rows ignored. Two cases with a small block budget: the
+    # default backward in several row and vocab blocks.
     cases = [(37, 101, 45, "float32", True, 0.8, 16, None, None), (5, 64, 32, "float32", False, 1.0, 0, None, None),
              (33, 70, 19, "bfloat16", True, 1.0, 8, None, None), (20, 130, 40, "float16", False, 1.3, 0, None, None),
              (40, 150, 70, "float32", True, 0.9, 0, None, None),
              (21, 203, 37, "float32", True, 1.1, 0, 3, _SMALL_TILES),
              (9, 200, 20, "bfloat16", False, 0.7, 0, None, _SMALL_TILES),
-             (16, 64, 16, "float32", False, 1.0, 5, 2, _SMALL_TILES)]
+             (16, 64, 16, "float32", False, 1.0, 5, 2, _SMALL_TILES),
+             # the default backward in (row, vocab) blocks: a 512-element budget with 16 x 16 tiles gives
+             # 16 x 32 blocks, 3 row blocks x 4 vocab blocks (fp32), 3 x 3 with the fp32 accumulators of bf16
+             (37, 101, 45, "float32", True, 0.8, 0, None, _SMALL_TILES, 2048),
+             (33, 70, 19, "bfloat16", True, 1.0, 0, None, _SMALL_TILES, 1024)]
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, json.dumps(cases)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     *results, last = json.loads(out.stdout.strip().splitlines()[-1])
-    assert [res["splits"] for res in results] == [1, 1, 1, 2, 2, 3, 13, 2]
+    assert [res["splits"] for res in results] == [1, 1, 1, 2, 2, 3, 13, 2, 7, 5]
     assert last == {"all_ignored_zero": True}
-    for (N, V, H, dtype, bias, T, chunk, _, _), res in zip(cases, results):
+    for (N, V, H, dtype, bias, T, chunk, *_), res in zip(cases, results):
         tol = 1e-5 if dtype == "float32" else 2e-2
         assert res["ignored_zero"] and res["entropy_off_same"] and res["grad_dtype"] == [f"torch.{dtype}"]
         for key in ("lp", "ent", "lse", "gh", "gw", "fgh", "fgw") + (("gb", "fgb") if bias else ()):

@@ -1,7 +1,8 @@
 // CUDA kernels of the log-prob family (see cuda/logprobs.cuh for the contract).
 //
 // forward_kernel: one block of kThreads per row (grid-stride over rows). Thread i folds elements
-//   [i * P, i * P + P) + k * kThreads * P (P = 16 bytes of T) into its SoftmaxState, then the block
+//   [i * P, i * P + P) + k * kThreads * P (P = 16 bytes of T) into its SoftmaxState, a pack at a
+//   time (the pack's max, then its P exps: no serial chain per element), then the block
 //   merges the states: a warp-shuffle butterfly in a fixed order, then warp 0 merges the warps'
 //   states in warp order. Thread 0 writes lse and entropy.
 // backward_kernel: same row/thread layout, elementwise: p_j = exp(z_j - lse) and grad_z_labels.
@@ -55,6 +56,39 @@ __device__ __forceinline__ void add(SoftmaxState& st, float z) {
   st.t += e * logprobs::clamp_diff(d);
 }
 
+// Adds P scaled logits: the pack's max first (at most one rescale per pack), then P independent
+// exps, summed in pack order: no serial chain through the running max per element, and a handful
+// of instructions per element (bf16 rows are compute-bound otherwise). The exps are __expf
+// (ex2.approx of d * log2(e): relative error ~2^-21 near the max, where the mass is; more for the
+// terms far below it, which the sum does not see). Special values as add(): -inf adds nothing
+// (__expf(-inf) = 0 and 0 * -FLT_MAX = -0), NaN makes s NaN (fmaxf skips it, then e = NaN), +inf
+// becomes the max and its d = inf - inf = NaN. A pack whose max is -inf (all -inf or NaN) is
+// skipped, NaN excepted: d would be -inf - -inf = NaN against an empty state.
+template <int P>
+__device__ __forceinline__ void add_pack(SoftmaxState& st, const float (&z)[P]) {
+  float pack_max = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < P; ++k) pack_max = fmaxf(pack_max, z[k]);
+  if (pack_max == -INFINITY) {
+    bool nan = false;
+#pragma unroll
+    for (int k = 0; k < P; ++k) nan |= z[k] != z[k];
+    if (nan) st.s = NAN;
+    return;
+  }
+  if (pack_max > st.m) st = logprobs::rescale(st, pack_max, expf(st.m - pack_max));
+  float s = 0.0f, t = 0.0f;
+#pragma unroll
+  for (int k = 0; k < P; ++k) {
+    const float d = z[k] - st.m;
+    const float e = __expf(d);
+    s += e;
+    t = fmaf(e, fmaxf(d, -3.402823466e38f), t);  // clamp_diff: 0 * (-inf) -> 0
+  }
+  st.s += s;
+  st.t += t;
+}
+
 __device__ __forceinline__ SoftmaxState shfl_xor(const SoftmaxState& a, int mask) {
   SoftmaxState r;
   r.m = __shfl_xor_sync(kFullMask, a.m, mask);
@@ -81,20 +115,23 @@ __device__ SoftmaxState block_merge(SoftmaxState st, SoftmaxState* shared) {
   return total;
 }
 
-// Calls f(j, x_j) for this thread's elements of a row; vectorized when the row is 16-byte aligned.
-template <typename T, typename F>
-__device__ __forceinline__ void for_each_element(const T* row, int64_t vocab, F f) {
+// Folds this thread's elements of a row into st: 16-byte packs (add_pack) when the row is 16-byte
+// aligned, then the tail one element at a time.
+template <typename T>
+__device__ __forceinline__ void fold_row(const T* row, int64_t vocab, float inv_t, SoftmaxState& st) {
   constexpr int P = Pack<T>::kSize;
   int64_t vec_end = 0;
   if (reinterpret_cast<uintptr_t>(row) % 16 == 0) {
     vec_end = vocab / P * P;
     for (int64_t base = static_cast<int64_t>(threadIdx.x) * P; base < vec_end; base += kThreads * P) {
       const Pack<T> pack = *reinterpret_cast<const Pack<T>*>(row + base);
+      float z[P];
 #pragma unroll
-      for (int k = 0; k < P; ++k) f(base + k, to_float(pack.v[k]));
+      for (int k = 0; k < P; ++k) z[k] = to_float(pack.v[k]) * inv_t;
+      add_pack<P>(st, z);
     }
   }
-  for (int64_t j = vec_end + threadIdx.x; j < vocab; j += kThreads) f(j, to_float(row[j]));
+  for (int64_t j = vec_end + threadIdx.x; j < vocab; j += kThreads) add(st, to_float(row[j]) * inv_t);
 }
 
 template <typename T>
@@ -107,7 +144,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t r = blockIdx.x; r < num_rows; r += gridDim.x) {
     const T* row = logits + r * row_stride;
     SoftmaxState st = logprobs::state_empty();
-    for_each_element(row, vocab, [&](int64_t, float x) { add(st, x * inv_t); });
+    fold_row(row, vocab, inv_t, st);
     st = block_merge(st, shared);
     if (threadIdx.x == 0) {
       const float row_lse = logprobs::state_lse(st);
@@ -154,11 +191,15 @@ __global__ void __launch_bounds__(kThreads)
     const float row_ent = g_ent != nullptr ? entropy[r] : 0.0f;
     const float gent = g_ent != nullptr ? g_ent[r] : 0.0f;
     const float glse = g_lse != nullptr ? g_lse[r] : 0.0f;
+    // Only log-prob gradients (no entropy or lse term, the common case; uniform over the block):
+    // grad_z_labels reduces to weight - p * g_lp, bit for bit, in fewer instructions.
+    const bool lp_only = gent == 0.0f && glse == 0.0f && isfinite(row_ent);
     auto grad_at = [&](int64_t j, float x) {
       const float z = x * inv_t;
-      const float p = expf(z - row_lse);
+      const float p = __expf(z - row_lse);  // as the forward's exps (see add_pack)
       float weight = 0.0f;
       for (int64_t k = 0; k < num_labels; ++k) weight += (g != nullptr && y[k] == j && counts(j)) ? g[k] : 0.0f;
+      if (lp_only) return (weight - (p == 0.0f ? 0.0f : p * glp)) * inv_t;
       return logprobs::grad_z_labels(z, p, row_lse, row_ent, glp, gent, glse, weight) * inv_t;
     };
     constexpr int P = Pack<T>::kSize;
