@@ -1890,3 +1890,48 @@ def test_cuda_opcheck_whitening_ops():
     torch.library.opcheck(ops.masked_moments.default, (r, m))
     torch.library.opcheck(ops.masked_whiten.default, (r, m, True, True, 1e-8))
     torch.library.opcheck(ops.masked_whiten.default, (r.half(), m.bool(), False, False, 1e-6))
+
+
+# ------------------------------------------------------------- whitening with given statistics
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_whiten_with_moments_is_masked_whiten_with_those_moments(dtype):
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(6, 33, generator=gen) * 2 + 3).to(dtype)
+    m = (torch.rand(6, 33, generator=gen) < 0.6).long()
+    moments = torch.stack(torch.ops.fastrl.masked_moments(x, m))
+    for shift_mean in (True, False):
+        for unbiased in (True, False):
+            got = torch.ops.fastrl.whiten_with_moments(x, moments, shift_mean, unbiased, 1e-8)
+            want = fastrl.credit.masked_whiten(x, m, shift_mean=shift_mean, unbiased=unbiased)
+            assert got.dtype == dtype and torch.equal(got, want)
+    torch.library.opcheck(torch.ops.fastrl.whiten_with_moments, (x, moments, True, True, 1e-8))
+
+
+def test_whiten_with_moments_bad_input():
+    x = torch.randn(4, 5)
+    with pytest.raises(RuntimeError, match=r"`moments` must be a float64 tensor of shape \[3\]"):
+        torch.ops.fastrl.whiten_with_moments(x, torch.zeros(3), True, True, 1e-8)
+    with pytest.raises(RuntimeError, match=r"`moments` must be a float64 tensor of shape \[3\]"):
+        torch.ops.fastrl.whiten_with_moments(x, torch.zeros(2, dtype=torch.float64), True, True, 1e-8)
+    one = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)  # a single masked element
+    with pytest.raises(ValueError, match="at least 2 elements where `mask` is 1, got 1"):
+        torch.ops.fastrl.whiten_with_moments(x, one, True, True, 1e-8)
+    assert torch.isfinite(torch.ops.fastrl.whiten_with_moments(x, one, True, False, 1e-8)).all()
+    with pytest.raises(RuntimeError, match="`eps` must be >= 0"):
+        torch.ops.fastrl.whiten_with_moments(x, one, True, False, -1.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_whiten_with_moments_is_masked_whiten():
+    gen = torch.Generator().manual_seed(6)
+    x = (torch.randn(64, 300, generator=gen) * 2 + 3).cuda()
+    m = (torch.rand(64, 300, generator=gen) < 0.6).cuda()
+    moments = torch.stack(torch.ops.fastrl.masked_moments(x, m))
+    for shift_mean in (True, False):
+        for unbiased in (True, False):
+            got = torch.ops.fastrl.whiten_with_moments(x, moments, shift_mean, unbiased, 1e-8)
+            assert torch.equal(got, fastrl.credit.masked_whiten(x, m, shift_mean=shift_mean, unbiased=unbiased))
+    cpu = torch.ops.fastrl.whiten_with_moments(x.cpu(), moments.cpu(), False, False, 1e-8)  # got's flags
+    torch.testing.assert_close(got.cpu(), cpu, rtol=1e-6, atol=1e-6)

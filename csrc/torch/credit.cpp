@@ -3,6 +3,7 @@
 //   gae, discounted_returns   backward affine scans (fastrl/credit.h), padded [B, T] or packed [N]
 //   masked_moments            (count, mean, m2) of the masked elements, fp64
 //   masked_whiten             verl's masked_whiten, statistics in fp64
+//   whiten_with_moments       the same with given (count, mean, m2), e.g. all-reduced over ranks
 //   kl_penalty(_backward)     per-token KL estimators (verl / OpenRLHF conventions), elementwise
 //   token_rewards             outcome score at the last valid token minus kl_coef * kl
 //   gae                       + turn ends (`dones`), modes skip (verl) / reset / dense (OpenRLHF)
@@ -517,6 +518,33 @@ at::Tensor masked_whiten_cpu(const at::Tensor& x, const at::Tensor& mask, bool s
   return out;
 }
 
+// The statistics argument of whiten_with_moments: fp64 (count, mean, m2) on x's device.
+credit::Moments check_moments_arg(const at::Tensor& moments, const at::Tensor& x) {
+  check_floating(x, "x");
+  TORCH_CHECK(moments.scalar_type() == at::kDouble && moments.dim() == 1 && moments.size(0) == 3,
+              "fastrl: `moments` must be a float64 tensor of shape [3] (count, mean, m2), got ",
+              moments.scalar_type(), " of shape ", moments.sizes());
+  check_same_device(moments, "moments", x, "x");
+  if (!moments.is_cpu()) return credit::moments_empty();  // read on the device
+  const at::Tensor mc = moments.contiguous();
+  const double* p = mc.data_ptr<double>();
+  return credit::Moments{p[0], p[1], p[2]};
+}
+
+// masked_whiten with statistics from elsewhere (the all-reduced moments of every rank): verl's
+// count check, the same coefficients and the same elementwise pass, no fp64 copy of x.
+at::Tensor whiten_with_moments_cpu(const at::Tensor& x, const at::Tensor& moments, bool shift_mean,
+                                   bool unbiased, double eps) {
+  const credit::Moments m = check_moments_arg(moments, x);
+  TORCH_CHECK(eps >= 0.0, "fastrl: `eps` must be >= 0, got ", eps);
+  const auto coef = whiten_coefficients(m, shift_mean, unbiased, eps);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = empty_streaming_output(xc.sizes(), xc.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "fastrl::whiten_with_moments", [&] {
+    cpu::affine_transform<scalar_t>(xc.data_ptr<scalar_t>(), xc.numel(), coef, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
 
 // ------------------------------------------------------------------------- segment reductions
 
@@ -846,6 +874,19 @@ at::Tensor masked_whiten_cuda(const at::Tensor& x, const at::Tensor& mask, bool 
   return out;
 }
 
+// The moments as the one "part" of whiten_from_parts_cuda (merge, coefficients, whitening; the
+// unbiased count check is the one host sync).
+at::Tensor whiten_with_moments_cuda(const at::Tensor& x, const at::Tensor& moments, bool shift_mean,
+                                    bool unbiased, double eps) {
+  check_moments_arg(moments, x);
+  TORCH_CHECK(eps >= 0.0, "fastrl: `eps` must be >= 0, got ", eps);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(xc.sizes(), xc.options());
+  whiten_from_parts_cuda(moments.reshape({1, 3}).contiguous(), xc, at::Tensor(), shift_mean, unbiased, eps, out);
+  return out;
+}
+
 at::Tensor kl_penalty_cuda(const at::Tensor& logp, const at::Tensor& ref_logp,
                            c10::string_view kind, c10::string_view convention) {
   KlInputs in = prepare_kl(logp, ref_logp, kind, convention);
@@ -1006,6 +1047,7 @@ TORCH_LIBRARY_FRAGMENT(fastrl, m) {
       " str mode, Tensor? dones=None, float turn_gamma=0.0) -> (Tensor advantages, Tensor returns)");
   m.def("masked_moments(Tensor x, Tensor mask) -> (Tensor count, Tensor mean, Tensor m2)");
   m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps) -> Tensor");
+  m.def("whiten_with_moments(Tensor x, Tensor moments, bool shift_mean, bool unbiased, float eps) -> Tensor");
   m.def("kl_penalty(Tensor logp, Tensor ref_logp, str kind, str convention) -> Tensor");
   m.def(
       "kl_penalty_backward(Tensor grad, Tensor logp, Tensor ref_logp, str kind, str convention)"
@@ -1029,6 +1071,7 @@ TORCH_LIBRARY_IMPL(fastrl, CPU, m) {
   m.impl("discounted_returns_whiten", &discounted_returns_whiten_cpu);
   m.impl("masked_moments", &masked_moments_cpu);
   m.impl("masked_whiten", &masked_whiten_cpu);
+  m.impl("whiten_with_moments", &whiten_with_moments_cpu);
   m.impl("kl_penalty", &kl_penalty_cpu);
   m.impl("kl_penalty_backward", &kl_penalty_backward_cpu);
   m.impl("token_rewards", &token_rewards_cpu);
@@ -1045,6 +1088,7 @@ TORCH_LIBRARY_IMPL(fastrl, CUDA, m) {
   m.impl("discounted_returns_whiten", &discounted_returns_whiten_cuda);
   m.impl("masked_moments", &masked_moments_cuda);
   m.impl("masked_whiten", &masked_whiten_cuda);
+  m.impl("whiten_with_moments", &whiten_with_moments_cuda);
   m.impl("kl_penalty", &kl_penalty_cuda);
   m.impl("kl_penalty_backward", &kl_penalty_backward_cuda);
   m.impl("token_rewards", &token_rewards_cuda);

@@ -12,9 +12,10 @@ OPS: dict[str, tuple[str, ...]] = {
     "broadcast_to_tokens": ("cpu", "torch-cuda", "reference"),  # the multiply is torch's own kernel
     "gae": ("cpu", "cuda", "reference"),
     "discounted_returns": ("cpu", "cuda", "reference"),
-    "discounted_returns_whiten": ("cpu", "torch-cuda", "reference"),  # CUDA: the scan, then masked_whiten
-    "masked_moments": ("cpu", "torch-cuda", "reference"),  # CUDA: torch's fp64 reductions
-    "masked_whiten": ("cpu", "torch-cuda", "reference"),
+    "discounted_returns_whiten": ("cpu", "cuda", "reference"),  # CUDA: the scan's row moments, merge, whitening
+    "masked_moments": ("cpu", "cuda", "reference"),
+    "masked_whiten": ("cpu", "cuda", "reference"),
+    "whiten_with_moments": ("cpu", "cuda", "reference"),  # masked_whiten(process_group=...)
     "kl_penalty": ("cpu", "cuda", "reference"),
     "token_rewards": ("cpu", "cuda", "reference"),
     "logprobs": ("cpu", "cuda", "reference"),

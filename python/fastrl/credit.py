@@ -312,8 +312,8 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     must call): ``mean``/``var`` are those of the masked elements of all ranks together, so each
     rank's output equals its slice of the single-process whitening of the concatenated batch (to
     fp64 rounding). Cost: one all-reduce of a ``[world_size, 3]`` fp64 tensor, one host sync for
-    the unbiased count check (as without a group on CUDA), and the output computed by torch in fp64
-    (an ``x``-sized fp64 temporary).
+    the unbiased count check (as without a group on CUDA); the output comes from the same
+    elementwise kernel as without a group (``fastrl::whiten_with_moments``), no fp64 copy of ``x``.
 
     >>> fastrl.credit.masked_whiten(torch.tensor([1.0, 3.0, 9.0]), torch.tensor([1, 1, 0]))
     tensor([-0.7071,  0.7071,  4.9497])
@@ -322,13 +322,16 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
         if not eps >= 0.0:
             raise ValueError(f"fastrl: `eps` must be >= 0, got {eps}")
         count, mean, m2 = _moments(x, mask, process_group)
-        if unbiased:
-            _ref._check_unbiased(int(count))
-            var = m2 / (count - 1)
-        else:
-            var = torch.where(count > 0, m2 / count.clamp(min=1), 0.0)
-        out = (x.double() - mean) * (1.0 / torch.sqrt(var + eps))  # the CPU kernel's operations
-        return (out if shift_mean else out + mean).to(x.dtype)
+        if _extension.use_reference():
+            if unbiased:
+                _ref._check_unbiased(int(count))
+                var = m2 / (count - 1)
+            else:
+                var = torch.where(count > 0, m2 / count.clamp(min=1), 0.0)
+            out = (x.double() - mean) * (1.0 / torch.sqrt(var + eps))  # the CPU kernel's operations
+            return (out if shift_mean else out + mean).to(x.dtype)
+        return torch.ops.fastrl.whiten_with_moments(x, torch.stack([count, mean, m2]), shift_mean, unbiased,
+                                                    float(eps))
     if _extension.use_reference():
         return _ref.masked_whiten(x, mask, shift_mean=shift_mean, unbiased=unbiased, eps=eps)
     return torch.ops.fastrl.masked_whiten(x, mask, shift_mean, unbiased, float(eps))
@@ -559,7 +562,7 @@ def _moments_fake(x, mask):
     return tuple(x.new_empty((), dtype=torch.float64) for _ in range(3))
 
 
-def _whiten_fake(x, mask, shift_mean, unbiased, eps):
+def _whiten_fake(x, mask_or_moments, shift_mean, unbiased, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -626,6 +629,7 @@ if _extension._C is not None:
     torch.library.register_fake("fastrl::discounted_returns_whiten")(_returns_whiten_fake)
     torch.library.register_fake("fastrl::masked_moments")(_moments_fake)
     torch.library.register_fake("fastrl::masked_whiten")(_whiten_fake)
+    torch.library.register_fake("fastrl::whiten_with_moments")(_whiten_fake)
     torch.library.register_fake("fastrl::kl_penalty")(_kl_fake)
     torch.library.register_fake("fastrl::kl_penalty_backward")(_kl_backward_fake)
     torch.library.register_autograd("fastrl::kl_penalty", _kl_backward, setup_context=_kl_setup)
