@@ -1,13 +1,13 @@
 // CUDA kernel of token sampling: a torch-free launch function (raw device pointers, sizes, a
 // stream). csrc/torch/sampling.cpp checks and dispatches; the math is in fastrl/sampling.h.
 //
-// One block per row, no sort: a max pass, the raw mass, a radix select over the order-preserving
-// keys of z for the top-k threshold (counts), a radix select over the bits of e weighted by the
-// integer masses w for the top-p threshold, the kept mass, then an inverse-CDF scan over tiles of the row (block
-// prefix sums) that stops at the sampled token. Histograms and sums are integers (shared-memory
-// integer atomics, order-independent), so the result is bitwise reproducible and batch invariant,
-// and equal to the CPU op's given the same uniforms wherever expf rounds alike. No floating-point
-// atomics, no host synchronization, no workspace.
+// One block per row, no sort, no workspace: the max, radix selects of the top-k and top-p
+// thresholds (a histogram pass over the row, the rest in shared memory), the kept and raw masses,
+// then an inverse-CDF search in index order: 2 reads of the row for top-k (with top-p too when
+// the top-k set fits in shared memory), 3 for top-p alone (cuda/sampling.cu). Histograms and sums
+// are integers (warp-aggregated shared-memory integer atomics, order-independent), so the result
+// is bitwise reproducible and batch invariant, and equal to the CPU op's given the same uniforms
+// wherever expf rounds alike. No floating-point atomics, no host synchronization.
 //
 // A row that cannot be sampled (NaN / +inf scaled logit, only -inf) or whose per-row parameters
 // are out of range gets token -1 and NaN log-probs (the CPU op raises instead).
