@@ -31,6 +31,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "expected_best_of_k": ("cpu", "cuda", "reference"),  # best_at_k / worst_at_k
     "maj_at_k": ("cpu", "cuda", "reference"),
     "all_pairs": ("cpu", "cuda", "reference"),           # select_pairs(mode="all_pairs")
+    "quantile_mask": ("cpu", "cuda", "reference"),  # cuda: radix select; cpu: host radix select (the public CPU path is torch.kthvalue)
     "policy_loss_rows": ("cpu", "cuda", "reference"),           # fastrl.losses.policy_loss
     "policy_loss_rows_backward": ("cpu", "cuda", "reference"),  # reference: autograd through the fp64 formulas
 }

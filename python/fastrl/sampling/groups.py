@@ -19,7 +19,7 @@ Per-group outputs have one row per group id, in id order; an id with no sample i
 
 :func:`best_of_n`, :func:`best_at_k` / :func:`worst_at_k`, :func:`maj_at_k` (an exact dynamic
 program over vote counts) and :func:`select_pairs` ``"all_pairs"`` are compiled ops (C++ on the
-CPU, CUDA kernels on the GPU); :func:`quantile_mask` is one sort in PyTorch on a GPU (no host sync).
+CPU, CUDA kernels on the GPU); :func:`quantile_mask` is a CUDA radix select on a GPU (no sort, no host sync).
 The others are vectorized PyTorch (no Python loop over groups or samples). On CUDA, :func:`best_of_n`, :func:`best_at_k`, :func:`worst_at_k`, :func:`maj_at_k`,
 :func:`pass_at_k`, :func:`filter_groups`, :func:`quantile_mask` and :func:`select_pairs`
 (``"best_worst"``, ``"best_random"``, ``"all_pairs"`` with ``max_pairs``) never sync with the host
@@ -365,13 +365,16 @@ def quantile_mask(x: torch.Tensor, mask: torch.Tensor, q: float):
     A NaN among the masked values makes ``t`` NaN (as torch.quantile) and the mask all False;
     no masked token: ``t`` is NaN and the mask all False (TRL's empty case).
 
-    On a GPU: no host sync: one sort of the values with the unmasked ones set to ``+inf`` (NaN sorts
-    last), and the order statistics ``floor(p)`` and ``ceil(p)`` read at positions that stay device
-    tensors. Extra memory: the sorted copy and its int64 indices (12 bytes per fp32 element).
-    (A radix select over 16-bit digits built from ``index_add_`` histograms was 6x slower on an
-    H100: the unmasked elements' atomics all hit one bin.) On the CPU, where a sync costs nothing,
-    :func:`torch.kthvalue` over the gathered masked values is faster and is used instead (same
-    result).
+    On a GPU (the compiled op ``fastrl::quantile_mask``): no sort and no host sync. A radix select
+    over the order-preserving integer keys of the masked values finds the order statistic
+    ``floor(p)``: per 8-bit digit (4 passes for fp32 and half inputs, 8 for fp64) a grid of blocks
+    histograms the candidates' digit (shared-memory histograms, warp-aggregated integer atomics) and
+    one block picks the digit holding the rank; ``ceil(p)`` is the same value or, when ``floor(p)``
+    is the last copy of its value, the least value above it (one more pass). Exact and bitwise
+    deterministic (integer counts only); extra memory: a fixed 16.6 KiB workspace. On the CPU,
+    where a sync costs nothing, :func:`torch.kthvalue` over the gathered masked values. Without the
+    CUDA build (or with ``FASTRL_BACKEND=reference``) a GPU runs one sort of the values with the
+    unmasked ones set to ``+inf`` (NaN sorts last), also without a host sync.
 
     Args:
         x: any shape, float.  mask: same shape, bool or 0/1.  q: in ``[0, 1]``.
@@ -389,6 +392,9 @@ def quantile_mask(x: torch.Tensor, mask: torch.Tensor, q: float):
     _like("quantile_mask", "mask", mask, "x", x)
     if not isinstance(q, (int, float)) or isinstance(q, bool) or not 0.0 <= q <= 1.0:
         raise ValueError(f"fastrl.sampling.quantile_mask: `q` must be a float in [0, 1], got {q!r}")
+    if not _extension.use_reference() and (
+            (x.device.type == "cuda" and _extension.cuda_built()) or (x.device.type == "meta" and _extension._C is not None)):
+        return torch.ops.fastrl.quantile_mask(x, mask if mask.dtype in _OP_MASK_DTYPES else mask.bool(), float(q))
     m = mask.bool().reshape(-1)
     xv = x if x.dtype in (torch.float32, torch.float64) else x.float()
     flat = xv.reshape(-1)
@@ -413,6 +419,15 @@ def quantile_mask(x: torch.Tensor, mask: torch.Tensor, q: float):
     t = torch.lerp(v_lo, v_hi, frac)
     t = torch.where((n == 0) | (m & torch.isnan(flat)).any(), float("nan"), t)
     return (xv >= t) & mask.bool(), t
+
+
+_OP_MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.float64)
+
+if _extension._C is not None:
+    @torch.library.register_fake("fastrl::quantile_mask")
+    def _quantile_mask_fake(x, mask, q):
+        return x.new_empty(x.shape, dtype=torch.bool), x.new_empty((), dtype=torch.float64 if x.dtype == torch.float64
+                                                                    else torch.float32)
 
 
 # ---------------------------------------------------------------------------------- estimators
