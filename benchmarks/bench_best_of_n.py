@@ -22,8 +22,8 @@
   compiled op, now its FASTRL_BACKEND=reference path: a sum_g n_g^2 candidate list, two host
   syncs), padded to the same shape; same pairs, same order.
 * quantile_mask: TRL's top-entropy mask on [256 x 4096] entropies, 70% of tokens masked, q = 0.8:
-  fastrl (exact; on a GPU a radix select over the masked keys, no sort, no host sync; on the CPU kthvalue) vs torch.quantile over
-  the gathered masked tokens (what TRL's get_high_entropy_mask runs).
+  fastrl (exact; on a GPU a radix select over the masked keys, no sort, no host sync; on the CPU
+  kthvalue) vs torch.quantile over the gathered masked tokens (what TRL's get_high_entropy_mask runs).
 """
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def cases(ctx) -> list[Case]:
         bytes_moved=R * T * (4 + 1 + 1),
         impls={"fastrl": lambda a: quantile_mask(a.ent, a.mask, 0.8)[0], "torch-quantile": torch_quantile_mask},
         rtol=0, atol=0,
-        note="fastrl: exact, no 2^24 limit; on a GPU a radix select over the masked keys, no sort, no host sync (torch-quantile "
-             "gathers the masked tokens: a sync); on the CPU torch.kthvalue.",
+        note="fastrl: exact, no 2^24 limit; on a GPU a radix select over the masked keys, no sort, no host sync "
+             "(torch-quantile gathers the masked tokens: a sync); on the CPU torch.kthvalue.",
     ))
     return out
