@@ -585,3 +585,72 @@ def test_cpu_isa_paths_give_the_same_bits(isa, tmp_path):
             assert_same_bits(a, b)
         for k in metrics:
             assert_same_bits(metrics[k], want[1][k])
+
+
+# ------------------------------------------------------------ the fp32 lane pass (cpu/losses.cpp)
+# fp32 / bf16 / fp16 inputs with a token-level ratio of kinds vanilla, gpg, cispo run the CPU token
+# pass in SIMD lanes (per-lane fp64 partial sums). These cover each option it compiles separately.
+
+LANE_KINDS = [dict(kind="vanilla"), dict(kind="vanilla", dual_clip=3.0), dict(kind="vanilla", dual_clip=2.0, delta=1.5),
+              dict(kind="vanilla", log_ratio_clamp=None), dict(kind="gpg"), dict(kind="gpg", log_ratio_clamp=None),
+              dict(kind="cispo"), dict(kind="cispo", log_ratio_clamp=0.3)]
+
+
+@pytest.mark.parametrize("kw", LANE_KINDS)
+@pytest.mark.parametrize("kl_kind", [None, "k1", "abs", "k2", "k3", "k3_unclamped"])
+@pytest.mark.parametrize("weights,per_row", [(False, False), (True, False), (False, True)])
+def test_fp32_lane_pass_matches_reference(kw, kl_kind, weights, per_row):
+    # 2 rows x 301 tokens: whole blocks, a padded tail; spread 2: both clip regions, the dual clip
+    inp = make_inputs(3, 301, seed=97, dtype=torch.float32, empty_rows=(1,), per_row_adv=per_row, spread=2.0)
+    exact = {k: (v.double() if v.is_floating_point() else v) for k, v in inp.items()}
+    args = dict(kw, kl_coef=0.1 if kl_kind else 0.0, kl_kind=kl_kind or "k3", entropy_coef=0.03,
+                ref_logp=None if kl_kind is None else True, is_weights=None if not weights else True)
+    got = run(losses.policy_loss, inp, **args)
+    want = run(ref.policy_loss, exact, **args)
+    for a, b in zip((got[0], got[2], got[3]), (want[0], want[2], want[3])):
+        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=1e-6)
+    assert set(got[1]) == set(want[1])
+    for k in got[1]:
+        torch.testing.assert_close(got[1][k].double(), want[1][k].double(), rtol=2e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp32_lane_pass_packed_equals_padded_and_ignores_masked_garbage(dtype):
+    inp = make_inputs(4, 77, seed=99, dtype=dtype, empty_rows=(2,), spread=1.0)
+    kw = dict(kind="vanilla", dual_clip=3.0, kl_coef=0.1, entropy_coef=0.01)
+    want = run(losses.policy_loss, inp, **kw)
+    m = inp["mask"].bool()
+    dirty = {k: (v.masked_fill(~m, float("nan")) if v.is_floating_point() and v.shape == m.shape else v)
+             for k, v in inp.items()}
+    got = run(losses.policy_loss, dirty, **kw)
+    for a, b in ((got[0], want[0]), (got[2], want[2]), (got[3], want[3])):
+        assert torch.equal(a, b)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), m.sum(-1).cumsum(0)])
+    packed = {k: (v[m] if v.shape == m.shape else v) for k, v in inp.items()}
+    packed["mask"] = torch.ones(int(m.sum()), dtype=torch.bool)
+    got = run(losses.policy_loss, packed, cu_seqlens=cu, **kw)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got[2], want[2][m], rtol=0, atol=0)
+
+
+def test_fp32_lane_pass_deterministic_across_thread_counts():
+    inp = make_inputs(64, 700, seed=101, dtype=torch.float32)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(run(losses.policy_loss, inp, kind="vanilla", dual_clip=3.0, kl_coef=0.1, entropy_coef=0.1))
+    finally:
+        torch.set_num_threads(before)
+    for r in results[1:]:
+        assert torch.equal(r[0], results[0][0]) and torch.equal(r[2], results[0][2])
+        assert all(torch.equal(r[1][k], results[0][1][k]) for k in r[1])
+
+
+def test_fp32_lane_pass_reports_bad_mask_values():
+    inp = make_inputs(2, 300, seed=103, dtype=torch.float32)
+    mask = inp["mask"].clone()
+    mask[1, 290] = 2  # in the padded tail block of the second row
+    with pytest.raises(ValueError, match=r"`mask` must hold only 0 and 1, got 2 at flat index 590"):
+        losses.policy_loss(inp["logp"], inp["old_logp"], inp["advantages"], mask)

@@ -23,6 +23,9 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>  // the fp32 <-> fp64 lane conversions below
+#endif
 
 #define FASTRL_CPU_INLINE inline __attribute__((always_inline))
 
@@ -84,6 +87,103 @@ FASTRL_CPU_INLINE V bits_to_float(I bits) {
   V r;
   std::memcpy(&r, &bits, sizeof(r));
   return r;
+}
+
+// ---- helpers for a vector V only (a VecF<W>::type, W >= 4)
+
+// The lanes of V in fp64: two vectors of W / 2 doubles, lanes [0, W/2) and [W/2, W) (each as wide
+// as V: a generic vector of W doubles would exceed the ISA's registers, which GCC handles badly).
+template <typename V>
+struct Doubles {
+  typedef double Half __attribute__((vector_size(sizeof(V))));
+  Half lo, hi;
+};
+template <typename V>
+FASTRL_CPU_INLINE Doubles<V> operator+(Doubles<V> a, Doubles<V> b) {
+  return {a.lo + b.lo, a.hi + b.hi};
+}
+template <typename V>
+FASTRL_CPU_INLINE Doubles<V> operator*(Doubles<V> a, Doubles<V> b) {
+  return {a.lo * b.lo, a.hi * b.hi};
+}
+template <typename V>
+FASTRL_CPU_INLINE Doubles<V> operator*(Doubles<V> a, double s) {
+  return {a.lo * s, a.hi * s};
+}
+
+// v's lanes in fp64 (exact), and fp64 lanes rounded to fp32. GCC 12 lowers the generic vector
+// conversions of float <-> double badly (128-bit pieces, or element by element on SSE2), hence the
+// x86 versions for 4 lanes (SSE2, the baseline) and 8 lanes (AVX2 code only).
+template <typename V>
+FASTRL_CPU_INLINE Doubles<V> to_double(V v) {
+  typedef float HalfF __attribute__((vector_size(sizeof(V) / 2)));
+  HalfF lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  typedef typename Doubles<V>::Half D;
+  return {__builtin_convertvector(lo, D), __builtin_convertvector(hi, D)};
+}
+template <typename V>
+FASTRL_CPU_INLINE V to_float(Doubles<V> d) {
+  typedef float HalfF __attribute__((vector_size(sizeof(V) / 2)));
+  const HalfF lo = __builtin_convertvector(d.lo, HalfF), hi = __builtin_convertvector(d.hi, HalfF);
+  V r;
+  std::memcpy(&r, &lo, sizeof(lo));
+  std::memcpy(reinterpret_cast<char*>(&r) + sizeof(lo), &hi, sizeof(hi));
+  return r;
+}
+#if defined(__x86_64__) && defined(__GNUC__)
+template <>
+FASTRL_CPU_INLINE Doubles<VecF<4>::type> to_double(VecF<4>::type v) {
+  typedef Doubles<VecF<4>::type>::Half D;
+  const __m128 x = (__m128)v;
+  return {(D)_mm_cvtps_pd(x), (D)_mm_cvtps_pd(_mm_movehl_ps(x, x))};
+}
+template <>
+FASTRL_CPU_INLINE VecF<4>::type to_float(Doubles<VecF<4>::type> d) {
+  return (VecF<4>::type)_mm_movelh_ps(_mm_cvtpd_ps((__m128d)d.lo), _mm_cvtpd_ps((__m128d)d.hi));
+}
+// (Not always_inline: an AVX2 function inlines only into AVX2 code, which its callers become once
+// they are inlined into an AVX2 wrapper.)
+template <>
+inline __attribute__((target("avx2"))) Doubles<VecF<8>::type> to_double(VecF<8>::type v) {
+  typedef Doubles<VecF<8>::type>::Half D;
+  const __m256 x = (__m256)v;
+  return {(D)_mm256_cvtps_pd(_mm256_castps256_ps128(x)), (D)_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1))};
+}
+template <>
+inline __attribute__((target("avx2"))) VecF<8>::type to_float(Doubles<VecF<8>::type> d) {
+  const __m128 lo = _mm256_cvtpd_ps((__m256d)d.lo), hi = _mm256_cvtpd_ps((__m256d)d.hi);
+  return (VecF<8>::type)_mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+}
+#endif
+
+// clamp(x, lo, hi) keeping NaN (credit::clamp_nan per lane) and whether lo <= x <= hi (credit::in_range).
+template <typename V>
+FASTRL_CPU_INLINE V clamp_nan(V x, float lo, float hi) {
+  return select(x < lo, splat<V>(lo), select(x > hi, splat<V>(hi), x));
+}
+template <typename V>
+FASTRL_CPU_INLINE typename LaneTraits<V>::Int in_range(V x, float lo, float hi) {
+  return (x >= lo) & (x <= hi);
+}
+
+// fastrl::nan_min / nan_max per lane: a NaN in b is taken, a NaN in a kept.
+template <typename V>
+FASTRL_CPU_INLINE V nan_min(V a, V b) {
+  return select(b != b, b, select(b < a, b, a));
+}
+template <typename V>
+FASTRL_CPU_INLINE V nan_max(V a, V b) {
+  return select(b != b, b, select(b > a, b, a));
+}
+
+// |x| per lane: the sign bit cleared (as fabsf, NaN and -0 included).
+template <typename V>
+FASTRL_CPU_INLINE V abs_lanes(V x) {
+  typename LaneTraits<V>::Int bits;
+  std::memcpy(&bits, &x, sizeof(x));
+  return bits_to_float<V>(bits & 0x7fffffff);
 }
 
 template <typename V>
