@@ -66,6 +66,19 @@ def test_best_of_n_by_hand_ties_nan_inf():
     assert best_of_n(s, ids).tolist() == [[2], [4], [6]]  # num_groups defaults to max + 1
 
 
+def test_best_of_n_signed_zeros_tie_and_extreme_values():
+    # -0.0 == +0.0 ties by index (the CPU lists compare bit patterns: zeros are canonicalized);
+    # the extreme finite values and the infinities keep their order in both directions
+    big = torch.finfo(torch.float32).max
+    s = torch.tensor([0.0, -0.0, -0.0, 0.0, -big, big, -float("inf"), float("inf"), 1e-45, -1e-45])
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    for dtype in (torch.float32, torch.float64):
+        x = s.to(dtype)
+        assert best_of_n(x, ids, 4).tolist() == [[0, 1, 2, 3], [7, 5, 4, 6], [8, 9, -1, -1]]
+        assert best_of_n(x, ids, 4, largest=False).tolist() == [[0, 1, 2, 3], [6, 4, 5, 7], [9, 8, -1, -1]]
+        assert torch.equal(best_of_n(x, ids, 4), ref.best_of_n(x, ids, 4, num_groups=3))
+
+
 def test_best_of_n_edges():
     e = torch.empty(0)
     ei = torch.empty(0, dtype=torch.int64)
@@ -86,10 +99,14 @@ def test_best_of_n_noncontiguous_and_unmodified():
     assert torch.equal(wide, s0) and torch.equal(ids, i0)
 
 
-@pytest.mark.parametrize("k", [2, 4])  # the CPU's per-thread tables (k <= 2) and its grouped path
-def test_best_of_n_deterministic_across_thread_counts_and_batch_invariant(k):
+# the CPU's list lengths: fixed 2, 4 (k = 3 and 4), 16 (k = 11), an insertion list past 16; 64-bit
+# list entries (fp32) and 128-bit ones (fp64)
+@pytest.mark.parametrize("k", [2, 3, 4, 11, 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_best_of_n_deterministic_across_thread_counts_and_batch_invariant(k, dtype):
     gen = torch.Generator().manual_seed(5)
-    scores, ids = ragged(gen, 5000, 16, levels=3, nan_frac=0.05)
+    scores, ids = ragged(gen, 5000, 24, levels=3, nan_frac=0.05)
+    scores = scores.to(dtype)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -119,11 +119,11 @@ def best_of_n(scores: torch.Tensor, group_ids: torch.Tensor, k: int = 1, *, larg
     values. A group with fewer than ``k`` non-NaN members (including an empty group, or ``k``
     larger than every group) is padded with ``-1``: a documented result, not an error.
 
-    No sort of the batch. CPU, k <= 2: each thread walks a chunk of the samples into its own
-    bounded top-k list per group, then the lists are merged per group (extra memory
-    ``threads * G * k * 16`` bytes, capped at 64 MiB); k >= 3: a counting sort gathers each group's
-    members, then each group is selected with its members in cache (extra memory ``8 (B + 2 G)``
-    bytes). CUDA: a radix sort of the group ids (32-bit
+    No sort of the batch. CPU: each thread walks a chunk of the samples into its own bounded
+    top-k list per group, then the lists are merged per group; a list entry packs the score's order
+    and the sample index into one integer, so an offer has no branch (extra memory
+    ``threads * G * cap * 8`` bytes, 16 for fp64 scores; ``cap`` = k rounded up to 1, 2, 4, 8 or 16;
+    capped at 64 MiB by using fewer threads). CUDA: a radix sort of the group ids (32-bit
     keys), then one thread per group over its segment (``~24 B + 8 G k`` bytes of workspace).
     The result is bitwise the same on both and for any thread count. Out-of-range ids raise on the
     CPU; on CUDA (no host sync) such samples are ignored.
