@@ -7,14 +7,15 @@
 // j, j + kLanes, ...; the lanes are merged in lane order at the end of the row. The lane count is
 // a constant, not the SIMD width, and the loops over the lanes are plain elementwise loops that the
 // compiler vectorizes for whatever ISA the translation unit is built for (baseline x86-64: SSE2);
-// exp is a branch-free Cephes-style polynomial (fast_exp, ~1 ulp) written so that it vectorizes.
+// exp is a branch-free polynomial for arguments <= 0 (simd::exp_nonpositive, ~1.1 ulp) written
+// so that it vectorizes.
 // The result of a row therefore depends only on that row: not on the other rows, the thread count
 // or the ISA (no FMA contraction: setup.py builds with -ffp-contract=off). Rows run in parallel.
 // The logits are read from memory once per row (the block's second read hits L1).
 //
 // The row loops are templates over the lane type and run for the widest ISA the CPU supports
 // (cpu/simd.h: about 4x faster forward than SSE2 at V = 32768); every ISA gives the same bits.
-// -fno-trapping-math for this file only: lets GCC turn the selects of fast_exp and the lane loops
+// -fno-trapping-math for this file only: lets GCC turn the selects of the exp and the lane loops
 // into vector blends (it does not change any result: no program here inspects FP exception flags).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
@@ -87,7 +88,7 @@ FASTRL_CPU_INLINE SoftmaxState row_state(const scalar_t* x, int64_t vocab, float
     for (int64_t k = 0; k < kVecs; ++k) store_lanes(block_max + k * kW, bm[k]);
     for (int64_t j = 0; j < kLanes; ++j) {
       const float mn = block_max[j] > m[j] ? block_max[j] : m[j];
-      const float scale = m[j] == mn ? 1.0f : fast_exp<float, true>(m[j] - mn);
+      const float scale = m[j] == mn ? 1.0f : exp_nonpositive<float>(m[j] - mn);
       const SoftmaxState r = logprobs::rescale({m[j], s[j], t[j]}, mn, scale);
       m[j] = r.m;
       s[j] = r.s;
@@ -103,7 +104,7 @@ FASTRL_CPU_INLINE SoftmaxState row_state(const scalar_t* x, int64_t vocab, float
     for (int64_t i = 0; i < padded; i += kLanes) {
       for (int64_t k = 0; k < kVecs; ++k) {
         const V d = load_lanes<V>(buf + i + k * kW) - vshift[k];
-        const V e = fast_exp<V, true>(d);
+        const V e = exp_nonpositive<V>(d);
         vs[k] += e;
         if (kEntropy) vt[k] += e * clamp_diff(d);
       }
@@ -184,7 +185,7 @@ FASTRL_CPU_INLINE void backward_rows(const BackwardArgs<scalar_t>& a, int64_t be
       float weight = 0.0f;
       for (int64_t k2 = 0; k2 < K; ++k2) weight += (g != nullptr && y[k2] == y[k]) ? g[k2] : 0.0f;
       const float z = static_cast<float>(x[y[k]]) * inv_t;
-      const float p = fast_exp<float, true>(z - row_lse);
+      const float p = exp_nonpositive<float>(z - row_lse);
       label_grad[k] = logprobs::grad_z_labels(z, p, row_lse, row_ent, glp, gent, glse, weight) * inv_t;
     }
     for (int64_t b = 0; b < a.vocab; b += kBlock) {
@@ -192,7 +193,7 @@ FASTRL_CPU_INLINE void backward_rows(const BackwardArgs<scalar_t>& a, int64_t be
       const int64_t padded = load_block(x + b, n, inv_t, buf);
       for (int64_t i = 0; i < padded; i += kW) {  // logprobs::grad_z_labels (label_weight = 0) per lane
         const V z = load_lanes<V>(buf + i);
-        const V p = fast_exp<V, true>(z - row_lse);
+        const V p = exp_nonpositive<V>(z - row_lse);
         const V coef = (glp - glse) + gent * (clamp_diff(z - row_lse) + row_ent);
         const V p_coef = select(p == 0.0f, splat<V>(0.0f), p * coef);
         store_lanes(buf + i, (0.0f - p_coef) * inv_t);
