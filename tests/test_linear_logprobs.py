@@ -217,6 +217,23 @@ def test_bad_input(args, kw, exc, match):
         linear_logprobs(*args, **kw)
 
 
+@pytest.mark.parametrize("arg", ["labels", "weight", "bias"])
+def test_device_mismatch(arg, monkeypatch):
+    # meta stands for another device on a CPU-only machine: without the check, the dispatcher would
+    # run the fake kernel for CPU hidden states and return uninitialised memory
+    hidden, weight, bias, labels = make(4, 9, 5, bias=True)
+    args = dict(labels=labels, weight=weight, bias=bias)
+    args[arg] = args[arg].to("meta")
+    for backend in ("compiled", "reference"):
+        monkeypatch.setattr(fll._extension, "BACKEND", backend)
+        with pytest.raises(ValueError, match=f"`{arg}` is on meta but `hidden` is on cpu"):
+            linear_logprobs(hidden, args["weight"], args["labels"], bias=args["bias"])
+        with pytest.raises(ValueError, match=f"`{arg}` is on cpu but `hidden` is on meta"):
+            linear_logprobs(hidden.to("meta"), *(t.to("meta") if n != arg else t.cpu()
+                                                 for n, t in (("weight", weight), ("labels", labels))),
+                            bias=bias.to("meta") if arg != "bias" else bias)
+
+
 def test_empty_rows():
     lp, ent = linear_logprobs(torch.randn(0, 4), torch.randn(5, 4), torch.zeros(0, dtype=torch.long),
                               return_entropy=True)

@@ -165,24 +165,67 @@ def test_batch_invariance_and_thread_count():
         assert torch.equal(a, b)
 
 
-def test_special_values():
-    V = 40
-    logits = torch.randn(5, V)
-    logits[0, 3] = float("nan")
-    logits[1, 7] = float("inf")
-    logits[2, :] = float("-inf")
-    logits[3, :10] = float("-inf")
-    labels = torch.tensor([0, 0, 0, 12, 5])
-    lp, ent, lse = run_all(logits, labels)
-    assert lp[:3].isnan().tolist() == [True, True, True] and ent[:2].isnan().all()
-    assert lse[2] == float("-inf")
-    rlp, rent, rlse = ref.logprobs(logits[3:], labels[3:])
-    torch.testing.assert_close(lp[3:].double(), rlp, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ent[3:].double(), rent, rtol=1e-5, atol=1e-5)
-    labels[3] = 2  # a label on a -inf logit
-    assert fastrl.logprobs(logits, labels)[3] == float("-inf")
-    # an ignored row with NaN logits still has log-prob 0
-    assert fastrl.logprobs(logits[:1], torch.tensor([-100])).item() == 0.0
+NAN, INF = float("nan"), float("inf")
+
+
+def special_rows(V, dtype, seed):
+    """Random rows of each special kind of fastrl.logprobs' docstring table, and a label per row
+    (on a finite logit where there is one)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = 2 * torch.randn(7, V, generator=gen)
+    pos = torch.randint(1, V, (7,), generator=gen)
+    x[0, torch.rand(V, generator=gen) < 0.3] = -INF  # finite and -inf: an ordinary row
+    x[0, pos[0]], x[0, 0] = 0.5, -INF
+    x[1, pos[1]] = INF  # one +inf
+    x[2, 1:] = torch.where(torch.rand(V - 1, generator=gen) < 0.5, INF, -INF)  # +inf and -inf
+    x[3, pos[3]] = NAN  # one NaN among finite logits
+    x[4] = NAN  # only NaN
+    x[5] = torch.where(torch.rand(V, generator=gen) < 0.5, NAN, -INF)  # NaN and -inf
+    x[6] = -INF  # only -inf
+    labels = torch.where(x[:, 0] > -INF, 0, pos)
+    labels[0] = pos[0]
+    return x.to(dtype), labels
+
+
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+@pytest.mark.parametrize("V, dtype", [(40, torch.float32), (3000, torch.float32), (40, torch.bfloat16),
+                                      (1500, torch.float16)])
+def test_special_values(V, dtype, backend, monkeypatch):
+    if backend == "reference":
+        monkeypatch.setattr(fastrl._extension, "BACKEND", "reference")
+    logits, labels = special_rows(V, dtype, seed=V)
+    x = logits.clone().requires_grad_(True)
+    lp, ent, lse = run_all(x, labels, temperature=0.8)
+    # the docstring's table, row by row: (log-prob, entropy, lse) finite / NaN / -inf
+    assert torch.isfinite(torch.stack([lp[0], ent[0], lse[0]])).all()
+    assert lp[1:].isnan().all() and ent[1:].isnan().all()
+    assert lse[1:6].isnan().all() and lse[6] == -INF
+    # what the fp64 reference says of the same rows (ordinary rows to fp32 accuracy)
+    rlp, rent, rlse = ref.logprobs(logits, labels, temperature=0.8)
+    for got, want in ((lp, rlp), (ent, rent), (lse, rlse)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5, equal_nan=True)
+    # gradients: NaN in every element of a special row (ignored label included), finite otherwise
+    lp_ignored = fastrl.logprobs(x, torch.full_like(labels, -100), temperature=0.8)
+    assert torch.equal(lp_ignored, torch.zeros(7))
+    (lp.sum() + ent.sum() + lse.sum() + lp_ignored.sum()).backward()
+    assert torch.isfinite(x.grad[0]).all() and x.grad[1:].isnan().all()
+    grad_ignored, = torch.autograd.grad(fastrl.logprobs(x, torch.full_like(labels, -100)).sum(), x)
+    assert torch.equal(grad_ignored[0], torch.zeros(V, dtype=dtype)) and grad_ignored[1:].isnan().all()
+    # a label on a -inf logit of an ordinary row: log-prob -inf, gradient 1 there
+    y = labels.clone()
+    y[0] = 0
+    x.grad = None
+    lp = fastrl.logprobs(x, y, temperature=0.8)
+    assert lp[0] == -INF
+    lp[0].backward()
+    assert x.grad[0, 0] == 1 / 0.8 and torch.isfinite(x.grad[0]).all()
+
+
+def test_nan_in_the_first_merged_state_is_not_skipped():
+    # merging two probability-0 partial states (max -inf) must keep a NaN of either
+    x = torch.tensor([[NAN, 1.0, 2.0], [NAN, NAN, NAN]])
+    lp, ent, lse = run_all(x, torch.tensor([1, 1]))
+    assert lp.isnan().all() and ent.isnan().all() and lse.isnan().all()
 
 
 def test_trivial_sizes():
@@ -222,6 +265,24 @@ def test_bad_label_position_is_flattened_and_first():
     labels[1, 2] = 99
     with pytest.raises(RuntimeError, match=r"labels\[3\] = 8"):
         fastrl.logprobs(logits, labels)
+
+
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+def test_device_mismatch_is_refused_before_dispatch(backend, monkeypatch):
+    # CPU logits with meta labels would dispatch to the fake (meta) kernel and return uninitialised
+    # CPU memory; the C++ device check is never reached then
+    if backend == "reference":
+        monkeypatch.setattr(fastrl._extension, "BACKEND", "reference")
+    logits, labels = make((2, 3), 11)
+    with pytest.raises(ValueError, match="`labels` is on meta but `logits` is on cpu"):
+        fastrl.logprobs(logits, labels.to("meta"))
+    with pytest.raises(ValueError, match="`labels` is on cpu but `logits` is on meta"):
+        fastrl.logprobs(logits.to("meta"), labels, return_entropy=True)
+    with pytest.raises(ValueError, match="`labels` is on meta but `logits` is on cpu"):
+        fastrl.logprobs(logits.requires_grad_(True), labels.to("meta")[..., None], inplace_backward=True)
+    if backend == "compiled":  # both on meta: the fake kernel gives the shapes
+        lp, ent, lse = run_all(logits.to("meta"), labels.to("meta"))
+        assert lp.device.type == "meta" and lp.shape == ent.shape == lse.shape == (2, 3)
 
 
 def test_narrow_integer_labels_are_widened():
@@ -281,6 +342,27 @@ def test_verl_fp32_and_gradient():
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="`labels` must lie in"):
         fverl.logprobs_from_logits(logits, torch.full((2, 9), -100))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, dict(rtol=1e-4, atol=1e-6)),
+                                        (torch.bfloat16, dict(rtol=2e-2, atol=2e-3))])
+def test_verl_entropy_gradient(dtype, tol):
+    # verl differentiates its entropy through softmax / logsumexp; ours is the kernel's entropy backward
+    logits, _ = make((3, 7), 900, dtype=dtype, seed=35)
+    w = torch.randn(3, 7, generator=torch.Generator().manual_seed(36)).to(dtype)
+    a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    got, want = fverl.entropy_from_logits(a), VERL_TF.entropy_from_logits(b)
+    assert got.dtype == want.dtype == dtype
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    assert a.grad.dtype == b.grad.dtype == dtype
+    x = logits.double().requires_grad_(True)  # the fp64 gradient of the entropy of the same logits
+    (ref.logprobs(x, torch.zeros(3, 7, dtype=torch.long))[1] * w.double()).sum().backward()
+    torch.testing.assert_close(a.grad.double(), x.grad, **tol)
+    if dtype == torch.float32:
+        torch.testing.assert_close(a.grad, b.grad, **tol)
+    else:  # verl's bf16 softmax / logsumexp chain is off by up to ~40% on small entries: ours is closer
+        assert err64(a.grad, x.grad) < err64(b.grad, x.grad)
 
 
 def test_dropins_bf16_at_least_as_accurate_as_trainers():
@@ -481,27 +563,38 @@ def test_inplace_opcheck():
     assert torch.equal(out, torch.ops.fastrl.logprobs_backward(logits, labels, lse, ent, g, g, None, 1.0, -100))
 
 
-@pytest.mark.slow
-def test_int64_indexing_past_2_31_elements():
-    # bf16 [N, V] with N * V just over 2^31 (4.3 GB): offsets r * V + j overflow int32. The bulk
-    # repeats one random block (cheap to fill); the rows past 2^31 elements are fresh random rows.
-    V = 1 << 17
-    N = (1 << 31) // V + 2
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float32, marks=pytest.mark.slow)])
+def test_int64_indexing_past_2_31_elements(dtype):
+    # [N, V] with N * V just over 2^31 elements (bf16: 4 GiB, the CI case; fp32: 8 GiB, slow), where
+    # int32 offsets r * V + j overflow. V is odd, so row r0 straddles element 2^31; rows r0 and
+    # r0 + 1 are fresh random rows, checked against the fp64 reference of those rows alone
+    # (forward log-prob, entropy, lse, and the in-place backward: no second [N, V] buffer). The
+    # bulk repeats one random block (cheap to fill) and two of its rows are checked too.
+    V = (1 << 17) - 1
+    r0 = (1 << 31) // V
+    N = r0 + 2
+    assert r0 * V < (1 << 31) < (r0 + 1) * V
     gen = torch.Generator().manual_seed(70)
-    block = torch.randn(512, V, generator=gen).to(torch.bfloat16)
-    logits = torch.empty(N, V, dtype=torch.bfloat16)
-    for r in range(0, N - 2, 512):
-        logits[r:r + 512] = block[:min(512, N - 2 - r)]
-    logits[-2:] = 3 * torch.randn(2, V, generator=gen)
+    block = (3 * torch.randn(256, V, generator=gen)).to(dtype)
+    logits = torch.empty(N, V, dtype=dtype)
+    bulk = r0 // 256 * 256
+    logits[:bulk].view(-1, 256, V).copy_(block)  # broadcast over the blocks
+    logits[bulk:r0] = block[:r0 - bulk]
+    logits[r0:] = (3 * torch.randn(2, V, generator=gen)).to(dtype)
     labels = torch.randint(0, V, (N,), generator=gen)
-    lp, ent, lse = run_all(logits, labels)
-    rows = torch.tensor([0, N // 2, N - 2, N - 1])
-    rlp, rent, rlse = ref.logprobs(logits[rows], labels[rows])
-    torch.testing.assert_close(lp[rows].double(), rlp, rtol=1e-5, atol=2e-5)
-    torch.testing.assert_close(ent[rows].double(), rent, rtol=1e-5, atol=2e-5)
-    torch.testing.assert_close(lse[rows].double(), rlse, rtol=1e-6, atol=1e-5)
-    last = logits[-2:].clone()
+    labels[r0 - 1] = -100
+    rows = torch.tensor([0, r0 - 1, r0, r0 + 1])
+    checked = logits[rows].clone()  # the backward overwrites the logits
     x = logits.requires_grad_(True)
-    fastrl.logprobs(x, labels, inplace_backward=True).sum().backward()  # in place: no second 4.3 GB buffer
-    want = torch.nn.functional.one_hot(labels[-2:], V).double() - torch.softmax(last.double(), -1)
-    torch.testing.assert_close(x.grad[-2:].double(), want, rtol=1e-2, atol=4e-3)
+    lp, ent, lse = run_all(x, labels, temperature=0.9, inplace_backward=True)
+    rlp, rent, rlse = ref.logprobs(checked, labels[rows], temperature=0.9)
+    torch.testing.assert_close(lp[rows].detach().double(), rlp, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ent[rows].detach().double(), rent, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(lse[rows].detach().double(), rlse, rtol=1e-6, atol=1e-5)
+    w = torch.randn(N, generator=gen)
+    grad, = torch.autograd.grad((lp * w).sum() + (ent * w.flip(0)).sum(), x)
+    assert grad.data_ptr() == logits.data_ptr()  # in place: the logits' own storage
+    want = reference_grads(checked, labels[rows], [w[rows].double(), w.flip(0)[rows].double(), 0 * w[rows].double()],
+                           0.9)
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=4e-3)
+    torch.testing.assert_close(grad[rows].double(), want, **tol)

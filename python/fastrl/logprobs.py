@@ -25,14 +25,19 @@ __all__ = ["logprobs", "vocab_parallel_logprobs"]
 
 
 def _flatten(logits: torch.Tensor, labels: torch.Tensor, temperature: float, name: str = "fastrl.logprobs",
-             min_vocab: int = 1):
+             min_vocab: int = 1, logits_name: str = "logits"):
     if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
-        raise ValueError(f"{name}: `logits` must be a tensor of shape [..., V]")
+        raise ValueError(f"{name}: `{logits_name}` must be a tensor of shape [..., V]")
     if logits.shape[-1] < min_vocab:
-        raise ValueError(f"{name}: `logits` must have a vocabulary dimension of size >= 1, got shape "
+        raise ValueError(f"{name}: `{logits_name}` must have a vocabulary dimension of size >= 1, got shape "
                          f"{tuple(logits.shape)}")
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"{name}: `labels` must be an integer tensor of shape logits.shape[:-1]")
+    # here, not only in the C++ op: the dispatcher picks the kernel from all the arguments' devices,
+    # so CPU logits with meta labels would run the fake kernel and return uninitialised memory
+    if labels.device != logits.device:
+        raise ValueError(f"{name}: `labels` is on {labels.device} but `{logits_name}` is on {logits.device}; "
+                         "move both to the same device")
     lead = tuple(logits.shape[:-1])
     topk = labels.dim() == logits.dim() and tuple(labels.shape[:-1]) == lead
     if tuple(labels.shape) != lead and not topk:
@@ -88,9 +93,17 @@ def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float =
         ``(logprobs, lse)`` or ``(logprobs, entropy, lse)`` when asked, entropy and lse float32
         ``logits.shape[:-1]``.
 
-    Special values: a row containing NaN or +inf gives NaN log-prob, entropy and lse (0 log-prob
-    if ignored); -inf logits have probability 0 (a label on one gets -inf); a row of only -inf
-    gives lse = -inf and NaN log-prob/entropy. ``V = 1`` gives log-prob 0, entropy 0.
+    Special values, per row (an ignored label's log-prob is 0 in every case)::
+
+        row of the logits                   log-prob                  entropy   lse
+        finite and -inf (probability 0)     -inf on a -inf logit      finite    finite
+        a +inf anywhere                     NaN                       NaN       NaN
+        a NaN anywhere                      NaN                       NaN       NaN
+        only -inf                           NaN                       NaN       -inf
+
+    The gradient of a row whose entropy is NaN is NaN in every element, whatever the label
+    (ignored too). The CUDA kernel gives the same results for these rows (same state merge,
+    ``fastrl/logprobs.h``). ``V = 1`` gives log-prob 0, entropy 0.
     Extra memory: the float32 outputs only (forward); the gradient buffer (backward; none with
     ``inplace_backward=True``). K labels per position: the backward's one-hot terms cost O(K^2) per
     row on the CPU and K compares per element on CUDA, so K is meant to be small (top-K candidates).
@@ -268,12 +281,10 @@ def vocab_parallel_logprobs(logits_shard: torch.Tensor, labels: torch.Tensor, *,
         raise ValueError(f"{name}: `logits_shard` must be a tensor of shape [..., V_r]")
     start, vocab, valid = _shard_layout(logits_shard.shape[-1], vocab_start_index, process_group,
                                         logits_shard.device, name)
-    flat_logits, flat_labels = _flatten(logits_shard, labels, temperature, name, min_vocab=0)
+    flat_logits, flat_labels = _flatten(logits_shard, labels, temperature, name, min_vocab=0,
+                                        logits_name="logits_shard")
     if flat_labels.dtype != torch.int64:
         raise ValueError(f"{name}: `labels` must be an integer tensor, got dtype {labels.dtype}")
-    if flat_labels.device != flat_logits.device:
-        raise ValueError(f"{name}: `labels` must be on the device of `logits_shard` ({flat_logits.device}), "
-                         f"got {flat_labels.device}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"{name}: `temperature` must be a finite number > 0, got {temperature}")
     bad = (flat_labels != ignore_index) & ((flat_labels < 0) | (flat_labels >= vocab))

@@ -49,7 +49,12 @@ FASTRL_HOST_DEVICE SoftmaxState rescale(const SoftmaxState& a, float m_new, floa
 // fixed order. Uses expf, so the last bits of the two devices' merges may differ.
 FASTRL_HOST_DEVICE SoftmaxState merge(const SoftmaxState& a, const SoftmaxState& b) {
   const float m = b.m > a.m ? b.m : a.m;
-  if (m == -INFINITY) return a;  // both empty
+  if (m == -INFINITY) {  // both have probability 0: nothing to rescale, but a NaN (s = NaN) must survive
+    SoftmaxState r = a;
+    r.s = a.s + b.s;
+    r.t = a.t + b.t;
+    return r;
+  }
   const float sa = a.m == m ? 1.0f : expf(a.m - m);
   const float sb = b.m == m ? 1.0f : expf(b.m - m);
   const SoftmaxState ra = rescale(a, m, sa);

@@ -11,8 +11,15 @@ import torch
 def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100):
     """``(logprobs, entropy, lse)`` of ``softmax(logits / temperature)``, float64; ``logprobs`` has
     ``labels``' shape (``logits.shape[:-1]``, or ``[..., K]`` for K labels per position) and is 0 where
-    ``labels == ignore_index``; entropy and lse have ``logits.shape[:-1]``."""
+    ``labels == ignore_index``; entropy and lse have ``logits.shape[:-1]``.
+
+    Rows with special values give what the kernels give (see :func:`fastrl.logprobs`): a NaN or
+    +inf logit makes the row's log-probs (but ignored ones), entropy, lse and gradient NaN (plain
+    logsumexp would give lse = +inf and log-prob -inf for +inf); a row of only -inf has lse = -inf,
+    NaN log-probs and entropy, NaN gradient."""
     z = logits.to(torch.float64) / temperature
+    poisoned = (z.isnan() | (z == float("inf"))).any(-1, keepdim=True)
+    z = z + torch.where(poisoned, float("nan"), 0.0)  # added, not selected: the gradient is NaN too
     lse = torch.logsumexp(z, dim=-1)
     logp = z - lse.unsqueeze(-1)
     p = logp.exp()
