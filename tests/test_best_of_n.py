@@ -4,6 +4,7 @@ k-subsets (maj@k also vs an exact-integer DP), resampling, bad input, opcheck, d
 sync on the device paths (meta tensors), CPU == CUDA."""
 from __future__ import annotations
 
+import itertools
 import types
 
 import numpy as np
@@ -268,23 +269,29 @@ def test_select_pairs_max_pairs_reference_backend_opcheck_and_bad_input(monkeypa
 # ------------------------------------------------------------------------------------ filters
 
 
+def numpy_dapo_rule(scores, ids, num_groups, **kwargs) -> list[bool]:
+    """filter_groups' keep_groups by numpy, group by group (DAPO's rule in verl's recipe)."""
+    want = []
+    for g in range(num_groups):
+        v = scores[ids == g].double().numpy()
+        if v.size == 0 or np.isnan(v).any():
+            want.append(False)
+            continue
+        with np.errstate(invalid="ignore"):  # the std / mean of a group with infinities: NaN
+            std = np.std(v, ddof=1) if kwargs.get("unbiased") and v.size > 1 else np.std(v) if v.size > 1 else np.nan
+            keep = bool(std > kwargs.get("min_std", 0.0)) or (v.size == 1 and kwargs.get("keep_singletons", True))
+            keep &= v.mean() >= kwargs.get("min_mean", -np.inf) and v.mean() <= kwargs.get("max_mean", np.inf)
+        want.append(bool(keep))
+    return want
+
+
 @pytest.mark.parametrize("kwargs", [dict(), dict(min_std=0.3), dict(unbiased=True, keep_singletons=False),
                                     dict(min_mean=0.15, max_mean=0.75)])
 def test_filter_groups_matches_numpy_rule(kwargs):
     gen = torch.Generator().manual_seed(9)
     scores, ids = ragged(gen, 60, 5, levels=3, nan_frac=0.02)
     keep_s, keep_g = filter_groups(scores, ids, num_groups=62, **kwargs)
-    want = []
-    for g in range(62):
-        v = scores[ids == g].numpy()
-        if v.size == 0 or np.isnan(v).any():
-            want.append(False)
-            continue
-        std = np.std(v, ddof=1) if kwargs.get("unbiased") and v.size > 1 else np.std(v) if v.size > 1 else np.nan
-        keep = bool(std > kwargs.get("min_std", 0.0)) or (v.size == 1 and kwargs.get("keep_singletons", True))
-        keep &= v.mean() >= kwargs.get("min_mean", -np.inf) and v.mean() <= kwargs.get("max_mean", np.inf)
-        want.append(keep)
-    assert keep_g.tolist() == want
+    assert keep_g.tolist() == numpy_dapo_rule(scores, ids, 62, **kwargs)
     assert torch.equal(keep_s, keep_g[ids])
 
 
@@ -716,6 +723,110 @@ def test_group_counts_ignore_out_of_range_ids():
     assert _group_counts(ids, 4).tolist() == [1, 0, 2, 1]
     assert _group_counts(ids, 4, weights=torch.tensor([1, 1, 1, 1, 0, 1]).bool()).tolist() == [1, 0, 1, 1]
     assert _group_counts(ids[:0], 0).shape == (0,)
+
+
+# ------------------------------------------------------------------------ empty batch, infinities
+
+
+def test_empty_batch_gives_documented_results(estimator_path):
+    e, ei = torch.empty(0), torch.empty(0, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(0)
+    for G in (None, 3):
+        kw, rows = ({}, 0) if G is None else ({"num_groups": G}, G)
+        assert best_of_n(e, ei, 2, **kw).tolist() == [[-1, -1]] * rows
+        for fn, x in ((pass_at_k, e.bool()), (best_at_k, e), (worst_at_k, e)):
+            out = fn(x, ei, [1, 2], **kw)
+            assert out.shape == (rows, 2) and out.dtype == torch.float64 and out.isnan().all()
+            assert fn(x, ei, 3, **kw).shape == (rows,)
+        for fn in (best_at_k, worst_at_k):
+            out = fn(e, ei, [1, 4], replacement=True, **kw)
+            assert out.shape == (rows, 2) and out.isnan().all()
+        keep_s, keep_g = filter_groups(e, ei, min_std=0.1, **kw)
+        assert keep_s.shape == (0,) and keep_s.dtype == keep_g.dtype == torch.bool and keep_g.tolist() == [False] * rows
+        for method in ("multinomial", "systematic"):
+            out = resample(e, ei, 4, method=method, generator=gen, **kw)
+            assert out.shape == (rows, 4) and out.dtype == torch.int64 and (out == -1).all()
+        for mode in ("best_worst", "best_random"):
+            c, r = select_pairs(e, ei, mode=mode, generator=gen, **kw)
+            assert c.dtype == torch.int64 and c.tolist() == r.tolist() == [-1] * rows
+        c, r = select_pairs(e, ei, mode="all_pairs", **kw)
+        assert c.shape == r.shape == (0,) and c.dtype == torch.int64
+        c, r = select_pairs(e, ei, mode="all_pairs", max_pairs=2, num_groups=rows)
+        assert c.tolist() == r.tolist() == [-1, -1]
+    for shape in ((0,), (0, 3), (4, 0)):  # zero-element quantile_mask: no masked token
+        keep, t = quantile_mask(torch.empty(shape), torch.ones(shape, dtype=torch.bool), 0.5)
+        assert keep.shape == shape and keep.dtype == torch.bool and t.shape == () and torch.isnan(t)
+
+
+def expectation_by_enumeration(vals: list[float], k: int, pick, replacement: bool) -> float:
+    """Mean of ``pick`` over every k-subset (every k-tuple with replacement), in Python floats:
+    ``inf + -inf`` is NaN there as in the estimators."""
+    draws = list(itertools.product(vals, repeat=k) if replacement else itertools.combinations(vals, k))
+    return sum(pick(d) for d in draws) / len(draws) if draws else NAN
+
+
+def test_best_and_worst_at_k_with_infinities(estimator_path):
+    inf = float("inf")
+    groups = [[inf, -inf, 1.0], [inf, 1.0, 2.0], [-inf, 1.0, 2.0], [inf, inf], [-inf, -inf, 3.0], [0.5, 2.5, -1.0]]
+    ids = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([len(g) for g in groups]))
+    scores = torch.tensor([v for g in groups for v in g])
+    perm = torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(5))
+    scores, ids = scores[perm], ids[perm]
+    ks = [1, 2, 3]
+    for replacement in (False, True):
+        best = best_at_k(scores, ids, ks, replacement=replacement)
+        worst = worst_at_k(scores, ids, ks, replacement=replacement)
+        for fn, got in ((max, best), (min, worst)):
+            want = torch.tensor([[expectation_by_enumeration(g, k, fn, replacement) for k in ks] for g in groups],
+                                dtype=torch.float64)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True)
+    # the docstrings' example: k = 1 averages +inf and -inf (undefined: NaN); k >= 2 has max +inf
+    one = torch.zeros(3, dtype=torch.int64)
+    assert str(best_at_k(torch.tensor([inf, -inf, 1.0]), one, ks).tolist()) == "[[nan, inf, inf]]"
+    assert str(worst_at_k(torch.tensor([inf, -inf, 1.0]), one, ks).tolist()) == "[[nan, -inf, -inf]]"
+    assert best_at_k(torch.tensor([inf, -inf, 1.0]), one, ks, replacement=True).isnan().all()
+
+
+def test_filter_groups_with_infinities():
+    inf = float("inf")
+    groups = [[inf, 1.0], [inf, inf], [-inf, -inf], [inf, -inf], [inf], [-inf], [1.0, 2.0], [2.0, 2.0]]
+    ids = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([len(g) for g in groups]))
+    scores = torch.tensor([v for g in groups for v in g])
+    for kwargs in (dict(), dict(keep_singletons=False), dict(max_mean=3.0), dict(min_mean=0.0), dict(unbiased=True)):
+        keep_s, keep_g = filter_groups(scores, ids, **kwargs)
+        assert keep_g.tolist() == numpy_dapo_rule(scores, ids, len(groups), **kwargs)
+        assert torch.equal(keep_s, keep_g[ids])
+    # as documented: only the ordinary varying group and the infinite singletons survive
+    assert filter_groups(scores, ids)[1].tolist() == [False, False, False, False, True, True, True, False]
+
+
+def test_select_pairs_with_infinities():
+    inf = float("inf")
+    groups = [[inf, 1.0], [inf, inf], [-inf, -inf], [inf, -inf], [5.0, inf, 2.0, inf], [-inf, 0.5], [3.0, -inf, -inf]]
+    ids = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([len(g) for g in groups]))
+    scores = torch.tensor([v for g in groups for v in g])
+    perm = torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(6))
+    scores, ids = scores[perm], ids[perm]
+    x = scores.tolist()
+    members = [[i for i in range(len(x)) if ids[i] == g] for g in range(len(groups))]
+    for margin in (0.0, 1e300):
+        c, r = select_pairs(scores, ids, mode="all_pairs", margin=margin)
+        want_c, want_r = ref.all_pairs(scores, ids, margin, len(groups))
+        assert c.tolist() == want_c and r.tolist() == want_r
+        cm, rm = select_pairs(scores, ids, mode="all_pairs", margin=margin, max_pairs=len(want_c) + 2)
+        assert cm.tolist() == want_c + [-1, -1] and rm.tolist() == want_r + [-1, -1]
+        best = [min(m, key=lambda i: (-x[i], i)) for m in members]
+        worst = [min(m, key=lambda i: (x[i], i)) for m in members]
+        paired = [x[b] - x[w] > margin for b, w in zip(best, worst)]
+        c, r = select_pairs(scores, ids, mode="best_worst", margin=margin)
+        assert c.tolist() == [b if p else -1 for b, p in zip(best, paired)]
+        assert r.tolist() == [w if p else -1 for w, p in zip(worst, paired)]
+        c, r = select_pairs(scores, ids, mode="best_random", margin=margin, generator=torch.Generator().manual_seed(7))
+        for g, m in enumerate(members):
+            eligible = [i for i in m if x[best[g]] - x[i] > margin]
+            assert (c[g].item(), r[g].item() in eligible) == ((best[g], True) if eligible else (-1, False))
+    # equal infinities never pair; +inf beats a finite score or -inf by more than any finite margin
+    assert paired == [True, False, False, True, True, True, True]
 
 
 # ------------------------------------------------------------------------------------ CUDA

@@ -235,6 +235,12 @@ def select_pairs(scores: torch.Tensor, group_ids: torch.Tensor, *, mode: str = "
       CUDA, a radix sort of the group ids, one thread per group counts (``O(n_g^2)``), a scan
       places, one thread per group writes; out-of-range ids ignored there, raised on the CPU.
 
+    ``+-inf`` scores are ordinary values: ``+inf`` beats every finite score and ``-inf`` by more
+    than any finite margin; two equal infinities never pair (their difference is NaN). An empty batch
+    (``B = 0``) gives ``[G]`` of ``-1`` for ``"best_worst"`` / ``"best_random"`` (``[0]`` when
+    ``num_groups`` is not given), ``[0]`` for ``"all_pairs"`` and ``[max_pairs]`` of ``-1`` with
+    ``max_pairs``.
+
     Host syncs: none for ``"best_worst"`` and ``"best_random"`` (two :func:`best_of_n` calls, then
     elementwise ops), nor for ``"all_pairs"`` with ``max_pairs``. ``"all_pairs"`` without it has
     two, because its output size depends on the data: the most pairs the groups can have
@@ -331,6 +337,11 @@ def filter_groups(scores: torch.Tensor, group_ids: torch.Tensor, *, min_std: flo
     Statistics are :func:`fastrl.group_advantages`' fp64 two-pass ones: a constant group has std
     exactly 0. No host sync (beyond ``num_groups=None``).
 
+    A group holding a ``+-inf`` score has an undefined (NaN) std, as ``np.std`` gives, so it is
+    dropped, unless it is a singleton kept by ``keep_singletons`` (its mean ``+-inf`` then meets
+    ``min_mean`` / ``max_mean`` as any mean). An empty batch (``B = 0``) keeps nothing: ``keep_samples``
+    is empty and ``keep_groups`` all False.
+
     Returns:
         ``(keep_samples: bool[B], keep_groups: bool[G])``; ``keep_samples = keep_groups[group_ids]``.
 
@@ -363,7 +374,8 @@ def quantile_mask(x: torch.Tensor, mask: torch.Tensor, q: float):
     2^24 element limit (above it ``p`` is computed in fp64). This is TRL's ``get_high_entropy_mask``
     (single process) for ``x = entropies``: half-precision inputs are compared in fp32 as TRL does.
     A NaN among the masked values makes ``t`` NaN (as torch.quantile) and the mask all False;
-    no masked token: ``t`` is NaN and the mask all False (TRL's empty case).
+    no masked token (a zero-element ``x`` included: the mask then has ``x``'s empty shape): ``t`` is
+    NaN and the mask all False (TRL's empty case).
 
     On a GPU (the compiled op ``fastrl::quantile_mask``): no sort and no host sync. A radix select
     over the order-preserving integer keys of the masked values finds the order statistic
@@ -438,7 +450,8 @@ def pass_at_k(correct: torch.Tensor, group_ids: torch.Tensor, k, *, num_groups: 
 
     ``n``: the group's size, ``c``: its number of correct samples. Computed in fp64 as the product
     ``C(n-c, k)/C(n, k) = prod_{i<k} (n - c - i) / (n - i)`` (every factor in [0, 1]: no huge
-    binomials, no cancellation). ``k > n`` is undefined: NaN (an empty group is NaN for every k).
+    binomials, no cancellation). ``k > n`` is undefined: NaN (an empty group is NaN for every k;
+    an empty batch, ``B = 0``, gives ``G`` rows of NaN with ``num_groups=G``, none without it).
 
     Args:
         correct: ``[B]`` bool, or numbers (nonzero = correct).
@@ -483,7 +496,13 @@ def best_at_k(scores: torch.Tensor, group_ids: torch.Tensor, k, *, replacement: 
     ``bootstrap_metric(vals, k, [np.max])`` mean as its ``n_bootstrap`` grows: verl draws
     ``n_bootstrap`` k-tuples *with* replacement and averages their max, an unbiased Monte-Carlo
     estimate of this value (standard error ``std / sqrt(n_bootstrap)``); any ``k`` is valid.
-    Ties do not matter (order statistics). A NaN score makes its group NaN.
+    Ties do not matter (order statistics). A NaN score makes its group NaN. ``+-inf`` scores enter
+    the expectation as values: the result is ``+inf`` (``-inf``) when the max of the k draws is
+    ``+inf`` (``-inf``) with positive probability, and NaN, an undefined expectation, when both
+    are: ``[inf, -inf, 1]`` gives ``[nan, inf, inf]`` for k = 1, 2, 3 (k = 1 averages ``+inf``
+    and ``-inf``), and NaN for every k with replacement (all draws may be the ``-inf``). An empty
+    group is NaN; an empty batch (``B = 0``) gives ``G`` rows of NaN with ``num_groups=G``, none
+    without it.
 
     Args:
         scores: ``[B]`` float scores.  group_ids: ``int64[B]``.  k: int or list of ints ``>= 1``.
@@ -545,7 +564,8 @@ def worst_at_k(scores: torch.Tensor, group_ids: torch.Tensor, k, *, replacement:
                num_groups: int | None = None):
     r"""Exact expected minimum of ``k`` draws from each group: ``-best_at_k(-scores)``, i.e.
     ``sum_i C(n-i, k-1)/C(n, k) x_(i)`` without replacement. Same arguments, outputs and relation
-    to verl's bootstrap (its ``np.min`` column) as :func:`best_at_k`.
+    to verl's bootstrap (its ``np.min`` column) as :func:`best_at_k`; infinities as there with
+    ``+inf`` and ``-inf`` swapped (``[inf, -inf, 1]`` gives ``[nan, -inf, -inf]``).
 
     >>> worst_at_k(torch.tensor([1., 2., 3.]), torch.tensor([0, 0, 0]), 2)
     tensor([1.3333], dtype=torch.float64)
@@ -626,7 +646,8 @@ def resample(weights: torch.Tensor, group_ids: torch.Tensor, n: int, *, method: 
         group_ids: ``int64[B]``.  n: draws per group, ``>= 1``.
 
     Returns:
-        ``int64[G, n]`` sample indices (``-1`` rows for groups with no sample).
+        ``int64[G, n]`` sample indices (``-1`` rows for groups with no sample: all ``G`` rows for an
+        empty batch, ``B = 0``, and ``[0, n]`` then without ``num_groups``).
 
     Host syncs on a GPU: one, before any draw, that reads together the input checks (group ids in
     range, weights finite and ``>= 0``, no all-zero group: raising on bad data needs its flag on
