@@ -75,6 +75,22 @@ def test_global_batch_info_matches_verl(name, agg):
     torch.testing.assert_close(got[1], want[1], rtol=2e-5, atol=1e-9)
 
 
+# verl's CISPO clamps the weight to [1 - clip_ratio_low, 1 + clip_ratio_high] with torch.clamp: a
+# clip_ratio_low >= 1 means no lower clip, a negative clip_ratio_high a cap below 1.
+@pytest.mark.parametrize("low,high", [(10.0, 0.28), (1.0, -0.5), (0.2, 3.0), (0.5, -0.3)])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_cispo_clip_ranges_match_verl(low, high, agg):
+    logp, old, adv, mask, isw = batch(seed=13, spread=1.0)
+    kw = dict(loss_agg_mode=agg, config=config(clip_ratio_low=low, clip_ratio_high=high), rollout_is_weights=isw)
+    got = loss_and_grad(fv.compute_policy_loss_cispo, logp, old, adv, mask, **kw)
+    want = loss_and_grad(core_algos.compute_policy_loss_cispo, logp, old, adv, mask, **kw)
+    torch.testing.assert_close(got[0], want[0], rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=2e-5, atol=1e-8)
+    for k, v in want[2].items():
+        assert float(got[2][k]) == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    assert want[2]["actor/pg_clipfrac"] > 0.05
+
+
 def test_vanilla_dual_clip_and_wide_ratios():
     logp, old, adv, mask, _ = batch(seed=9, spread=3.0)  # ratios far past the dual clip
     cfg = config(clip_ratio_c=2.0)
@@ -116,13 +132,19 @@ def test_empty_batch_is_zero_where_verl_is_nan():
     assert got[0].item() == 0.0 and torch.all(got[1] == 0) and torch.isnan(want[0])
 
 
-def test_entropy_loss_matches_verl():
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_entropy_loss_and_gradient_match_verl(agg):
     g = torch.Generator().manual_seed(4)
-    logits = torch.randn(3, 7, 50, generator=g)
-    mask = torch.rand(3, 7, generator=g) < 0.7
-    for agg in AGG_MODES:
-        torch.testing.assert_close(fv.compute_entropy_loss(logits, mask, agg),
-                                   core_algos.compute_entropy_loss(logits, mask, agg), rtol=1e-5, atol=1e-6)
+    logits = torch.randn(4, 7, 50, generator=g) * 3  # peaked and flat rows: gradients of both signs
+    mask = torch.rand(4, 7, generator=g) < 0.7
+    mask[1] = False  # an empty row
+    a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    got, want = fv.compute_entropy_loss(a, mask, agg), core_algos.compute_entropy_loss(b, mask, agg)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+    assert torch.all(a.grad[~mask] == 0) and a.grad[mask].abs().min() > 0  # masked tokens: none
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])

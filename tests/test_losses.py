@@ -183,7 +183,8 @@ def test_metrics_are_device_tensors_with_expected_values():
 # ------------------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(kind="ppo"), "`kind` must be one of 'vanilla', 'gpg'"),
+    (dict(kind="ppo"), "`kind` must be one of 'vanilla', 'gpg', 'reinforce', 'cispo', 'gspo', 'sapo', 'geo_mean', "
+                       "'clip_cov', 'kl_cov'; got 'ppo'"),
     (dict(agg="mean"), "`agg` must be one of token-mean"),
     (dict(kl_kind="k4", kl_coef=0.1), "`kl_kind` must be one of 'k1'"),
     (dict(ratio_level="seq"), "`ratio_level` must be 'token' or 'sequence'"),
@@ -200,6 +201,68 @@ def test_bad_parameters(kw, match):
     with pytest.raises(ValueError, match=match):
         losses.policy_loss(inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"], ref_logp=inp["ref_logp"],
                            **kw)
+
+
+def test_unknown_kind_message_lists_every_kind():
+    """Both the public function and the op name every kind policy_loss accepts (and each of them runs)."""
+    inp = make_inputs(2, 5, seed=31)
+    args = (inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"])
+    listing = ", ".join(repr(k) for k in losses.KINDS)
+    assert set(losses.KINDS) == set(KINDS) | {"reinforce", "clip_cov", "kl_cov"}
+    with pytest.raises(ValueError) as py_err:
+        losses.policy_loss(*args, kind="ppo")
+    with pytest.raises(ValueError) as op_err:
+        torch.ops.fastrl.policy_loss_rows(*_op_args(inp, {8: "ppo"}))
+    for err in (py_err, op_err):
+        assert f"must be one of {listing}; got 'ppo'" in str(err.value)
+    for kind in losses.KINDS:
+        assert torch.isfinite(losses.policy_loss(*args, kind=kind, cov_ratio=0.5)[0])
+    with pytest.raises(ValueError, match="kind 'clip_cov' is computed by fastrl.losses.policy_loss"):
+        torch.ops.fastrl.policy_loss_rows(*_op_args(inp, {8: "clip_cov"}))
+    # the op takes 'reinforce' as the alias of 'gpg' it is in the Python API
+    gpg, reinforce = (torch.ops.fastrl.policy_loss_rows(*_op_args(inp, {8: k}))[0] for k in ("gpg", "reinforce"))
+    assert torch.equal(gpg, reinforce)
+
+
+# CISPO clamps a stop-gradient weight: any range [1 - clip_low, 1 + clip_high] with a positive cap
+# (TRL: [0, epsilon_high], epsilon_high = 0.2 by default; verl: clip_ratio_low >= 1 for no lower clip).
+CISPO_RANGES = [(1.0, -0.8), (1.0, -0.72), (1.0, 0.0), (1.0, 3.0), (10.0, 0.28), (0.0, 0.5), (0.5, -0.3)]
+
+
+@pytest.mark.parametrize("clip_low,clip_high", CISPO_RANGES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_cispo_any_clip_range_with_positive_cap(clip_low, clip_high, level):
+    inp = make_inputs(5, 37, seed=113, empty_rows=(3,), spread=1.0)
+    kw = dict(kind="cispo", clip_low=clip_low, clip_high=clip_high, ratio_level=level, kl_coef=0.1,
+              entropy_coef=0.02, agg="seq-mean-token-mean")
+    got = assert_matches(inp, **kw)
+    r = torch.exp(torch.clamp(inp["logp"] - inp["old_logp"], -20, 20))[inp["mask"].bool()]
+    if level == "token":  # the cap acts: clipped tokens counted, the metric TRL logs as cispo_clip_ratio
+        lo, hi = 1 - clip_low, 1 + clip_high
+        assert float(got[1]["clipfrac"]) == pytest.approx(float(((r < lo) | (r > hi)).double().mean()), rel=1e-6)
+        assert float(got[1]["clipfrac"]) > 0
+    # the fp32 lane pass of the CPU kernel (token level) and the fp32 row path (sequence level)
+    low = {k: (v.float() if v.is_floating_point() else v) for k, v in inp.items()}
+    exact = {k: (v.double() if v.is_floating_point() else v) for k, v in low.items()}
+    f32, want = run(losses.policy_loss, low, **kw), run(ref.policy_loss, exact, **kw)
+    for a, b in ((f32[0], want[0]), (f32[2], want[2]), (f32[3], want[3])):
+        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(clip_high=-1.0), r"kind='cispo' needs a finite `clip_high` with 1 \+ clip_high > 0 .* got -1"),
+    (dict(clip_high=float("inf")), r"kind='cispo' needs a finite `clip_high`"),
+    (dict(clip_low=0.5, clip_high=-0.6), r"kind='cispo' needs a finite `clip_low` with 1 - clip_low <= 1 \+ "
+                                         r"clip_high .* got clip_low=0.5 and clip_high=-0.6"),
+    (dict(clip_low=float("nan")), r"kind='cispo' needs a finite `clip_low`"),
+])
+def test_cispo_bad_clip_range(kw, match):
+    inp = make_inputs(2, 5, seed=31)
+    with pytest.raises(ValueError, match=match):
+        losses.policy_loss(inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"], kind="cispo", **kw)
+    if "clip_high" in kw and kw["clip_high"] < 0:  # the other kinds keep their (0, 1] / > 0 ranges
+        with pytest.raises(ValueError, match="`clip_high` must be > 0"):
+            losses.policy_loss(inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"], **kw)
 
 
 def test_bad_shapes_and_values():
@@ -287,10 +350,19 @@ def test_meta_device_runs_without_host_sync():
         loss.backward()
         assert loss.device.type == "meta" and lp.grad.shape == lp.shape and ent.grad.shape == ent.shape
         assert all(v.device.type == "meta" for v in metrics.values())
+    packed, cu = _packed(inp)
+    for layout, cu_seqlens in ((meta, None), ({k: v.to("meta") for k, v in packed.items()}, cu.to("meta"))):
+        for kind in ("clip_cov", "kl_cov"):  # the token selection: static shapes, no host sync
+            lp = layout["logp"].clone().requires_grad_(True)
+            loss, metrics = losses.policy_loss(lp, layout["old_logp"], layout["advantages"], layout["mask"], kind=kind,
+                                               cov_ratio=0.1, is_weights=layout["is_weights"], cu_seqlens=cu_seqlens)
+            loss.backward()
+            assert loss.device.type == "meta" and lp.grad.shape == lp.shape
 
 
 def test_no_item_calls_on_cpu(monkeypatch):
     inp = make_inputs(4, 16, seed=53, dtype=torch.float32)
+    packed, cu = _packed(inp)
 
     def boom(*a, **k):
         raise AssertionError("host sync")
@@ -304,6 +376,8 @@ def test_no_item_calls_on_cpu(monkeypatch):
     run(losses.policy_loss, inp, kind="clip_cov", cov_ratio=0.1, kl_coef=0.1)
     run(losses.policy_loss, inp, kind="kl_cov", cov_ratio=0.1, ref_logp=None, is_weights=None)
     run(losses.policy_loss, inp, kind="kl_cov", cov_ratio=0.1, ref_logp=None)  # weighted penalty: a second pass
+    run(losses.policy_loss, packed, kind="clip_cov", cov_ratio=0.1, cu_seqlens=cu)
+    run(losses.policy_loss, packed, kind="kl_cov", cov_ratio=0.1, ref_logp=None, cu_seqlens=cu)
 
 
 def test_cov_kinds_bad_input():
@@ -313,8 +387,72 @@ def test_cov_kinds_bad_input():
         losses.policy_loss(*args, kind="kl_cov", cov_ratio=0.0)
     with pytest.raises(ValueError, match="kind='kl_cov' uses the KL term"):
         losses.policy_loss(*args, kind="kl_cov", ref_logp=inp["ref_logp"], kl_coef=0.1)
-    with pytest.raises(ValueError, match="padded layout only"):
-        losses.policy_loss(*(a.flatten() for a in args), kind="clip_cov", cu_seqlens=torch.tensor([0, 4, 10]))
+    flat = [a.flatten() for a in args]
+    cu = torch.tensor([0, 4, 10])
+    for kind in ("clip_cov", "kl_cov"):
+        with pytest.raises(ValueError, match=r"`logp` must be 1-D \[N\] \(packed, with `cu_seqlens`\), got shape "
+                                             r"\(2, 5\)"):
+            losses.policy_loss(*args, kind=kind, cu_seqlens=cu)
+        with pytest.raises(ValueError, match=r"`advantages` must have `logp`'s shape \(10,\) \(per token\) or "
+                                             r"\[2\] \(per sequence\), got \(3,\)"):
+            losses.policy_loss(*flat[:2], flat[2][:3], flat[3], kind=kind, cu_seqlens=cu)
+        with pytest.raises(ValueError, match=r"`mask` must have `logp`'s shape \(10,\), got \(9,\)"):
+            losses.policy_loss(*flat[:3], flat[3][:9], kind=kind, cu_seqlens=cu)
+        with pytest.raises(ValueError, match=r"`cu_seqlens` must be int64 \[B \+ 1\] row offsets, got torch.int32"):
+            losses.policy_loss(*flat, kind=kind, cu_seqlens=cu.int())
+        for bad in (torch.tensor([0, 3, 2, 10]), torch.tensor([0, 4, 9]), torch.tensor([0])):  # the op's checks
+            with pytest.raises(RuntimeError, match="`cu_seqlens` must start at 0, be non-decreasing and end at"):
+                losses.policy_loss(*flat[:2], torch.randn(len(bad) - 1, dtype=flat[0].dtype), flat[3], kind=kind,
+                                   cu_seqlens=bad)
+
+
+def _packed(inp, valid_only=True):
+    """The packed form of padded inputs: each row's valid tokens (or every token, masks kept), its cu_seqlens."""
+    m = inp["mask"].bool()
+    keep = m if valid_only else torch.ones_like(m)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), keep.sum(-1).cumsum(0)])
+    packed = {k: (v[keep] if v.shape == m.shape else v) for k, v in inp.items()}
+    return packed, cu
+
+
+COV_KW = {"clip_cov": dict(kind="clip_cov", cov_ratio=0.02, kl_coef=0.1),
+          "kl_cov": dict(kind="kl_cov", cov_ratio=0.02, ppo_kl_coef=0.7, ref_logp=None)}
+
+
+@pytest.mark.parametrize("kind", ["clip_cov", "kl_cov"])
+@pytest.mark.parametrize("with_is,per_row", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "dr_grpo"])
+def test_cov_kinds_packed_equal_padded(kind, with_is, per_row, agg):
+    """Packed rows (only the valid tokens, or every token with its mask) select the same tokens as
+    their padded rows for the same seed: same loss, gradients and metrics."""
+    inp = make_inputs(7, 40, seed=131, empty_rows=(2,), per_row_adv=per_row)
+    m = inp["mask"].bool()
+    kw = dict(COV_KW[kind], agg=agg, entropy_coef=0.05, seed=5, max_length=40)
+    if not with_is:
+        kw["is_weights"] = None
+    want = run(losses.policy_loss, inp, **kw)
+    sel_kw = dict(kind=kind, clip_low=0.2, clip_high=0.2, cov_ratio=kw["cov_ratio"], clip_cov_lb=1.0, clip_cov_ub=5.0,
+                  seed=5)
+    sel = losses._cov_selection(inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"], None, **sel_kw)[0]
+    k = max(int(0.02 * int(m.sum())), 1)
+    assert int(sel.sum()) == k  # enough candidates: the draw (clip_cov) / the top-k (kl_cov) decides
+    for valid_only in (True, False):
+        packed, cu = _packed(inp, valid_only)
+        got = run(losses.policy_loss, packed, cu_seqlens=cu, **kw)
+        keep = m if valid_only else torch.ones_like(m)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got[2], want[2][keep], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got[3], want[3][keep], rtol=1e-12, atol=1e-14)
+        assert set(got[1]) == set(want[1])
+        for name in want[1]:
+            torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-6, atol=1e-7, msg=name)
+        packed_sel = losses._cov_selection(packed["logp"], packed["old_logp"], packed["advantages"], packed["mask"],
+                                           cu, **sel_kw)[0]
+        assert torch.equal(packed_sel, sel[keep])
+    if kind == "clip_cov":  # the seed picks the subset: another seed, other tokens (same count)
+        other = losses._cov_selection(inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"], None,
+                                      **dict(sel_kw, seed=6))[0]
+        assert int(other.sum()) == k and not torch.equal(other, sel)
 
 
 def test_deterministic_across_thread_counts():
@@ -491,16 +629,27 @@ def test_cuda_opcheck_and_kernel_count():
 
 # ---------------------------------------------------------------- DP normalization (2 gloo ranks)
 
+# (kind, agg, layout) for every aggregation mode: vanilla (the row weights), geo_mean (its rows-mean
+# policy term over the global row count) and vanilla packed (counts from cu_seqlens)
+DP_CASES = [(kind, agg, layout) for agg in AGGS for kind, layout in (("vanilla", "padded"), ("geo_mean", "padded"),
+                                                                      ("vanilla", "packed"))]
+
+
+def _dp_run(inp, kind, agg, layout, **kw):
+    if layout == "packed":  # every row of length T, masks kept
+        B, T = inp["mask"].shape
+        inp = {k: v.flatten() for k, v in inp.items()}
+        kw.update(cu_seqlens=torch.arange(B + 1) * T, max_length=T)
+    return run(losses.policy_loss, inp, kind=kind, agg=agg, kl_coef=0.1, entropy_coef=0.1, **kw)
+
+
 def _dp_worker(rank, world_size, init_method, shards, out_dir):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
-        out = {}
-        for kind, agg in itertools.product(["vanilla", "geo_mean"], ["token-mean", "seq-mean-token-mean", "grpo"]):
-            out[(kind, agg)] = run(losses.policy_loss, shards[rank], kind=kind, agg=agg, kl_coef=0.1, entropy_coef=0.1,
-                                   process_group=dist.group.WORLD)
+        out = {case: _dp_run(shards[rank], *case, process_group=dist.group.WORLD) for case in DP_CASES}
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -512,15 +661,19 @@ def test_dp_normalization_equals_single_process(tmp_path):
     shards = [{k: v[:4] for k, v in full.items()}, {k: v[4:] for k, v in full.items()}]  # uneven shards
     run_ranks(_dp_worker, (2, f"file://{tmp_path}/init", shards, str(tmp_path)), 2)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for kind, agg in itertools.product(["vanilla", "geo_mean"], ["token-mean", "seq-mean-token-mean", "grpo"]):
-        loss, _, g, ge = run(losses.policy_loss, full, kind=kind, agg=agg, kl_coef=0.1, entropy_coef=0.1)
+    for case in DP_CASES:
+        loss, _, g, ge = _dp_run(full, *case)
+        local = _dp_run(shards[0], *case)[0]  # without the group: rank 0's own normalization
+        r0, r1 = got[0][case], got[1][case]
         # each rank's loss is world_size x its share: their mean is the single-process loss, and
         # DDP's gradient average gives the single-process gradient
-        torch.testing.assert_close((got[0][(kind, agg)][0] + got[1][(kind, agg)][0]) / 2, loss, rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(torch.cat([got[0][(kind, agg)][2], got[1][(kind, agg)][2]]) / 2, g, rtol=1e-12,
-                                   atol=1e-14)
-        torch.testing.assert_close(torch.cat([got[0][(kind, agg)][3], got[1][(kind, agg)][3]]) / 2, ge, rtol=1e-12,
-                                   atol=1e-14)
+        torch.testing.assert_close((r0[0] + r1[0]) / 2, loss, rtol=1e-12, atol=1e-14, msg=str(case))
+        torch.testing.assert_close(torch.cat([r0[2], r1[2]]) / 2, g.view(-1, *r0[2].shape[1:]), rtol=1e-12,
+                                   atol=1e-14, msg=str(case))
+        torch.testing.assert_close(torch.cat([r0[3], r1[3]]) / 2, ge.view(-1, *r0[3].shape[1:]), rtol=1e-12,
+                                   atol=1e-14, msg=str(case))
+        if case[1] != "token-sum":  # the group's counts changed rank 0's loss (token-sum has none)
+            assert not torch.allclose(2 * local, r0[0]), case
 
 
 # ------------------------------------------------------------------------- hypothesis: shapes, masks

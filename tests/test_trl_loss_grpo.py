@@ -68,7 +68,7 @@ def bare_trainer(loss_type, per_token_logps, entropies, accelerator=None, traini
     t = object.__new__(trl_grpo.GRPOTrainer)
     t.loss_type, t.beta, t.importance_sampling_level = loss_type, c["beta"], c["importance_sampling_level"]
     t.epsilon_low = c["epsilon_low"]
-    t.epsilon_high = 4.0 if loss_type == "cispo" else c["epsilon_high"]
+    t.epsilon_high = c["epsilon_high"]
     t.top_entropy_quantile, t.off_policy_mask_threshold = c["top_entropy_quantile"], c["off_policy_mask_threshold"]
     t.use_vllm, t.vllm_importance_sampling_correction = c["use_vllm"], True
     t.max_completion_length = c["max_completion_length"]
@@ -130,7 +130,7 @@ def ours(loss_type, logp, ent, inputs, **cfg):
     kp, lp_, kn, ln = c["vespo"]
     loss, metrics = ft.grpo_loss(
         lp, inputs["old_per_token_logps"], inputs["advantages"], inputs["completion_mask"], loss_type=loss_type,
-        epsilon_low=c["epsilon_low"], epsilon_high=4.0 if loss_type == "cispo" else c["epsilon_high"],
+        epsilon_low=c["epsilon_low"], epsilon_high=c["epsilon_high"],
         delta=c["delta"], importance_sampling_level=c["importance_sampling_level"], beta=c["beta"],
         ref_per_token_logps=inputs["ref_per_token_logps"], use_bias_correction_kl=c["use_bias_correction_kl"],
         vespo_k_pos=kp, vespo_lambda_pos=lp_, vespo_k_neg=kn, vespo_lambda_neg=ln,
@@ -212,6 +212,41 @@ def test_grpo_loss_variants_match_trl(loss_type, variant):
     assert_matches(got, want, loss_type, "token", cfg)
     if variant == "wide_ratios" and loss_type == "vespo":
         assert float(got[3]["vespo/phi_seq_mean"]) < 0.5  # far off-policy rows are down-weighted
+
+
+# TRL caps CISPO's weight at epsilon_high itself: GRPOConfig's default (epsilon_high=None -> epsilon,
+# 0.2: GRPOTrainer.__init__) caps it below 1; 0.28, 1.0 and 4.0 at, around and far above the ratios.
+@pytest.mark.parametrize("epsilon_high", [0.2, 0.28, 1.0, 4.0])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("name", ["plain", "kl_delta_bonus", "everything"])
+def test_cispo_matches_trl_for_every_cap(epsilon_high, level, name):
+    cfg = dict(CONFIGS[name], importance_sampling_level=level, epsilon_high=epsilon_high)
+    logp, ent, inputs = make_inputs(61, spread=1.0)  # 3 of 6 advantages > 0
+    got, want = ours("cispo", logp, ent, inputs, **cfg), trl_loss("cispo", logp, ent, inputs, **cfg)
+    assert_matches(got, want, "cispo", level, cfg)
+    if level == "token":  # the cap clips: TRL's logged fraction of r > epsilon_high with A > 0
+        assert want[3]["cispo_clip_ratio"][0] > (0.1 if epsilon_high < 4.0 else 0.0)
+    if epsilon_high != 4.0:  # and changes the loss
+        cap4 = ours("cispo", logp, ent, inputs, **dict(cfg, epsilon_high=4.0))
+        assert not torch.allclose(got[1], cap4[1])
+
+
+def test_cispo_default_cap_is_trl_config_default():
+    """The premise of the test above: a default GRPOConfig leaves epsilon_high None, GRPOTrainer then
+    caps CISPO at epsilon (0.2)."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(trl_grpo.GRPOConfig)}
+    assert defaults["epsilon_high"] is None and defaults["epsilon"] == 0.2
+
+
+@pytest.mark.parametrize("epsilon_high", [0.0, -0.1, float("inf"), float("nan")])
+def test_cispo_bad_epsilon_high(epsilon_high):
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match=r"loss_type='cispo' needs a finite `epsilon_high` > 0 \(the cap of the "
+                                         rf"importance ratio\), got {epsilon_high}"):
+        ft.grpo_loss(x, x, torch.zeros(1), torch.ones(1, 2), loss_type="cispo", epsilon_high=epsilon_high,
+                     num_items_in_batch=torch.tensor(2))
 
 
 def test_masks_really_act():

@@ -30,15 +30,20 @@ using losses::Kind;
 using losses::KlMode;
 using losses::RatioLevel;
 
+// Every kind of fastrl.losses.policy_loss (losses.KINDS): clip_cov and kl_cov are its Python
+// compositions of this op (a token selection, then kind 'vanilla'), named here so the message is complete.
 Kind parse_kind(const std::string& s) {
   if (s == "vanilla") return Kind::kVanilla;
-  if (s == "gpg") return Kind::kGpg;
+  if (s == "gpg" || s == "reinforce") return Kind::kGpg;
   if (s == "cispo") return Kind::kCispo;
   if (s == "gspo") return Kind::kGspo;
   if (s == "sapo") return Kind::kSapo;
   if (s == "geo_mean") return Kind::kGeoMean;
-  TORCH_CHECK_VALUE(false, "fastrl: policy_loss `kind` must be one of 'vanilla', 'gpg', 'cispo', 'gspo', "
-                    "'sapo', 'geo_mean'; got '", s, "'");
+  TORCH_CHECK_VALUE(s != "clip_cov" && s != "kl_cov", "fastrl: kind '", s, "' is computed by "
+                    "fastrl.losses.policy_loss (a token selection, then this op with kind 'vanilla'), not by "
+                    "the policy_loss_rows op itself");
+  TORCH_CHECK_VALUE(false, "fastrl: policy_loss `kind` must be one of 'vanilla', 'gpg', 'reinforce', 'cispo', "
+                    "'gspo', 'sapo', 'geo_mean', 'clip_cov', 'kl_cov'; got '", s, "'");
 }
 
 KlMode parse_kl_kind(const std::string& s) {
@@ -75,10 +80,22 @@ losses::Params make_params(c10::string_view kind, c10::string_view ratio_level, 
   TORCH_CHECK_VALUE(level == "token" || level == "sequence",
                     "fastrl: policy_loss `ratio_level` must be 'token' or 'sequence'; got '", level, "'");
   p.level = level == "token" ? RatioLevel::kToken : RatioLevel::kSequence;
-  TORCH_CHECK_VALUE(clip_low > 0.0 && clip_low <= 1.0, "fastrl: policy_loss `clip_low` must lie in (0, 1] "
-                    "(the ratio is clipped below at 1 - clip_low), got ", clip_low);
-  TORCH_CHECK_VALUE(clip_high > 0.0 && std::isfinite(clip_high), "fastrl: policy_loss `clip_high` must be "
-                    "> 0 and finite, got ", clip_high);
+  if (p.kind == Kind::kCispo) {
+    // CISPO clamps a stop-gradient weight, not the objective: any range [1 - clip_low, 1 + clip_high]
+    // with a positive cap is meaningful, as torch.clamp in verl and TRL (TRL caps the ratio at
+    // epsilon_high: clip_low = 1, clip_high = epsilon_high - 1; verl's clip_ratio_low >= 1: no lower clip).
+    TORCH_CHECK_VALUE(std::isfinite(clip_high) && 1.0 + clip_high > 0.0, "fastrl: policy_loss kind='cispo' "
+                      "needs a finite `clip_high` with 1 + clip_high > 0 (the cap of the clipped ratio), got ",
+                      clip_high);
+    TORCH_CHECK_VALUE(std::isfinite(clip_low) && 1.0 - clip_low <= 1.0 + clip_high, "fastrl: policy_loss "
+                      "kind='cispo' needs a finite `clip_low` with 1 - clip_low <= 1 + clip_high (a non-empty "
+                      "clip range), got clip_low=", clip_low, " and clip_high=", clip_high);
+  } else {
+    TORCH_CHECK_VALUE(clip_low > 0.0 && clip_low <= 1.0, "fastrl: policy_loss `clip_low` must lie in (0, 1] "
+                      "(the ratio is clipped below at 1 - clip_low), got ", clip_low);
+    TORCH_CHECK_VALUE(clip_high > 0.0 && std::isfinite(clip_high), "fastrl: policy_loss `clip_high` must be "
+                      "> 0 and finite, got ", clip_high);
+  }
   TORCH_CHECK_VALUE(!dual_clip.has_value() || *dual_clip > 1.0, "fastrl: policy_loss `dual_clip` must be "
                     "> 1 (the lower bound of the ratio for A < 0, verl's clip_ratio_c) or None, got ",
                     dual_clip.value_or(0.0));

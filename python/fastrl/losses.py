@@ -31,6 +31,7 @@ from fastrl.reference import losses as _ref
 __all__ = ["policy_loss", "linear_policy_loss", "rollout_is_weights", "rollout_rejection_mask"]
 
 KINDS = _ref.KINDS + ("clip_cov", "kl_cov")
+_KIND_NAMES = ", ".join(map(repr, KINDS))  # as the op's message (csrc/torch/losses.cpp parse_kind) lists them
 AGGS = _ref.AGGS
 KL_KINDS = _ref.KL_KINDS
 RATIO_LEVELS = _ref.RATIO_LEVELS
@@ -68,15 +69,22 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         pg   *= is_weights (rollout-correction importance weights, no gradient)
         aux   = kl_coef * KL(logp, ref_logp) - entropy_coef * entropy
 
+    ``clip_low`` lies in (0, 1] and ``clip_high`` > 0, except for ``"cispo"``, which clamps a
+    stop-gradient weight and takes any range with ``1 + clip_high > 0`` and ``1 - clip_low <= 1 +
+    clip_high``, as verl's and TRL's ``torch.clamp`` (TRL caps the weight at ``epsilon_high``, 0.2 by
+    default: ``clip_low=1, clip_high=epsilon_high - 1``; verl's ``clip_ratio_low >= 1``: no lower clip).
+
     ``"clip_cov"`` / ``"kl_cov"`` (verl's covariance-based variants, PPO loss with the unclamped
     ratio): with ``cov_t = (A_t - mean A) (logp_t - mean logp)`` over the valid tokens and
     ``k = max(1, floor(cov_ratio * N))``, ``"kl_cov"`` adds ``ppo_kl_coef * |x_t|`` to the
     unclipped ``-A r`` at the k tokens of largest covariance; ``"clip_cov"`` takes the PPO clip loss
     and drops (zero loss and gradient) up to k tokens drawn uniformly among the valid ones with
     ``clip_cov_lb < cov < clip_cov_ub`` that the clip did not already clip. Unlike verl (an
-    unseeded CPU ``randperm`` and host copies) the draw is on the device from a generator seeded with
-    ``seed``: deterministic, no host sync; when there are at most k candidates every candidate is
-    dropped, as in verl. ``clipfrac`` is then the dropped fraction (verl's ``pg_clipfrac``).
+    unseeded CPU ``randperm`` and host copies) the draw is a uniform subset keyed by a hash of
+    (``seed``, the token's index among the valid tokens) on the device: deterministic, no host sync,
+    the same tokens on every device and in both layouts; when there are at most k candidates every
+    candidate is dropped, as in verl. ``clipfrac`` is then the dropped fraction (verl's ``pg_clipfrac``).
+    Both kinds select over the whole local batch, padded or packed.
 
     ``"geo_mean"`` (GMPO) is per row: ``-mean_b(A) * exp(mean_b(xm)) * w_b`` with ``xm`` the
     sign(A)-clipped log-ratio clamped to ``[-clip_low, clip_high]`` and ``w_b`` the geometric mean
@@ -134,6 +142,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     >>> loss
     tensor(-1.1052, grad_fn=<_PolicyLossRowsBackward>)
     """
+    if kind not in KINDS:
+        raise ValueError(f"fastrl: policy_loss `kind` must be one of {_KIND_NAMES}; got {kind!r}")
     kind = "gpg" if kind == "reinforce" else kind
     if kind in ("clip_cov", "kl_cov"):
         return _cov_loss(logp, old_logp, advantages, mask, kind=kind, clip_low=clip_low, clip_high=clip_high,
@@ -187,30 +197,10 @@ def _cov_loss(logp, old_logp, advantages, mask, *, kind, clip_low, clip_high, co
     if kind == "kl_cov" and (ref_logp is not None and kl_coef != 0.0):
         raise ValueError("fastrl: policy_loss kind='kl_cov' uses the KL term for its covariance penalty; "
                          "pass ref_logp=None (add a reference KL with a second call)")
-    if kw["cu_seqlens"] is not None:
-        raise ValueError(f"fastrl: policy_loss kind={kind!r} supports the padded layout only")
     valid = mask != 0
-    with torch.no_grad():
-        adv = advantages if advantages.shape == logp.shape else advantages[:, None].expand_as(logp)
-        n = valid.sum()
-        count = n.clamp(min=1).to(torch.float64)
-        adv_c = adv.double() - torch.where(valid, adv.double(), 0.0).sum() / count
-        lp_c = logp.detach().double() - torch.where(valid, logp.detach().double(), 0.0).sum() / count
-        cov = (adv_c * lp_c).to(logp.dtype if logp.dtype == torch.float64 else torch.float32)
-        k = torch.floor(n.double() * cov_ratio).clamp(min=1)  # verl: max(1, int(N * ratio))
-        if kind == "kl_cov":
-            key = torch.where(valid, -cov, float("inf")).flatten()  # ascending = largest covariance first
-        else:
-            ratio = torch.exp(logp.detach() - old_logp)  # verl's clip test, in the inputs' dtype
-            l1, l2 = -adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
-            cand = valid & (l2 <= l1) & (cov > clip_cov_lb) & (cov < clip_cov_ub)
-            gen = torch.Generator(device=logp.device).manual_seed(seed)
-            draw = torch.rand(logp.shape, generator=gen, device=logp.device, dtype=torch.float64)
-            key = torch.where(cand, draw, float("inf")).flatten()
-        order = torch.sort(key, stable=True).indices
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(order.numel(), device=order.device)
-        selected = (rank.view(logp.shape) < k) & torch.isfinite(key.view(logp.shape))
+    selected, count = _cov_selection(logp, old_logp, advantages, mask, kw["cu_seqlens"], kind=kind, clip_low=clip_low,
+                                     clip_high=clip_high, cov_ratio=cov_ratio, clip_cov_lb=clip_cov_lb,
+                                     clip_cov_ub=clip_cov_ub, seed=seed)
     base = dict(clip_low=1.0, clip_high=1e30) if kind == "kl_cov" else dict(clip_low=clip_low, clip_high=clip_high)
     if kind == "kl_cov" and is_weights is None:
         ref = torch.where(selected, old_logp.to(logp.dtype), logp.detach())
@@ -237,6 +227,96 @@ def _cov_loss(logp, old_logp, advantages, mask, *, kind, clip_low, clip_high, co
     return loss, m
 
 
+def _cov_selection(logp, old_logp, advantages, mask, cu_seqlens, *, kind, clip_low, clip_high, cov_ratio,
+                   clip_cov_lb, clip_cov_ub, seed):
+    """(bool mask of the tokens clip_cov drops / kl_cov penalizes, logp's shape; max(N, 1) as float64).
+    Layout-free: the per-token values and an order over the valid tokens only (positions are
+    row-major in both layouts), so packed rows select exactly what their padded rows select."""
+    _check_cov_layout(logp, old_logp, advantages, mask, cu_seqlens)
+    valid = mask != 0
+    with torch.no_grad():
+        adv = _per_token(advantages, logp, cu_seqlens)
+        n = valid.sum()
+        count = n.clamp(min=1).to(torch.float64)
+        adv_c = adv.double() - torch.where(valid, adv.double(), 0.0).sum() / count
+        lp_c = logp.detach().double() - torch.where(valid, logp.detach().double(), 0.0).sum() / count
+        cov = (adv_c * lp_c).to(logp.dtype if logp.dtype == torch.float64 else torch.float32)
+        k = torch.floor(n.double() * cov_ratio).clamp(min=1)  # verl: max(1, int(N * ratio))
+        if kind == "kl_cov":
+            key = torch.where(valid, -cov, float("inf"))  # ascending = largest covariance first
+            eligible = torch.isfinite(key)
+        else:
+            ratio = torch.exp(logp.detach() - old_logp)  # verl's clip test, in the inputs' dtype
+            l1, l2 = -adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+            eligible = valid & (l2 <= l1) & (cov > clip_cov_lb) & (cov < clip_cov_ub)
+            key = torch.where(eligible, _token_hash(valid, seed), torch.iinfo(torch.int64).max)
+        order = torch.sort(key.flatten(), stable=True).indices
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device)
+        return (rank.view(logp.shape) < k) & eligible, count
+
+
+def _check_cov_layout(logp, old_logp, advantages, mask, cu_seqlens):
+    """The layout checks the selection needs before the op repeats them (cu_seqlens' values: the op's)."""
+    name = "fastrl: policy_loss kind='clip_cov'/'kl_cov'"
+    want = "1-D [N] (packed, with `cu_seqlens`)" if cu_seqlens is not None else "2-D [B, T] (padded)"
+    if logp.dim() != (1 if cu_seqlens is not None else 2):
+        raise ValueError(f"{name} `logp` must be {want}, got shape {tuple(logp.shape)}")
+    for arg, t in (("old_logp", old_logp), ("mask", mask)):
+        if t.shape != logp.shape:
+            raise ValueError(f"{name} `{arg}` must have `logp`'s shape {tuple(logp.shape)}, got {tuple(t.shape)}")
+    if cu_seqlens is not None and (cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int64 or not len(cu_seqlens)):
+        raise ValueError(f"{name} `cu_seqlens` must be int64 [B + 1] row offsets, got {cu_seqlens.dtype} of shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    rows = logp.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if advantages.shape != logp.shape and tuple(advantages.shape) != (rows,):
+        raise ValueError(f"{name} `advantages` must have `logp`'s shape {tuple(logp.shape)} (per token) or "
+                         f"[{rows}] (per sequence), got {tuple(advantages.shape)}")
+
+
+def _per_token(advantages, logp, cu_seqlens):
+    """Advantages per token: as given, or a row's value on each of its tokens."""
+    if advantages.shape == logp.shape:
+        return advantages
+    if cu_seqlens is None:
+        return advantages[:, None].expand_as(logp)
+    if not len(advantages):  # no rows but tokens: bad cu_seqlens, which the op reports
+        return advantages.new_zeros(logp.shape)
+    return advantages[_token_rows(cu_seqlens, logp.shape[0]).clamp(max=len(advantages) - 1)]
+
+
+def _token_rows(cu_seqlens, n):
+    """int64 [n]: the row of each packed token (a searchsorted, no host sync)."""
+    return torch.searchsorted(cu_seqlens[1:], torch.arange(n, device=cu_seqlens.device), right=True)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c):
+    """(x * c) mod 2^32 for int64 x in [0, 2^32) and a 32-bit constant, with no int64 overflow."""
+    return (((((x >> 16) * c) & 0xFFFF) << 16) + (x & 0xFFFF) * c) & _M32
+
+
+def _mix32(x):
+    """A 32-bit integer hash (the "lowbias32" mixer: xorshift-multiply rounds) of int64 tensors or ints."""
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _token_hash(valid, seed):
+    """int64 keys in [0, 2^62), valid's shape: a hash of (seed, the token's index among the valid
+    tokens in row-major order). Independent uniform keys: sorting them draws a uniform subset,
+    the same on every device and for the padded and packed forms of a batch."""
+    ordinal = torch.cumsum(valid.flatten().to(torch.int64), 0).view(valid.shape) - 1
+    seed = int(seed) & ((1 << 64) - 1)
+    # salts: mixed seed halves (Python ints), so that no (seed, ordinal) pair hashes to a fixed point
+    salt_lo, salt_hi = _mix32((seed & _M32) ^ 0x9E3779B9), _mix32((seed >> 32) ^ 0x85EBCA6B)
+    h = _mix32(_mix32((ordinal & _M32) ^ salt_lo) ^ (ordinal >> 32) ^ salt_hi)
+    return (h << 30) | (_mix32(h ^ salt_lo) >> 2)
+
+
 def _global_counts(mask, cu_seqlens, scale, process_group):
     """float64 [3] (N, S, B) summed over the group (one all-reduce), and scale * world size."""
     import torch.distributed as dist
@@ -246,8 +326,7 @@ def _global_counts(mask, cu_seqlens, scale, process_group):
         per_row = valid.sum(-1)
     else:
         per_row = torch.zeros(cu_seqlens.shape[0] - 1, dtype=torch.int64, device=mask.device)
-        row = torch.searchsorted(cu_seqlens[1:], torch.arange(mask.shape[0], device=mask.device), right=True)
-        per_row.index_add_(0, row, valid.to(torch.int64))
+        per_row.index_add_(0, _token_rows(cu_seqlens, mask.shape[0]), valid.to(torch.int64))
     counts = torch.stack([per_row.sum().double(), (per_row > 0).sum().double(),
                           torch.tensor(float(per_row.shape[0]), dtype=torch.float64, device=mask.device)])
     dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=process_group)

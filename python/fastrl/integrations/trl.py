@@ -316,6 +316,9 @@ def grpo_loss(per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor |
                          "'token' and 'sequence'.")
     if not 0.0 < top_entropy_quantile <= 1.0:
         raise ValueError(f"fastrl: grpo_loss `top_entropy_quantile` must be in (0, 1], got {top_entropy_quantile}")
+    if loss_type == "cispo" and not (0.0 < epsilon_high < math.inf):
+        raise ValueError(f"fastrl: grpo_loss loss_type='cispo' needs a finite `epsilon_high` > 0 (the cap of the "
+                         f"importance ratio), got {epsilon_high}")
     if top_entropy_quantile < 1.0 and entropies is None:
         raise ValueError("fastrl: grpo_loss top_entropy_quantile < 1 needs `entropies` (the per-token entropies)")
     if old_per_token_logps is None:
@@ -346,7 +349,10 @@ def grpo_loss(per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor |
         weights = f if weights is None else weights * f
     if weights is not None:
         weights = weights.expand_as(per_token_logps)
-    if loss_type == "cispo":  # TRL: clamp(r, max=epsilon_high); r >= 0, so a [0, eps_high] clip
+    if loss_type == "cispo":
+        # TRL: clamp(r, max=epsilon_high), any cap > 0 (GRPOConfig's default epsilon_high is epsilon, 0.2);
+        # r >= 0, so the kernel's [1 - clip_low, 1 + clip_high] = [0, epsilon_high] clip (its cap
+        # 1 + (epsilon_high - 1) can be 1 float64 ulp off epsilon_high, e.g. for 0.2).
         clip = dict(kind="cispo", clip_low=1.0, clip_high=epsilon_high - 1.0)
     elif loss_type == "sapo":
         clip = dict(kind="sapo", tau_pos=sapo_temperature_pos, tau_neg=sapo_temperature_neg)
