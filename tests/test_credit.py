@@ -1,4 +1,4 @@
-"""Token-level credit assignment (so far: broadcast_to_tokens)."""
+"""Token-level credit assignment (fastrl.credit) and its verl drop-ins."""
 import pytest
 import torch
 
@@ -55,6 +55,7 @@ def test_bad_input(values, mask, match):
 # ------------------------------------------------------------------ GAE, returns, masked statistics
 
 import math  # noqa: E402
+import re  # noqa: E402
 import types  # noqa: E402
 
 import hypothesis.strategies as st  # noqa: E402
@@ -1935,3 +1936,337 @@ def test_cuda_whiten_with_moments_is_masked_whiten():
             assert torch.equal(got, fastrl.credit.masked_whiten(x, m, shift_mean=shift_mean, unbiased=unbiased))
     cpu = torch.ops.fastrl.whiten_with_moments(x.cpu(), moments.cpu(), False, False, 1e-8)  # got's flags
     torch.testing.assert_close(got.cpu(), cpu, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------- broadcast_to_tokens: packed layout
+
+
+BROADCAST_DTYPES = [(torch.float32, torch.bool), (torch.float32, torch.int64), (torch.bfloat16, torch.float32),
+                    (torch.float64, torch.float32), (torch.float32, torch.bfloat16), (torch.float16, torch.uint8)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("values_dtype, mask_dtype", BROADCAST_DTYPES)
+def test_broadcast_packed_equals_padded(device, values_dtype, mask_dtype):
+    """Packed [N] + cu_seqlens gives, token for token, the bits of the padded call (and of the trainers'
+    `values.unsqueeze(-1) * mask`), empty and all-masked rows included."""
+    _, _, m = multiturn_batch(9, 37, seed=301, all_masked_rows=(2,))
+    m[4] = False  # -> an empty packed row (pack() keeps each row up to its last valid token)
+    values = torch.randn(9, generator=torch.Generator().manual_seed(302)).to(values_dtype).to(device)
+    mask = m.to(mask_dtype).to(device)
+    padded = fastrl.credit.broadcast_to_tokens(values, mask)
+    mp, cu, keep = pack(mask.cpu(), m)
+    got = fastrl.credit.broadcast_to_tokens(values, mp.to(device), cu_seqlens=cu.to(device))
+    assert (cu[5] - cu[4]).item() == 0 and got.dtype == padded.dtype and got.shape == mp.shape
+    assert torch.equal(got, padded[keep.to(device)])
+    assert torch.equal(got.cpu(), ref.broadcast_to_tokens(values.cpu(), mp, cu_seqlens=cu))
+    assert (got.cpu()[~mp.bool()] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_broadcast_packed_gradients_equal_padded(device):
+    _, _, m = multiturn_batch(7, 23, seed=303, all_masked_rows=(1,), mask_dtype=torch.float32)
+    values = torch.randn(7, generator=torch.Generator().manual_seed(304)).to(device)
+    grad = torch.randn(7, 23, generator=torch.Generator().manual_seed(305)).to(device)
+    mask = m.to(device)
+    v1 = values.clone().requires_grad_()
+    fastrl.credit.broadcast_to_tokens(v1, mask).backward(grad)
+    mp, cu, keep = pack(m, m)
+    v2 = values.clone().requires_grad_()
+    fastrl.credit.broadcast_to_tokens(v2, mp.to(device), cu_seqlens=cu.to(device)).backward(grad[keep.to(device)])
+    assert torch.equal(v1.grad, v2.grad)  # both a segment_reduce sum in fp64, token order
+    want = (grad.double() * mask).sum(-1).float()  # d values[b] = sum_t grad[b, t] * mask[b, t]
+    torch.testing.assert_close(v1.grad, want, rtol=1e-6, atol=1e-6)
+    assert v1.grad[1] == 0  # an all-masked row gets no gradient
+
+
+def test_broadcast_packed_gradcheck_opcheck_and_compile():
+    gen = torch.Generator().manual_seed(306)
+    values = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    cu = torch.tensor([0, 3, 3, 7, 9])
+    mask = (torch.rand(9, generator=gen) < 0.7).double()
+    torch.autograd.gradcheck(lambda v: fastrl.credit.broadcast_to_tokens(v, mask, cu_seqlens=cu), (values,))
+    torch.autograd.gradgradcheck(lambda v: fastrl.credit.broadcast_to_tokens(v, mask, cu_seqlens=cu), (values,))
+    op = torch.ops.fastrl.broadcast_to_tokens.default
+    torch.library.opcheck(op, (values.detach(), mask, cu))
+    torch.library.opcheck(op, (values.detach().float().requires_grad_(), mask.bool(), cu))
+    torch.library.opcheck(op, (values.detach().float().requires_grad_(), mask.view(1, 9).expand(4, 9).contiguous()))
+    f = torch.compile(lambda v, m, c: fastrl.credit.broadcast_to_tokens(v, m, cu_seqlens=c) * 2, fullgraph=True,
+                      backend="eager")
+    assert torch.equal(f(values.detach(), mask, cu), ref.broadcast_to_tokens(values.detach(), mask, cu_seqlens=cu) * 2)
+
+
+def test_broadcast_packed_reference_backend(monkeypatch):
+    values, mask, cu = torch.randn(3), torch.tensor([1, 0, 1, 1, 1, 0]), torch.tensor([0, 2, 2, 6])
+    want = fastrl.credit.broadcast_to_tokens(values, mask, cu_seqlens=cu)
+    assert torch.equal(want, torch.stack([values[0], values[0] * 0, values[2], values[2], values[2], values[2] * 0]))
+    monkeypatch.setattr(fastrl._extension, "BACKEND", "reference")
+    assert torch.equal(fastrl.credit.broadcast_to_tokens(values, mask, cu_seqlens=cu), want)
+
+
+@pytest.mark.parametrize(
+    "values, mask, cu, match",
+    [
+        (torch.randn(3), torch.ones(6), torch.tensor([0, 4, 3, 6]),
+         r"non-decreasing, got cu_seqlens\[1\] = 4 > cu_seqlens\[2\] = 3"),
+        (torch.randn(3), torch.ones(6), torch.tensor([0, 2, 4, 5]),
+         r"must end at the number of tokens N = 6 \(`mask` has 6\), got cu_seqlens\[-1\] = 5"),
+        (torch.randn(3), torch.ones(6), torch.tensor([1, 2, 4, 6]), r"must start at 0, got cu_seqlens\[0\] = 1"),
+        (torch.randn(3), torch.ones(6), torch.tensor([0, 2, 4, 6], dtype=torch.int32), r"`cu_seqlens` must be Long"),
+        (torch.randn(3), torch.ones(6), torch.tensor([[0, 2, 4, 6]]), r"`cu_seqlens` must be 1-D"),
+        (torch.randn(2), torch.ones(6), torch.tensor([0, 2, 4, 6]), r"`mask` has 3 packed rows but `values` has 2"),
+        (torch.randn(3), torch.ones(3, 2), torch.tensor([0, 2, 4, 6]), r"`mask` must be 1-D"),
+        (torch.randn(3, 1), torch.ones(6), torch.tensor([0, 2, 4, 6]), r"`values` must be 1-D"),
+    ],
+)
+def test_broadcast_packed_bad_input(values, mask, cu, match):
+    with pytest.raises(RuntimeError, match=match):
+        fastrl.credit.broadcast_to_tokens(values, mask, cu_seqlens=cu)
+
+
+# -------------------------------------------------- verl's masked statistics (torch_functional)
+
+
+def stats_batch(seed, dtype, mask_dtype, B=12, T=40):
+    """Values with NaN outside the mask (verl's masked_sum must drop them), an all-masked row."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(B, T, generator=gen, dtype=torch.float64) * 2 + 0.7).to(dtype)
+    m = multiturn_batch(B, T, seed, all_masked_rows=(3,), mask_dtype=torch.bool)[2]
+    m[0, :2] = True  # >= 2 valid tokens: verl's unbiased variance raises below that
+    x[~m] = float("nan")
+    return x, m.to(mask_dtype)
+
+
+def stats_tol(dtype):
+    # verl sums in the values' dtype (bf16: every partial sum rounded), fastrl in fp64
+    return {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 5e-2}[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32, torch.float64])
+def test_verl_masked_statistics_dropins_match_verl(dtype, mask_dtype):
+    x, m = stats_batch(307, dtype, mask_dtype)
+    tol = stats_tol(dtype)
+
+    def same(got, want):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True)
+
+    for axis in (None, -1, 0, (0, 1)):
+        same(fverl.masked_sum(x, m, axis), verl_F.masked_sum(x, m, axis))
+        same(fverl.masked_mean(x, m, axis=axis), verl_F.masked_mean(x, m, axis=axis))
+    for unbiased in (True, False):
+        same(fverl.masked_var(x, m, unbiased=unbiased), verl_F.masked_var(x, m, unbiased=unbiased))
+    for shift_mean in (True, False):
+        same(fverl.masked_whiten(x, m, shift_mean=shift_mean), verl_F.masked_whiten(x, m, shift_mean=shift_mean))
+    assert fverl.masked_mean(x, m, axis=-1)[3] == 0  # the all-masked row: 0 / (0 + 1e-8)
+
+
+def test_verl_masked_statistics_use_the_compiled_moments(monkeypatch):
+    x, m = stats_batch(308, torch.float32, torch.bool)
+    calls = []
+    moments = fverl._credit._moments
+    monkeypatch.setattr(fverl._credit, "_moments", lambda *a: calls.append(1) or moments(*a))
+    fverl.masked_sum(x, m), fverl.masked_mean(x, m), fverl.masked_var(x, m), fverl.masked_whiten(x, m)
+    assert len(calls) == 4
+    fverl.masked_mean(x, m, axis=-1)  # an axis: torch's ops
+    assert len(calls) == 4
+
+
+def test_verl_masked_statistics_keep_verls_denominator():
+    """verl divides by mask.sum() + 1e-8: with a float64 mask that is visible (1e-8 / n relative), and the
+    drop-ins reproduce it; fastrl.credit's own statistics use n."""
+    x = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.float64)
+    m = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    for got, want in [(fverl.masked_mean(x, m), verl_F.masked_mean(x, m)),
+                      (fverl.masked_var(x, m), verl_F.masked_var(x, m)),
+                      (fverl.masked_var(x, m, unbiased=False), verl_F.masked_var(x, m, unbiased=False)),
+                      (fverl.masked_whiten(x, m), verl_F.masked_whiten(x, m))]:
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)  # the 1e-8 would show at 3e-9
+    assert fastrl.credit.masked_mean(x, m) == 7 / 3 != verl_F.masked_mean(x, m)
+
+
+def test_verl_masked_statistics_errors_and_empty_masks_match_verl():
+    x = torch.tensor([[1.0, 2.0, 4.0], [3.0, 5.0, 6.0]])
+    none, one = torch.zeros(2, 3, dtype=torch.int64), torch.tensor([[0, 1, 0], [0, 0, 0]])
+    for mask, message in [(none, "At least one element in the mask has to be 1."),
+                          (one, "The sum of the mask is one, which can cause a division by zero.")]:
+        for fn in (fverl.masked_var, fverl.masked_whiten, verl_F.masked_var, verl_F.masked_whiten):
+            with pytest.raises(ValueError, match=re.escape(message)):
+                fn(x, mask)
+        with pytest.raises(ValueError, match=re.escape(message)):  # torch's path (a half mask) too
+            fverl.masked_var(x, mask.half())
+    assert fverl.masked_mean(x, none) == verl_F.masked_mean(x, none) == 0
+    assert fverl.masked_sum(x, none) == 0
+    assert fverl.masked_var(x, none, unbiased=False) == verl_F.masked_var(x, none, unbiased=False) == 0
+    torch.testing.assert_close(fverl.masked_var(x, one, unbiased=False), verl_F.masked_var(x, one, unbiased=False))
+
+
+def test_verl_masked_statistics_other_arguments_take_torchs_path():
+    """A broadcast mask, integer values or a half mask: what the compiled op does not take goes through
+    torch's ops, with verl's results and dtypes. A weighted float mask is not a 0/1 mask: the CPU op raises."""
+    gen = torch.Generator().manual_seed(309)
+    x = torch.randn(6, 10, generator=gen)
+    weights = torch.rand(6, 10, generator=gen)
+    row_mask = torch.tensor([[1], [0], [1], [1], [0], [1]])
+    ints = torch.randint(-5, 5, (6, 10), generator=gen)
+    half = (weights > 0.3).half()
+    cases = [(x, row_mask), (ints, weights > 0.5), (x, half), (x, half.view(60)[:10])]
+    with pytest.raises(RuntimeError, match=r"`mask` must hold only 0 and 1"):
+        fverl.masked_mean(x, weights)
+    for values, mask in cases:
+        for got, want in [(fverl.masked_sum(values, mask), verl_F.masked_sum(values, mask)),
+                          (fverl.masked_mean(values, mask), verl_F.masked_mean(values, mask)),
+                          (fverl.masked_var(values.float(), mask), verl_F.masked_var(values.float(), mask)),
+                          (fverl.masked_whiten(values.float(), mask, shift_mean=False),
+                           verl_F.masked_whiten(values.float(), mask, shift_mean=False))]:
+            assert got.dtype == want.dtype and got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_verl_masked_statistics_signatures_match_verl():
+    import inspect
+
+    for name in ("masked_sum", "masked_mean", "masked_var", "masked_whiten"):
+        ours = inspect.signature(getattr(fverl, name)).parameters
+        theirs = inspect.signature(getattr(verl_F, name)).parameters
+        assert list(ours) == list(theirs), name
+        assert [p.default for p in ours.values()] == [p.default for p in theirs.values()], name
+        assert name in fverl.__all__
+
+
+def test_dropin_docstring_examples_run():
+    import doctest
+
+    for fn in (fastrl.credit.broadcast_to_tokens, fverl.masked_sum, fverl.masked_mean, fverl.masked_var,
+               fverl.masked_whiten):
+        finder = doctest.DocTestFinder().find(fn, globs={"torch": torch, "fastrl": fastrl, **vars(fverl)})
+        runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+        for t in finder:
+            runner.run(t)
+        assert runner.failures == 0 and runner.tries > 0, fn.__name__
+
+
+# ------------------------------------------------------------------------ NaN / Inf and ranges
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_returns_nonfinite_rewards(mode, bad):
+    """Documented: a NaN/Inf reward at a step position reaches every earlier output of its row that
+    holds the carry (across masked spans, resets and turn ends); rewards at masked tokens are never read."""
+    r, _, m, dones = turn_batch(4, 30, seed=311, mask_dtype=torch.bool)
+    m[:] = True
+    m[0, 12:15] = False  # an observation span before the bad reward
+    m[1, 5:7] = False
+    r[0, 20] = bad
+    r[2, 25] = bad
+    r[1, 6] = float("nan")  # masked: never read
+    r[3, 9] = -float("inf")  # masked below
+    m[3, 9] = False
+    gamma = 0.9
+    for kw in (dict(), dict(dones=dones, turn_gamma=0.5)):
+        got = fastrl.credit.discounted_returns(r, m, gamma, mode=mode, **kw)
+        torch.testing.assert_close(got, ref.discounted_returns(r, m, gamma, mode=mode, **kw), equal_nan=True)
+        carry_at = m.clone() if mode != "cumsum" else torch.ones_like(m)  # positions that output the carry
+        for b, t in [(0, 20), (2, 25)]:
+            assert not torch.isfinite(got[b, :t + 1][carry_at[b, :t + 1]]).any(), (mode, b)
+            assert (got[b, :t + 1][~carry_at[b, :t + 1]] == 0).all()  # skip/reset: masked tokens output 0
+            assert torch.isfinite(got[b, t + 1:]).all()
+        if bad == float("inf") and mode == "skip" and not kw:  # an Inf stays +Inf through a skipped span
+            assert (got[0, :21][m[0, :21]] == float("inf")).all()
+        if mode == "reset":  # the reset is 0 + 0 * carry: NaN below the span, for an Inf too
+            assert got[0, :12].isnan().all()
+        clean = r.clone()
+        clean[1, 6] = clean[3, 9] = 0.0
+        want = fastrl.credit.discounted_returns(clean, m, gamma, mode=mode, **kw)
+        assert torch.equal(got[[1, 3]], want[[1, 3]]) and torch.isfinite(got[[1, 3]]).all()
+    if mode == "skip" and bad != bad:  # verl's REINFORCE++: the same at valid tokens (its masked tokens: NaN * 0)
+        clean = r.clone()
+        clean[1, 6] = clean[3, 9] = 0.0  # verl multiplies masked rewards in (NaN * 0): not comparable there
+        want = verl_core.compute_reinforce_plus_plus_outcome_advantage(clean, m.long(),
+                                                                        config=types.SimpleNamespace(gamma=gamma))[1]
+        got = fastrl.credit.discounted_returns(r, m, gamma)
+        assert torch.equal(got[m].isnan(), want[m].isnan())
+        torch.testing.assert_close(got[m], want[m], equal_nan=True)
+
+
+def test_returns_gamma_out_of_range_raises():
+    r, m = torch.zeros(2, 3), torch.ones(2, 3)
+    for gamma in (1.5, -0.1, float("nan"), float("inf")):
+        for kw in (dict(), dict(whiten=True), dict(mode="cumsum")):
+            with pytest.raises(RuntimeError, match=rf"`gamma` must lie in \[0, 1\], got {gamma}"):
+                fastrl.credit.discounted_returns(r, m, gamma, **kw)
+        with pytest.raises(RuntimeError, match=r"`gamma` must lie in \[0, 1\]"):
+            fastrl.credit.discounted_returns(r.flatten(), m.flatten(), gamma, cu_seqlens=torch.tensor([0, 3, 6]))
+    for gamma in (0.0, 1.0):  # the ends of the range are fine
+        fastrl.credit.discounted_returns(r, m, gamma)
+
+
+def test_gae_reset_nonfinite_crosses_the_reset_like_the_cuda_scan():
+    """mode="reset": the reset step is (0, 0) on both devices, 0 + 0 * carry, so a NaN after a masked span
+    still reaches the positions before it (as the docstring says: the positions before it in the row)."""
+    r, v = torch.randn(2, 10), torch.randn(2, 10)
+    m = torch.ones(2, 10, dtype=torch.bool)
+    m[:, 4:6] = False
+    r[0, 8] = float("nan")
+    adv, ret = fastrl.credit.gae(r, v, m, 0.9, 0.8, mode="reset")
+    assert adv[0, :9].isnan().all() and torch.isfinite(adv[0, 9:]).all() and torch.isfinite(adv[1]).all()
+    want = ref.gae(r, v, m, 0.9, 0.8, mode="reset")
+    torch.testing.assert_close(adv, want[0], equal_nan=True)
+    torch.testing.assert_close(ret, want[1], equal_nan=True)
+    r[0, 8] = 0.0  # finite inputs: the reset gives +0 carries (unchanged bits)
+    adv = fastrl.credit.gae(r, v, m, 0.9, 0.8, mode="reset")[0]
+    assert (adv[:, 4:6] == 0).all() and not torch.signbit(adv[:, 4:6]).any()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_token_rewards_nonfinite(packed):
+    """Documented: a NaN/Inf score or kl stays at its own token (never spreads); masked tokens are never read."""
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+    scores = torch.tensor([float("nan"), float("inf"), 2.0, float("nan")])
+    kl = torch.full((4, 4), 0.5)
+    kl[2, 1] = float("nan")
+    kl[2, 3] = -float("inf")
+    kl[0, 3] = kl[1, 2] = float("nan")  # masked
+    kw = dict(kl=kl, kl_coef=0.1)
+    if packed:
+        mp, cu, keep = pack(mask, torch.ones(4, 4, dtype=torch.bool))  # every position kept, masked ones too
+        got = fastrl.credit.token_rewards(scores, mp, kl=kl[keep], kl_coef=0.1, cu_seqlens=cu).view(4, 4)
+    else:
+        got = fastrl.credit.token_rewards(scores, mask, **kw)
+    torch.testing.assert_close(got, ref.token_rewards(scores, mask, **kw), equal_nan=True)
+    nan = torch.zeros(4, 4, dtype=torch.bool)
+    nan[0, 2] = nan[2, 1] = True
+    assert torch.equal(got.isnan(), nan)
+    assert got[1, 1] == float("inf") and got[2, 3] == float("inf")  # +inf score; 0 - 0.1 * -inf
+    assert (got[mask == 0] == 0).all() and (got[3] == 0).all()  # the all-masked row drops its NaN score
+    clipped = fastrl.credit.token_rewards(scores, mask, clip=1.0)
+    assert clipped[1, 1] == 1.0 and clipped[0, 2].isnan()  # clip clamps an Inf, keeps a NaN (torch.clamp)
+    zero_coef = fastrl.credit.token_rewards(scores, mask, kl=kl, kl_coef=0.0)
+    assert zero_coef[2, 1].isnan() and zero_coef[2, 3].isnan()  # 0 * NaN and 0 * Inf are NaN (OpenRLHF too)
+
+
+@pytest.mark.parametrize("with_ends", [False, True])
+def test_implicit_rewards_nonfinite(with_ends):
+    """Documented: a NaN/Inf log-prob makes its own token's reward (or its step's sum) NaN/Inf, nothing else;
+    masked tokens are never read."""
+    logp, ref_logp, _, _ = implicit_batch(3, 12, seed=313)
+    m = torch.ones(3, 12, dtype=torch.bool)
+    m[:, 9:] = False
+    ends = torch.zeros(3, 12, dtype=torch.bool)
+    ends[:, 3] = ends[:, 7] = True  # steps [0, 3], [4, 7], [8, 8] (+ masked tail)
+    logp[0, 5] = float("nan")
+    logp[1, 1] = float("inf")
+    ref_logp[1, 1] = float("inf")  # inf - inf
+    logp[2, 6] = float("inf")
+    logp[0, 10] = ref_logp[2, 11] = float("nan")  # masked
+    kw = dict(mask=m, step_ends=ends if with_ends else None)
+    got = fastrl.credit.implicit_rewards(logp, ref_logp, 0.1, **kw)
+    torch.testing.assert_close(got, ref.implicit_rewards(logp, ref_logp, 0.1, **kw), equal_nan=True)
+    at = {(0, 7), (1, 3), (2, 7)} if with_ends else {(0, 5), (1, 1), (2, 6)}  # the step's last token, or the token
+    nonfinite = {tuple(i) for i in (~torch.isfinite(got)).nonzero().tolist()}
+    assert nonfinite == at
+    first, second, third = ((0, 7), (1, 3), (2, 7)) if with_ends else ((0, 5), (1, 1), (2, 6))
+    assert got[first].isnan() and got[second].isnan() and got[third] == float("inf")  # inf - inf: NaN
+    assert (got[:, 9:] == 0).all()

@@ -245,7 +245,12 @@ int64_t gae(const scalar_t* rewards, const scalar_t* values, const mask_t* mask,
           nv = v;
           pending = false;
         } else {
-          if (mode == credit::GaeMode::kReset) carry = nv = 0;  // skip: carry and nv pass through
+          if (mode == credit::GaeMode::kReset) {  // skip: carry and nv pass through
+            // the CUDA scan's reset step (0, 0): 0 + 0 * carry, so a NaN/Inf after the reset still
+            // reaches the positions before it on both devices (finite carries give +0 either way)
+            carry = credit::apply(credit::gae_gap_step<acc_t>(mode), carry);
+            nv = 0;
+          }
           pending = pending || done;
         }
         adv[i] = carry;

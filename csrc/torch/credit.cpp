@@ -1,5 +1,5 @@
 // torch bindings of the token-level credit-assignment family: schemas, checks, dispatch.
-//   broadcast_to_tokens       per-sample -> per-token (outcome rewards)
+//   broadcast_to_tokens       per-sample -> per-token (outcome rewards), padded or packed
 //   gae, discounted_returns   backward affine scans (fastrl/credit.h), padded [B, T] or packed [N]
 //   masked_moments            (count, mean, m2) of the masked elements, fp64
 //   masked_whiten             verl's masked_whiten, statistics in fp64
@@ -31,21 +31,6 @@ namespace fastrl {
 namespace {
 
 using credit::ReturnsMode;
-
-// out[b, t] = values[b] * mask[b, t] with torch's type promotion (what every trainer writes as
-// `values.unsqueeze(-1) * mask`), computed by torch's own vectorized multiply into an output
-// allocated for streaming (see memory.h): the same bits, fewer page faults.
-at::Tensor broadcast_to_tokens(const at::Tensor& values, const at::Tensor& mask) {
-  check_dim(values, "values", 1);
-  check_dim(mask, "mask", 2);
-  TORCH_CHECK(mask.size(0) == values.size(0), "fastrl: `mask` has ", mask.size(0),
-              " rows but `values` has ", values.size(0), " entries");
-  check_same_device(mask, "mask", values, "values");
-  const auto dtype = at::promote_types(values.scalar_type(), mask.scalar_type());
-  at::Tensor out = empty_streaming_output(mask.sizes(), mask.options().dtype(dtype));
-  at::mul_out(out, values.unsqueeze(1), mask);
-  return out;
-}
 
 // ------------------------------------------------------------------------------------ helpers
 
@@ -105,6 +90,31 @@ cpu::Rows token_rows(const at::Tensor& tokens, const char* name,
                 " (`", name, "` has ", n, "), got cu_seqlens[-1] = ", c[num_rows]);
   }
   return cpu::Rows{cu.data_ptr<int64_t>(), num_rows, 0};
+}
+
+// out[b, t] = values[b] * mask[b, t] (padded) or out[i] = values[row of i] * mask[i] (packed),
+// with torch's type promotion (what every trainer writes as `values.unsqueeze(-1) * mask`),
+// computed by torch's own vectorized multiply into an output allocated for streaming (see
+// memory.h): the same bits, fewer page faults. Packed: each token's row comes from the row
+// lengths, with the output size N taken from mask's shape (no host sync on CUDA); then the same
+// multiply, so both layouts give the same bits.
+at::Tensor broadcast_to_tokens(const at::Tensor& values, const at::Tensor& mask,
+                               const c10::optional<at::Tensor>& cu_seqlens) {
+  check_dim(values, "values", 1);
+  check_same_device(mask, "mask", values, "values");
+  const cpu::Rows rows = token_rows(mask, "mask", cu_seqlens);
+  TORCH_CHECK(rows.num_rows == values.size(0), "fastrl: `mask` has ", rows.num_rows,
+              cu_seqlens ? " packed rows" : " rows", " but `values` has ", values.size(0), " entries");
+  const auto dtype = at::promote_types(values.scalar_type(), mask.scalar_type());
+  at::Tensor out = empty_streaming_output(mask.sizes(), mask.options().dtype(dtype));
+  if (!cu_seqlens.has_value()) {
+    at::mul_out(out, values.unsqueeze(1), mask);
+    return out;
+  }
+  const at::Tensor row_of_token =
+      at::repeat_interleave(at::diff(*cu_seqlens), std::optional<int64_t>(mask.size(0)));
+  at::mul_out(out, values.index_select(0, row_of_token), mask);
+  return out;
 }
 
 void raise_bad_mask(int64_t bad, const at::Tensor& mask) {
@@ -1033,7 +1043,7 @@ at::Tensor implicit_rewards_cuda(const at::Tensor& logp, const at::Tensor& ref_l
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastrl, m) {
-  m.def("broadcast_to_tokens(Tensor values, Tensor mask) -> Tensor");
+  m.def("broadcast_to_tokens(Tensor values, Tensor mask, Tensor? cu_seqlens=None) -> Tensor");
   m.def(
       "gae(Tensor rewards, Tensor values, Tensor mask, Tensor? cu_seqlens, float gamma, float lam,"
       " Tensor? dones=None, str mode='skip', float turn_gamma=0.0, float turn_lam=1.0,"

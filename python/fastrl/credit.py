@@ -12,7 +12,7 @@ int64, float32 or float64 holding only 0 and 1.
   turn ends (``dones``) with a turn-level discount, as in :func:`gae`.
 * :func:`masked_mean`, :func:`masked_var`, :func:`masked_whiten` -- verl's token-weighted batch
   statistics, fp64 accumulation, deterministic.
-* :func:`broadcast_to_tokens` -- a per-sample value on every token.
+* :func:`broadcast_to_tokens` -- a per-sample value on every token (padded or packed).
 * :func:`kl_penalty` -- per-token KL estimators (k1/abs/k2/k3) in verl's or OpenRLHF's convention,
   differentiable (closed-form gradient).
 * :func:`segment_reduce` -- token -> sequence reductions (sum, mean, GSPO's geometric-mean ratio,
@@ -52,27 +52,43 @@ KL_CONVENTIONS = _ref.KL_CONVENTIONS
 SEGMENT_REDUCTIONS = _ref.SEGMENT_REDUCTIONS
 
 
-def broadcast_to_tokens(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``out[b, t] = values[b] * mask[b, t]``: a per-sample value (an advantage) on every token.
+def broadcast_to_tokens(values: torch.Tensor, mask: torch.Tensor, *,
+                        cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """A per-sample value (an advantage) on every token of its sample, zeroed where the mask is 0::
+
+        padded  out[b, t] = values[b] * mask[b, t]
+        packed  out[i]    = values[b] * mask[i]      for cu_seqlens[b] <= i < cu_seqlens[b + 1]
 
     Args:
         values: ``[B]`` per-sample values.
-        mask: ``[B, T]`` response mask (float, bool or int; masked tokens get 0).
+        mask: ``[B, T]`` response mask (padded), or ``[N]`` (packed, with ``cu_seqlens``); float,
+            bool or int (masked tokens get 0; any values are multiplied as they are, as torch does).
+        cu_seqlens: ``int64[B+1]`` row offsets for the packed layout (0, non-decreasing, ending at
+            N = ``mask.shape[0]``; checked on the CPU, trusted on CUDA).
 
     Returns:
-        ``[B, T]`` in ``torch.promote_types(values.dtype, mask.dtype)`` — bitwise what
-        ``values.unsqueeze(-1) * mask`` gives (verl, TRL, OpenRLHF write it so), computed by torch's
-        own multiply into an output allocated for streaming: on Linux CPUs, a large output is backed
-        by transparent huge pages (one page fault per 2 MiB instead of per 4 KiB), which makes the
-        step 2-3x faster at [8192, 2048]. Differentiable in ``values``.
+        ``mask``'s shape in ``torch.promote_types(values.dtype, mask.dtype)`` -- bitwise what
+        ``values.unsqueeze(-1) * mask`` gives (verl, TRL, OpenRLHF write it so), and in the packed
+        layout bitwise the padded result at the same tokens. Computed by torch's own multiply into
+        an output allocated for streaming: on Linux CPUs, a large output is backed by transparent
+        huge pages (one page fault per 2 MiB instead of per 4 KiB), which makes the step 2-3x
+        faster at [8192, 2048]. Packed: each token's row index is expanded from the row lengths
+        (``repeat_interleave`` with the output size N read from ``mask.shape``, so no host sync on
+        CUDA; extra memory: an int64 ``[N]`` index and a ``[N]`` gather of ``values``), then the
+        same multiply. Differentiable in ``values``: ``d values[b] = sum over row b of grad * mask``,
+        a :func:`segment_reduce` sum (fp64, token order) in both layouts, so packed and padded
+        gradients are the same bits.
 
     >>> fastrl.credit.broadcast_to_tokens(torch.tensor([1.0, -2.0]), torch.tensor([[1, 1, 0], [1, 0, 0]]))
     tensor([[ 1.,  1.,  0.],
             [-2., -0., -0.]])
+    >>> fastrl.credit.broadcast_to_tokens(torch.tensor([1.0, -2.0]), torch.tensor([1, 1, 1, 0]),
+    ...                                   cu_seqlens=torch.tensor([0, 2, 4]))
+    tensor([ 1.,  1., -2., -0.])
     """
     if _extension.use_reference():
-        return values.unsqueeze(-1) * mask
-    return torch.ops.fastrl.broadcast_to_tokens(values, mask)
+        return _ref.broadcast_to_tokens(values, mask, cu_seqlens=cu_seqlens)
+    return torch.ops.fastrl.broadcast_to_tokens(values, mask, cu_seqlens)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float, *,
@@ -141,7 +157,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         ``(advantages, returns)``, the inputs' shape, float64 for float64 inputs else float32
         (accumulated in that type). Not differentiable (no_grad math in every trainer).
         Extra memory: none beyond the outputs (plus a bool copy of a non-bool ``dones``).
-        NaN/Inf in a step's inputs propagate to the positions before it in the row, as in verl.
+        NaN/Inf in a step's inputs propagate to the positions before it in the row, as in verl
+        (also across a ``"reset"`` span or a turn end: those steps multiply the carry by 0, and
+        0 * NaN is NaN; the same on the CPU and CUDA). Rewards at masked positions are never read.
 
     >>> r = torch.tensor([[0.0, 0.0, 1.0, 0.0]]); v = torch.tensor([[0.5, 0.5, 0.5, 0.0]])
     >>> m = torch.tensor([[1, 0, 1, 0]])
@@ -212,6 +230,15 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, 
         The inputs' shape, float64 for float64 rewards else float32 (both tensors with ``whiten``).
         Not differentiable. Extra memory: none beyond the output(s) (plus a bool copy of a non-bool
         ``dones``).
+
+    NaN/Inf are not errors: a NaN/Inf reward at a step position reaches every earlier output of its
+    row that holds the running return (its valid tokens; every position in ``"cumsum"``), across
+    masked spans and turn ends (``r + gamma * NaN`` is NaN; an Inf stays Inf, or turns NaN where it
+    meets a zero discount, e.g. a ``"reset"`` span: ``0 + 0 * carry``). Rewards at masked tokens are
+    never read (a NaN there changes nothing), and masked tokens output 0 in ``"skip"``/``"reset"``.
+    verl's REINFORCE++ loop agrees at valid tokens for NaN; it multiplies masked tokens in, so there
+    a NaN/Inf reward at a masked token poisons the row before it, masked outputs before a NaN are
+    NaN (here 0), and an Inf carried across a masked token becomes NaN (``inf * 0``).
 
     >>> fastrl.credit.discounted_returns(torch.tensor([[1.0, 5.0, 1.0]]), torch.tensor([[1, 0, 1]]), 0.5)
     tensor([[1.5000, 0.0000, 1.0000]])
@@ -286,10 +313,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True, pr
     """
     count, _, m2 = _moments(x, mask, process_group)
     if unbiased:
-        n = int(count)
-        if n < 2:
-            raise ValueError(f"fastrl: masked_var with unbiased=True needs at least 2 elements where "
-                               f"`mask` is 1, got {n}")
+        _ref._check_unbiased(int(count), "masked_var")
         return (m2 / (count - 1)).to(x.dtype)
     return torch.where(count > 0, m2 / count.clamp(min=1), 0.0).to(x.dtype)
 
@@ -319,22 +343,28 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     tensor([-0.7071,  0.7071,  4.9497])
     """
     if process_group is not None:
-        if not eps >= 0.0:
-            raise ValueError(f"fastrl: `eps` must be >= 0, got {eps}")
-        count, mean, m2 = _moments(x, mask, process_group)
-        if _extension.use_reference():
-            if unbiased:
-                _ref._check_unbiased(int(count))
-                var = m2 / (count - 1)
-            else:
-                var = torch.where(count > 0, m2 / count.clamp(min=1), 0.0)
-            out = (x.double() - mean) * (1.0 / torch.sqrt(var + eps))  # the CPU kernel's operations
-            return (out if shift_mean else out + mean).to(x.dtype)
-        return torch.ops.fastrl.whiten_with_moments(x, torch.stack([count, mean, m2]), shift_mean, unbiased,
-                                                    float(eps))
+        return _whiten_with_moments(x, _moments(x, mask, process_group), shift_mean, unbiased, eps)
     if _extension.use_reference():
         return _ref.masked_whiten(x, mask, shift_mean=shift_mean, unbiased=unbiased, eps=eps)
     return torch.ops.fastrl.masked_whiten(x, mask, shift_mean, unbiased, float(eps))
+
+
+def _whiten_with_moments(x, moments, shift_mean: bool, unbiased: bool, eps: float) -> torch.Tensor:
+    """:func:`masked_whiten` of ``x`` with given fp64 ``(count, mean, m2)`` 0-dim tensors (all-reduced
+    ones, or verl's statistics in the drop-ins): ``fastrl::whiten_with_moments``, or the reference's
+    operations under ``FASTRL_BACKEND=reference``."""
+    if not eps >= 0.0:
+        raise ValueError(f"fastrl: `eps` must be >= 0, got {eps}")
+    count, mean, m2 = moments
+    if _extension.use_reference():
+        if unbiased:
+            _ref._check_unbiased(int(count))
+            var = m2 / (count - 1)
+        else:
+            var = torch.where(count > 0, m2 / count.clamp(min=1), 0.0)
+        out = (x.double() - mean) * (1.0 / torch.sqrt(var + eps))  # the CPU kernel's operations
+        return (out if shift_mean else out + mean).to(x.dtype)
+    return torch.ops.fastrl.whiten_with_moments(x, torch.stack([count, mean, m2]), shift_mean, unbiased, float(eps))
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1", *,
@@ -418,6 +448,13 @@ def token_rewards(scores: torch.Tensor, mask: torch.Tensor, *, kl: torch.Tensor 
         ``mask``'s shape, float64 if ``scores``/``kl`` promote to float64, else float32 (fp32
         arithmetic, bitwise OpenRLHF's ``last_reward + (-kl_coef * kl)`` at valid tokens for fp32
         inputs). Not differentiable (a reward).
+
+    NaN/Inf are not errors and never spread: a NaN/Inf score lands on its row's last valid token
+    only (``clip`` clamps an Inf into the range and keeps a NaN, as ``torch.clamp``; a row with no
+    valid token drops it); a NaN/Inf ``kl`` at a valid token makes that token's reward NaN/Inf
+    (also with ``kl_coef = 0``: ``0 * NaN`` and ``0 * Inf`` are NaN, as OpenRLHF's ``-kl_coef * kl``).
+    Masked tokens are never read and hold 0 (OpenRLHF does not mask, so a NaN ``kl`` there is NaN
+    in its output).
 
     >>> fastrl.credit.token_rewards(torch.tensor([1.0, 5.0]), torch.tensor([[1, 1, 0], [1, 1, 1]]),
     ...                             kl=torch.full((2, 3), 0.5), kl_coef=0.1, clip=2.0)
@@ -509,6 +546,11 @@ def implicit_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float, *,
         by one thread). Mask values, ``step_ends`` flags and ``cu_seqlens`` are not checked on CUDA
         (no host sync; a nonzero value counts as 1).
 
+    NaN/Inf are not errors and never spread: a NaN/Inf in ``logp``/``ref_logp`` at a valid token
+    makes that token's reward NaN/Inf (``inf - inf`` and ``beta = 0`` times an Inf are NaN), or,
+    with ``step_ends``, its step's sum, written at the step's last valid token; other tokens and
+    steps are unaffected. Masked tokens are never read (0, and left out of the step sums).
+
     >>> lp = torch.tensor([[-1.0, -2.0, -0.5, -1.0]]); ref = torch.tensor([[-1.5, -1.0, -0.5, -2.0]])
     >>> fastrl.credit.implicit_rewards(lp, ref, 0.1)
     tensor([[ 0.0500, -0.1000,  0.0000,  0.1000]])
@@ -523,18 +565,20 @@ def implicit_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float, *,
 # ----------------------------------------------------------------------------------- fake kernels
 
 
-def _broadcast_fake(values, mask):
+def _broadcast_fake(values, mask, cu_seqlens=None):
     return mask.new_empty(mask.shape, dtype=torch.promote_types(values.dtype, mask.dtype))
 
 
 def _broadcast_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
-    ctx.values_dtype = inputs[0].dtype
+    values, mask, cu_seqlens = inputs
+    ctx.save_for_backward(mask, cu_seqlens)
+    ctx.values_dtype = values.dtype
 
 
 def _broadcast_backward(ctx, grad):
-    (mask,) = ctx.saved_tensors
-    return (grad * mask).sum(dim=-1).to(ctx.values_dtype), None
+    mask, cu_seqlens = ctx.saved_tensors
+    g = torch.ops.fastrl.segment_reduce(grad * mask, None, cu_seqlens, "sum")  # per-row sums, fp64
+    return g.to(ctx.values_dtype), None, None
 
 
 def _token_dtype(*dtypes: torch.dtype) -> torch.dtype:

@@ -20,6 +20,11 @@ tensors): ``compute_policy_loss_{vanilla,gspo,cispo,sapo,gpg,geo_mean,clip_cov,k
 in verl's ``POLICY_LOSS_REGISTRY`` by :func:`install`), ``agg_loss``, ``compute_entropy_loss``,
 ``compute_value_loss``; their differences from verl are listed where they are defined.
 
+verl's masked statistics (``verl.utils.torch_functional``, the whitening its estimators use):
+``masked_sum``, ``masked_mean``, ``masked_var``, ``masked_whiten`` with verl's signatures, on
+fastrl's compiled fp64 moments and whitening pass where the arguments allow (``axis=None``, a 0/1
+mask of the values' shape), torch's ops otherwise.
+
 Each estimator returns ``(advantages, returns)``, both ``[bs, response_length]``, with verl's conventions:
 the score of a response is ``token_level_rewards.sum(-1)``; the scalar advantage is broadcast over
 the tokens as ``advantage.unsqueeze(-1) * response_mask`` (so masked positions are 0 and the dtype
@@ -88,6 +93,7 @@ from fastrl import advantages as _adv
 from fastrl.advantages import _dense_ids, group_advantages
 from fastrl import credit as _credit
 from fastrl.credit import broadcast_to_tokens
+from fastrl.reference import credit as _ref
 
 __all__ = [
     "compute_grpo_outcome_advantage",
@@ -103,6 +109,10 @@ __all__ = [
     "compute_reinforce_plus_plus_outcome_advantage",
     "kl_penalty",
     "compute_rewards",
+    "masked_sum",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
     "install",
     "uninstall",
     "ESTIMATORS",
@@ -159,12 +169,159 @@ def _cfg_get(config, key: str, default):
     return getattr(config, key, default)
 
 
-def _masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """verl's ``masked_whiten(values, mask)`` (shift_mean=True, unbiased, ``rsqrt(var + 1e-8)``) on
-    fastrl's compiled op: fp64 statistics of the masked tokens, output at every position in
-    ``values``' dtype. Raises ``ValueError`` when the mask holds fewer than 2 tokens, as verl's
-    ``masked_var`` does."""
-    return _credit.masked_whiten(values, mask)
+# ------------------------------------------------- verl.utils.torch_functional masked statistics
+# verl's masked_mean divides by ``mask.sum() + 1e-8``: for a float mask in the mask's dtype, for a
+# bool/int one in torch's default float dtype (an integer sum plus a Python float), which is also
+# the dtype of its Bessel factor ``n / (n - 1)``. The drop-ins below take fastrl's fp64 moments of
+# the masked elements (one compiled, deterministic pass, no host sync) and apply those
+# denominators, rounded as verl rounds them, in fp64: the same statistics as verl's up to verl's
+# own float32/bf16 summation error (ours are fp64 sums). The compiled path takes floating values
+# and a 0/1 mask of their shape (bool, uint8, int32, int64, float32, float64); anything else (an
+# axis, a broadcast mask, integer values, a half-precision mask) goes through torch's ops with
+# verl's arithmetic. A float mask holding weights instead of 0/1 (verl would weight; its callers
+# pass response masks) is an error on the CPU, naming the value, and counts as 1 where nonzero on
+# CUDA (no host sync to check it).
+
+_MOMENT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_MOMENT_MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.float64)
+
+
+def _count_dtype(mask: torch.Tensor) -> torch.dtype:
+    """The dtype of verl's ``mask.sum() + 1e-8`` (and of its Bessel factor)."""
+    return mask.dtype if mask.is_floating_point() else torch.get_default_dtype()
+
+
+def _sum_dtype(values: torch.Tensor, mask: torch.Tensor) -> torch.dtype:
+    """The dtype of verl's ``masked_sum``: the values (a float, or the default float dtype for an
+    integer tensor, which ``torch.where`` with ``0.0`` promotes) times the mask."""
+    num = values.dtype if values.is_floating_point() else torch.get_default_dtype()
+    return torch.promote_types(num, mask.dtype)
+
+
+def _mean_dtype(values: torch.Tensor, mask: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(_sum_dtype(values, mask), _count_dtype(mask))
+
+
+def _compiled_moments(values: torch.Tensor, mask: torch.Tensor, axis) -> bool:
+    """Whether fastrl's moments op takes these arguments (else the drop-ins use torch's ops)."""
+    return (axis is None and values.shape == mask.shape and values.dtype in _MOMENT_DTYPES
+            and mask.dtype in _MOMENT_MASK_DTYPES)
+
+
+def _torch_masked_sum(values: torch.Tensor, mask: torch.Tensor, axis) -> torch.Tensor:
+    """verl's masked sum with torch's ops (any axis, broadcasting, weighted masks): the products
+    ``values * mask`` where the mask is nonzero (a NaN elsewhere never reaches the sum), summed."""
+    return torch.where(mask.bool(), values * mask, 0.0).sum(dim=axis)
+
+
+def _verl_moments(values: torch.Tensor, mask: torch.Tensor):
+    """(n, mean, biased variance) as verl's masked_mean/masked_var compute them, fp64 0-dim tensors:
+    ``mean = S / (n + 1e-8)``, ``var = sum((x - mean)^2) / (n + 1e-8)`` with the denominator rounded
+    in :func:`_count_dtype` (exactly n for n >= 1 in float32), from fastrl's fp64 moments."""
+    n, mu, m2 = _credit._moments(values, mask)
+    den = (n.to(_count_dtype(mask)) + 1e-8).double()
+    mean = n * mu / den
+    return n, mean, (m2 + n * (mu - mean).square()) / den
+
+
+def _check_count(n: torch.Tensor) -> None:
+    """verl's two checks of an unbiased variance: ``ValueError`` for a mask sum of 0 or 1, verl's
+    message quoted (a host sync, as verl's ``mask_sum == 0``)."""
+    c = float(n)
+    if c in (0.0, 1.0):
+        _ref._check_unbiased(int(c), "masked_var")
+
+
+def _bessel(n: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """verl's unbiased factor ``n / (n - 1)`` in :func:`_count_dtype`, as fp64."""
+    nd = n.to(_count_dtype(mask))
+    return (nd / (nd - 1)).double()
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, axis=None) -> torch.Tensor:
+    """verl's ``masked_sum``: the sum of ``values * mask`` over the elements where ``mask`` is
+    nonzero (all of them, or along ``axis``); a NaN where the mask is 0 does not reach it.
+
+    ``axis=None`` with a 0/1 mask of ``values``' shape: fastrl's compiled fp64 moments (``n * mean``,
+    deterministic, no host sync), rounded once to verl's dtype (the values' float type promoted with
+    the mask's). Otherwise (an axis, a broadcast mask, integer values, a half mask) torch's ops,
+    verl's arithmetic. A weighted float mask raises on the CPU (see the section comment).
+
+    >>> masked_sum(torch.tensor([[1.0, 2.0, float("nan")]]), torch.tensor([[1, 1, 0]]))
+    tensor(3.)
+    """
+    if not _compiled_moments(values, mask, axis):
+        return _torch_masked_sum(values, mask, axis)
+    n, mu, _ = _credit._moments(values, mask)
+    return (n * mu).to(_sum_dtype(values, mask))
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, axis=None) -> torch.Tensor:
+    """verl's ``masked_mean``: ``masked_sum(values, mask, axis) / (mask.sum(axis) + 1e-8)`` (0 for an
+    all-masked batch or row), in verl's dtype (values, mask and that denominator promoted).
+
+    ``axis=None`` with a 0/1 mask of ``values``' shape: fastrl's compiled fp64 moments and verl's
+    denominator in fp64 (deterministic, no host sync; more exact than verl's float32 sum).
+    Otherwise torch's ops, verl's arithmetic (a per-row mean with ``axis=-1``).
+
+    >>> masked_mean(torch.tensor([[1.0, 2.0, 9.0]]), torch.tensor([[1, 1, 0]]))
+    tensor(1.5000)
+    """
+    if not _compiled_moments(values, mask, axis):
+        return _torch_masked_sum(values, mask, axis) / (mask.sum(dim=axis) + 1e-8)
+    return _verl_moments(values, mask)[1].to(_mean_dtype(values, mask))
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """verl's ``masked_var``: the mean of ``(values - masked_mean)^2`` over the mask, times
+    ``n / (n - 1)`` when ``unbiased``; ``n = mask.sum()``. Unbiased with ``n == 0`` or ``n == 1``
+    raises verl's ``ValueError`` (its messages quoted; a host sync, as verl's check). A 0-dim
+    tensor in :func:`masked_mean`'s dtype.
+
+    From fastrl's compiled fp64 moments, with verl's ``+ 1e-8`` denominators and its Bessel factor
+    rounded as verl rounds them; a shape or dtype the compiled op does not take goes through
+    torch's ops, verl's arithmetic.
+
+    >>> masked_var(torch.tensor([1.0, 3.0, 9.0]), torch.tensor([1, 1, 0]))
+    tensor(2.)
+    """
+    if not _compiled_moments(values, mask, None):
+        mean = masked_mean(values, mask)
+        var = masked_mean((values - mean) ** 2, mask)
+        if not unbiased:
+            return var
+        n = mask.sum()
+        _check_count(n)
+        return var * (n / (n - 1))
+    n, _, var = _verl_moments(values, mask)
+    if unbiased:
+        _check_count(n)
+        var = var * _bessel(n, mask)
+    return var.to(_mean_dtype(values, mask))
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """verl's ``masked_whiten``: ``(values - mean) * rsqrt(var + 1e-8)`` at every position (``+ mean``
+    when ``shift_mean`` is False), with :func:`masked_mean` and the unbiased :func:`masked_var` of the
+    masked elements; in ``values``' dtype. Fewer than 2 masked elements raise verl's
+    ``ValueError``.
+
+    verl's statistics from fastrl's fp64 moments, then fastrl's compiled whitening pass (fp64 value,
+    rounded once; the count check is its one host sync, as verl's). A shape or dtype the compiled
+    ops do not take goes through torch's ops.
+
+    >>> masked_whiten(torch.tensor([1.0, 3.0, 9.0]), torch.tensor([1, 1, 0]))
+    tensor([-0.7071,  0.7071,  4.9497])
+    """
+    if not _compiled_moments(values, mask, None):
+        mean = masked_mean(values, mask)
+        out = (values - mean) * torch.rsqrt(masked_var(values, mask) + 1e-8)
+        return out if shift_mean else out + mean
+    n, mean, var = _verl_moments(values, mask)
+    # whiten_with_moments' unbiased variance is m2 / (n - 1): m2 = var * (n - 1) gives verl's var;
+    # it raises verl's ValueError for n < 2 (after queueing its kernels on CUDA)
+    var = var * _bessel(n, mask)
+    return _credit._whiten_with_moments(values, (n, mean, var * (n - 1)), shift_mean, True, 1e-8)
 
 
 # ----------------------------------------------------------------------------------------- GRPO
@@ -331,7 +488,7 @@ def compute_reinforce_plus_plus_baseline_outcome_advantage(
         ids, num_groups = _groups(index, scores.device)
         adv = _adv.reinforce_pp_baseline(scores, ids, num_groups=num_groups)
         tokens = _per_token(adv, scores.dtype, response_mask)
-        out = _masked_whiten(tokens, response_mask) * response_mask
+        out = masked_whiten(tokens, response_mask) * response_mask
     return out, out
 
 
@@ -465,9 +622,9 @@ def install() -> list[str]:
     replacing verl's entries (set directly: verl's ``register_adv_est`` refuses a replacement), and
     rebind ``core_algos.compute_grpo_outcome_advantage`` (verl's GRPO path calls it directly).
     Also puts the fused policy losses (:data:`POLICY_LOSSES`: vanilla, gspo, cispo, sapo, gpg,
-    geo_mean) into verl's ``POLICY_LOSS_REGISTRY``, which ``get_policy_loss_fn`` (verl's actor loss)
-    reads at every call. Idempotent. Returns the advantage-estimator names now served by fastrl.
-    :func:`uninstall` undoes all of it.
+    geo_mean, clip_cov, kl_cov) into verl's ``POLICY_LOSS_REGISTRY``, which
+    ``get_policy_loss_fn`` (verl's actor loss) reads at every call. Idempotent. Returns the
+    advantage-estimator names now served by fastrl. :func:`uninstall` undoes all of it.
 
     Run it in the process that builds the trainer, before building it (see the module docstring
     for verl's Ray entry point).
@@ -600,8 +757,9 @@ def compute_rewards(token_level_scores: torch.Tensor, old_log_prob: torch.Tensor
 #   gradients likewise; clip-fraction metrics use count / n where verl adds 1e-8 to n.
 # * A batch without any valid token gives loss 0 and zero gradient (verl's token-mean: NaN).
 # * Masked positions are never read (verl multiplies by the mask, so a NaN there poisons its loss).
-# * clip_cov draws its dropped tokens from a seeded device generator (verl: unseeded CPU randperm):
-#   equal to verl when every candidate is dropped, otherwise a different, reproducible uniform draw.
+# * clip_cov draws its dropped tokens by a hash of (seed, valid-token index) on the device (verl:
+#   unseeded CPU randperm): equal to verl when every candidate is dropped, otherwise a different,
+#   reproducible uniform draw, the same for padded and packed inputs.
 #   kl_cov picks the same top-covariance tokens by a device sort (verl: top-k on the host).
 
 from fastrl import losses as _losses  # noqa: E402
@@ -747,7 +905,8 @@ def compute_policy_loss_clip_cov(old_log_prob: torch.Tensor, log_prob: torch.Ten
     """verl's Clip-Cov: PPO clip loss (unclamped ratio) with up to ``max(1, int(clip_cov_ratio * N))``
     tokens of covariance in ``(clip_cov_lb, clip_cov_ub)`` (not already clipped) dropped. verl draws
     them with an unseeded CPU ``torch.randperm`` (host sync, not reproducible); here they are drawn on
-    the device from a generator seeded with ``seed`` (same distribution: a uniform subset), so the
+    the device by a hash of (``seed``, the token's index among the valid tokens) (same distribution:
+    a uniform subset), so the
     loss equals verl's whenever there are at most that many candidates and is otherwise a different,
     reproducible draw. Metrics: ``actor/pg_clipfrac`` (dropped fraction), ``actor/ppo_kl``."""
     assert config is not None

@@ -40,6 +40,15 @@ def _unpad(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     return torch.cat([x[b, :n] for b, n in enumerate(lengths)]) if lengths else x.new_zeros(0)
 
 
+def broadcast_to_tokens(values, mask, *, cu_seqlens=None):
+    """``values[b] * mask`` on each token of row ``b`` (see :func:`fastrl.credit.broadcast_to_tokens`):
+    ``values.unsqueeze(-1) * mask`` padded; packed, ``values`` repeated by the row lengths, times mask."""
+    if cu_seqlens is None:
+        return values.unsqueeze(-1) * mask
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    return values.repeat_interleave(lengths, output_size=mask.shape[0]) * mask
+
+
 def gae(rewards, values, mask, gamma: float, lam: float, *, cu_seqlens=None, dones=None, mode: str = "skip",
         turn_gamma: float = 0.0, turn_lam: float | None = None, whiten: bool = False):
     """GAE (see :func:`fastrl.credit.gae`): verl 0.9.1's loop (before its whitening) for ``mode="skip"``
@@ -76,7 +85,9 @@ def gae(rewards, values, mask, gamma: float, lam: float, *, cu_seqlens=None, don
         cut = d[:, t] | pending
         delta = (rt + torch.where(cut, tg, g) * nv) - vt
         new = delta + torch.where(cut, tgl, gl) * carry
-        gap = carry if mode != "reset" else zero  # a non-step position: skip passes through, reset restarts
+        # a non-step position: skip passes through; reset restarts as the kernels' step (0, 0) does,
+        # 0 + 0 * carry (a NaN/Inf after it still reaches the positions before it)
+        gap = carry if mode != "reset" else zero + zero * carry
         carry = torch.where(step, new, gap)
         nv = torch.where(step, vt, nv if mode != "reset" else zero)
         pending = ~step & (pending | d[:, t])
@@ -116,7 +127,7 @@ def discounted_returns(rewards, mask, gamma: float, *, mode: str = "skip", cu_se
             out[:, t] = carry
         else:
             new = r[:, t] + disc * carry
-            carry = torch.where(m[:, t], new, carry if mode == "skip" else zero)
+            carry = torch.where(m[:, t], new, carry if mode == "skip" else zero + zero * carry)  # reset: (0, 0)
             out[:, t] = torch.where(m[:, t], new, zero)
         pending = ~step & (pending | d[:, t])
     return out
@@ -215,10 +226,15 @@ def token_rewards(scores, mask, *, kl=None, kl_coef: float = 0.0, clip=None, cu_
     return torch.where(m, last_reward + kl_reward, 0.0)
 
 
-def _check_unbiased(count: int) -> None:
+# verl's masked_var raises these for an unbiased variance of 0 or 1 masked elements
+VERL_UNBIASED_ERRORS = {0: "At least one element in the mask has to be 1.",
+                        1: "The sum of the mask is one, which can cause a division by zero."}
+
+
+def _check_unbiased(count: int, name: str = "masked_whiten") -> None:
     if count < 2:
-        raise ValueError(f"fastrl: masked_whiten with unbiased=True needs at least 2 elements where "
-                           f"`mask` is 1, got {count}")
+        raise ValueError(f"fastrl: {name} with unbiased=True needs at least 2 elements where `mask` is 1, "
+                         f"got {count} (verl: \"{VERL_UNBIASED_ERRORS[count]}\")")
 
 
 def segment_reduce(x, mask=None, *, cu_seqlens=None, reduce: str = "sum"):
