@@ -455,19 +455,24 @@ def test_cov_kinds_packed_equal_padded(kind, with_is, per_row, agg):
         assert int(other.sum()) == k and not torch.equal(other, sel)
 
 
-def test_deterministic_across_thread_counts():
-    inp = make_inputs(64, 700, seed=59, dtype=torch.float32)
+def assert_same_bits_across_thread_counts(inp, **kw):
+    """policy_loss's loss, metrics and gradients are bitwise the same on 1, 2 and 3 threads."""
     before = torch.get_num_threads()
     try:
         results = []
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            results.append(run(losses.policy_loss, inp, kind="gspo", kl_coef=0.1, entropy_coef=0.1))
+            results.append(run(losses.policy_loss, inp, **kw))
     finally:
         torch.set_num_threads(before)
     for r in results[1:]:
         assert torch.equal(r[0], results[0][0]) and torch.equal(r[2], results[0][2])
         assert all(torch.equal(r[1][k], results[0][1][k]) for k in r[1])
+
+
+def test_deterministic_across_thread_counts():
+    assert_same_bits_across_thread_counts(make_inputs(64, 700, seed=59, dtype=torch.float32), kind="gspo",
+                                          kl_coef=0.1, entropy_coef=0.1)
 
 
 def test_num_tokens_and_scale_overrides():
@@ -787,18 +792,8 @@ def test_fp32_lane_pass_packed_equals_padded_and_ignores_masked_garbage(dtype):
 
 
 def test_fp32_lane_pass_deterministic_across_thread_counts():
-    inp = make_inputs(64, 700, seed=101, dtype=torch.float32)
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            results.append(run(losses.policy_loss, inp, kind="vanilla", dual_clip=3.0, kl_coef=0.1, entropy_coef=0.1))
-    finally:
-        torch.set_num_threads(before)
-    for r in results[1:]:
-        assert torch.equal(r[0], results[0][0]) and torch.equal(r[2], results[0][2])
-        assert all(torch.equal(r[1][k], results[0][1][k]) for k in r[1])
+    assert_same_bits_across_thread_counts(make_inputs(64, 700, seed=101, dtype=torch.float32), kind="vanilla",
+                                          dual_clip=3.0, kl_coef=0.1, entropy_coef=0.1)
 
 
 def test_fp32_lane_pass_reports_bad_mask_values():
