@@ -834,10 +834,16 @@ def test_select_pairs_with_infinities():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not (torch.cuda.is_available() and fastrl._extension.cuda_built()), reason="needs a CUDA GPU and the CUDA build")
-@pytest.mark.parametrize("k", [1, 3, 16])
-def test_best_of_n_cuda_is_bitwise_equal_to_cpu(k):
+@pytest.mark.parametrize("k", [1, 3, 16, 21])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_best_of_n_cuda_is_bitwise_equal_to_cpu(k, dtype):
+    """float32/16: the atomicMax cascade; float64: the sort path."""
     gen = torch.Generator().manual_seed(12)
     scores, ids = ragged(gen, 3000, 16, levels=5, nan_frac=0.05)
+    scores[::7] = torch.randn(scores[::7].shape, generator=gen, dtype=torch.float64)
+    scores[::11] = torch.tensor([float("inf"), float("-inf"), 0.0, -0.0], dtype=torch.float64).repeat(
+        len(scores[::11]) // 4 + 1)[:len(scores[::11])]
+    scores = scores.to(dtype)
     for largest in (True, False):
         cpu = best_of_n(scores, ids, k, largest=largest, num_groups=3001)
         gpu = best_of_n(scores.cuda(), ids.cuda(), k, largest=largest, num_groups=3001)
@@ -850,6 +856,22 @@ def test_best_of_n_cuda_is_bitwise_equal_to_cpu(k):
     sub = best_of_n(scores[keep], ids[keep], k, num_groups=3000)
     pos = torch.nonzero(keep)[:, 0]
     assert torch.equal(gpu, torch.where(sub >= 0, pos[sub.clamp(min=0)], -1))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and fastrl._extension.cuda_built()), reason="needs a CUDA GPU and the CUDA build")
+@pytest.mark.parametrize("k", [1, 4, 16])
+def test_best_of_n_cuda_contended_groups(k):
+    """A few huge groups (every atomic of a group on the same k slots) and many ties: still the
+    sorted top k, the same bits as the CPU, run after run."""
+    gen = torch.Generator().manual_seed(13)
+    n = 300_000
+    ids = torch.randint(0, 3, (n,), generator=gen)
+    scores = (torch.randint(0, 50, (n,), generator=gen).float() - 25.0) / 4
+    cpu = best_of_n(scores, ids, k, num_groups=4)
+    for _ in range(3):
+        assert torch.equal(best_of_n(scores.cuda(), ids.cuda(), k, num_groups=4).cpu(), cpu)
+    assert (cpu[3] == -1).all()
 
 
 @pytest.mark.cuda

@@ -64,44 +64,13 @@ int64_t group_by(const int64_t* group_ids, int64_t num_samples, int64_t num_grou
 
 namespace {
 
-// best_of_n's list entries: one unsigned integer per member, (order key of the score << index
-// bits) | ~index, so "ranks before" (fastrl/selection.h: higher score, then lower index) is one
-// unsigned compare and an empty slot is 0 (every real member's key is > 0: the order key of a
-// non-NaN value is never 0, see score_order). 64 bits for 16/32-bit floats and B <= 2^32 (32-bit
-// order key, 32-bit index); 128 bits for fp64 scores or a larger batch.
+// best_of_n's list entries: the packed keys of fastrl/selection.h (64 bits for 16/32-bit floats
+// and B <= 2^32, else 128 bits).
 template <typename scalar_t>
 constexpr bool kNarrowScore = sizeof(scalar_t) <= 4;
 
-// Order-preserving map of a non-NaN float to an unsigned integer (-0 == +0); the smallest it
-// returns is that of -inf, 0x007f'ffff (fp32) / 0x000f'ffff'ffff'ffff (fp64), and ~ of the largest
-// (+inf) is as large, so the "smallest" order (largest == false) is never 0 either.
-template <typename Bits, typename Float>
-Bits score_order(Float x, bool largest) {
-  Bits b;
-  std::memcpy(&b, &x, sizeof(b));
-  constexpr Bits sign = Bits{1} << (8 * sizeof(Bits) - 1);
-  if (x == Float{0}) b = 0;
-  b = (b & sign) ? ~b : (b | sign);
-  return largest ? b : ~b;
-}
-
-template <typename Key, typename scalar_t>
-Key member_key(scalar_t x, int64_t i, bool largest) {
-  if constexpr (sizeof(Key) == 8) {
-    const uint64_t order = score_order<uint32_t>(static_cast<float>(x), largest);
-    return (order << 32) | (~static_cast<uint64_t>(i) & 0xffffffffu);
-  } else {
-    const Key order = score_order<uint64_t>(static_cast<double>(x), largest);
-    return (order << 64) | ~static_cast<uint64_t>(i);
-  }
-}
-
-template <typename Key>
-int64_t member_index(Key key) {
-  if (key == 0) return -1;
-  if constexpr (sizeof(Key) == 8) return static_cast<int64_t>(~key & 0xffffffffu);
-  else return static_cast<int64_t>(~static_cast<uint64_t>(key));
-}
+using selection::member_index;
+using selection::member_key;
 
 // Offers `x` to a list of Cap keys, best first, without a branch: every slot becomes the max of
 // itself and the right candidate (x, or its left neighbour once x has passed it). Loads first so

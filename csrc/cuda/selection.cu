@@ -1,9 +1,13 @@
 // CUDA kernels of the best-of-N / selection family (see cuda/selection.cuh for the contract).
 //
-// Both ops start from a cub radix sort of the samples by group id (32-bit keys, only the bits the
-// ids need; LSD, so stable), then run one thread per group over its contiguous segment, which it
-// finds by binary search: best_of_n the bounded top-k insert, expected_best_of_k (whose values
-// are first sorted by value, so each segment comes out ascending) the order-statistic sums.
+// best_of_n (16/32-bit scores): no sort. Each sample offers its packed key (fastrl/selection.h)
+// to its group's k slots with the atomic-max cascade, the slots living in the output itself, then
+// one pass decodes them in place. fp64 scores (and batches past 2^32 samples), best_of_n's
+// 96-bit-key case, and expected_best_of_k, all_pairs and maj_at_k start from a cub radix sort of
+// the samples by group id (32-bit keys, only the bits the ids need; LSD, so stable), then run one
+// thread per group over its contiguous segment, which it finds by binary search: the bounded
+// top-k insert, the order-statistic sums (values first sorted by value, so each segment comes out
+// ascending), the pairs, the maj@k DP.
 #include <cuda_runtime.h>
 
 #include <cub/device/device_radix_sort.cuh>
@@ -49,6 +53,37 @@ __device__ __forceinline__ int64_t segment_start(const uint32_t* __restrict__ ke
     }
   }
   return lo;
+}
+
+// A slot of a group's list takes the max of itself and x; returns its old value.
+struct SlotMax {
+  __device__ __forceinline__ uint64_t operator()(unsigned long long* slot, uint64_t x) const {
+    return atomicMax(slot, static_cast<unsigned long long>(x));
+  }
+};
+
+// One thread per sample: its key down its group's k slots (lists[num_groups * k], zeroed).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    cascade_kernel(const T* __restrict__ scores, const int64_t* __restrict__ group_ids, int64_t n,
+                   int64_t num_groups, int64_t k, bool largest, unsigned long long* lists) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t g = group_ids[i];
+    const double x = as_double(scores[i]);  // exact for float/half/bf16
+    if (g < 0 || g >= num_groups || x != x) continue;  // out of range: ignored; NaN: never selected
+    selection::cascade_offer(lists + g * k, k,
+                             selection::member_key<uint64_t>(static_cast<float>(x), i, largest),
+                             SlotMax());
+  }
+}
+
+// The keys of the lists to sample indices (-1 for an empty slot), in place.
+__global__ void __launch_bounds__(kThreads) decode_kernel(int64_t* lists, int64_t total) {
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < total;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    lists[j] = selection::member_index(static_cast<uint64_t>(lists[j]));
+  }
 }
 
 template <typename T>
@@ -177,16 +212,18 @@ cudaError_t sort_by_group(const int64_t* group_ids, int64_t n, int64_t num_group
                                          0, bits, stream);
 }
 
-// best_of_n's workspace: sort keys in/out (uint32), member indices in/out (int64), the top-k
-// values (fp64, num_groups * k), cub's temporary storage.
+// best_of_n's workspace on its sort path: sort keys in/out (uint32), member indices in/out
+// (int64), the top-k values (fp64, num_groups * k), cub's temporary storage.
 struct TopkPlan {
   Parts<6> parts;
   int sort_bits;
 };
 
-cudaError_t plan(int64_t num_samples, int64_t num_groups, int64_t k, TopkPlan* plan) {
+cudaError_t plan(int64_t num_samples, int64_t num_groups, int64_t k, size_t score_bytes,
+                 TopkPlan* plan) {
   if (num_samples < 0 || num_groups < 0 || num_groups > kMaxSelectionGroups || k < 1)
     return cudaErrorInvalidValue;
+  if (!best_of_n_sorts(score_bytes, num_samples)) return cudaSuccess;  // no workspace
   const size_t n = static_cast<size_t>(num_samples);
   size_t* sizes = plan->parts.sizes;
   sizes[0] = sizes[1] = n * sizeof(uint32_t);
@@ -439,9 +476,10 @@ cudaError_t plan(int64_t num_samples, int64_t num_groups, int64_t k_max, MajPlan
 
 }  // namespace
 
-size_t best_of_n_workspace_bytes(int64_t num_samples, int64_t num_groups, int64_t k) {
+size_t best_of_n_workspace_bytes(int64_t num_samples, int64_t num_groups, int64_t k,
+                                 size_t score_bytes) {
   TopkPlan p;
-  return plan(num_samples, num_groups, k, &p) == cudaSuccess ? p.parts.total() : 0;
+  return plan(num_samples, num_groups, k, score_bytes, &p) == cudaSuccess ? p.parts.total() : 0;
 }
 
 template <typename T>
@@ -449,9 +487,21 @@ cudaError_t launch_best_of_n(const T* scores, const int64_t* group_ids, int64_t 
                              int64_t num_groups, int64_t k, bool largest, int64_t* out,
                              void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   TopkPlan p;
-  cudaError_t err = plan(num_samples, num_groups, k, &p);
+  cudaError_t err = plan(num_samples, num_groups, k, sizeof(T), &p);
   if (err != cudaSuccess) return err;
   if (num_groups == 0) return cudaSuccess;
+  if (!best_of_n_sorts(sizeof(T), num_samples)) {
+    const int64_t total = num_groups * k;
+    err = cudaMemsetAsync(out, 0, static_cast<size_t>(total) * sizeof(int64_t), stream);
+    if (err != cudaSuccess) return err;
+    if (num_samples > 0) {
+      cascade_kernel<T><<<grid_for(num_samples), kThreads, 0, stream>>>(
+          scores, group_ids, num_samples, num_groups, k, largest,
+          reinterpret_cast<unsigned long long*>(out));
+    }
+    decode_kernel<<<grid_for(total), kThreads, 0, stream>>>(out, total);
+    return cudaGetLastError();
+  }
   if (workspace == nullptr || workspace_bytes < p.parts.total()) return cudaErrorInvalidValue;
   auto part = [&](int j) { return p.parts.part(workspace, j); };
   uint32_t* keys_in = static_cast<uint32_t*>(part(0));

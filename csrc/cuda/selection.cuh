@@ -23,22 +23,35 @@ namespace cuda {
 // Largest num_groups best_of_n and expected_best_of_k take on CUDA (group ids are sorted as 32-bit keys).
 constexpr int64_t kMaxSelectionGroups = 2147483646;
 
-// Bytes of device workspace launch_best_of_n needs (call with the launch's device current);
-// 0 if the size query failed (the launch then returns that error).
-size_t best_of_n_workspace_bytes(int64_t num_samples, int64_t num_groups, int64_t k);
+// Whether launch_best_of_n takes its sort path: scores of score_bytes bytes (8: fp64) or a batch
+// past 2^32 samples, whose keys do not fit the 64 bits of one atomic.
+constexpr bool best_of_n_sorts(size_t score_bytes, int64_t num_samples) {
+  return score_bytes > 4 || num_samples > (int64_t{1} << 32);
+}
+
+// Bytes of device workspace launch_best_of_n needs for scores of score_bytes bytes (call with the
+// launch's device current): 0 without the sort, and 0 if the size query failed (the launch then
+// returns that error).
+size_t best_of_n_workspace_bytes(int64_t num_samples, int64_t num_groups, int64_t k,
+                                 size_t score_bytes);
 
 // scores[num_samples] (float, double, __half, __nv_bfloat16), group_ids[num_samples] int64 in any
 // order. Writes out[num_groups * k] (row g: group g's top-k sample indices, best first, -1
 // padding). Returns cudaErrorInvalidValue for bad sizes or a short workspace, else the first
 // launch error.
 //
-// Pipeline: (1) keys = group ids (out-of-range ids get the sentinel key num_groups), values =
-// sample indices; (2) cub radix sort of the pairs over the low bits only (LSD: stable, so each
-// group's members are contiguous, in index order); (3) one thread per group finds its segment by
-// binary search and runs the bounded top-k insert over it. Extra memory: the workspace, about
-// 24 * num_samples + 8 * num_groups * k bytes plus cub's sort storage. Time: the sort, then
-// O(n_g * k) per group on one thread (fine for the usual groups of 4-64 samples; one huge group
-// is serial).
+// Pipeline, float/half/bf16 scores (B <= 2^32): no sort and no workspace. out is zeroed, one
+// thread per sample offers its packed key (fastrl/selection.h member_key: the order key of the
+// score as fp32, then ~index) to its group's k slots of out with the atomic-max cascade
+// (selection::cascade_offer: at most k 64-bit atomicMax per sample, contended only within a
+// group), and one pass decodes the keys to indices in place. The slots end as the group's sorted
+// top k whatever the order of the atomics, so the result is deterministic. fp64 scores (or more
+// than 2^32 samples), whose keys need more than 64 bits: (1) keys = group ids (out-of-range ids
+// get the sentinel key num_groups), values = sample indices; (2) cub radix sort of the pairs over
+// the low bits only (LSD: stable, so each group's members are contiguous, in index order); (3) one
+// thread per group finds its segment by binary search and runs the bounded top-k insert over it.
+// Extra memory there: the workspace, about 24 * num_samples + 8 * num_groups * k bytes plus cub's
+// sort storage; one huge group is serial on one thread.
 template <typename T>
 cudaError_t launch_best_of_n(const T* scores, const int64_t* group_ids, int64_t num_samples,
                              int64_t num_groups, int64_t k, bool largest, int64_t* out,

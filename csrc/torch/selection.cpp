@@ -151,7 +151,8 @@ at::Tensor best_of_n_cuda(const at::Tensor& scores, const at::Tensor& group_ids,
   TORCH_CHECK(k >= 1, "fastrl: `k` must be >= 1, got ", k);
   const c10::cuda::CUDAGuard guard(in.scores.device());
   const int64_t n = in.scores.size(0);
-  const size_t bytes = cuda::best_of_n_workspace_bytes(n, num_groups, k);
+  const size_t bytes =
+      cuda::best_of_n_workspace_bytes(n, num_groups, k, in.scores.element_size());
   at::Tensor workspace = cuda_workspace(in.scores, num_groups, bytes);
   at::Tensor out = at::empty({num_groups, k}, in.group_ids.options());
   cudaError_t err = cudaSuccess;

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "fastrl/common.h"
 
@@ -53,6 +54,87 @@ FASTRL_HOST_DEVICE void topk_offer(double* key, int64_t* idx, int64_t k, double 
 // The sample indices of a list, -1 for empty slots (a group with fewer than k non-NaN members).
 FASTRL_HOST_DEVICE void topk_write(const int64_t* idx, int64_t k, int64_t* out) {
   for (int64_t j = 0; j < k; ++j) out[j] = idx[j] == kNoSample ? -1 : idx[j];
+}
+
+// ---------------------------------------------------------------------------------- packed keys
+//
+// best_of_n's list entries, on the CPU and on CUDA: one unsigned integer per member,
+//   (order key of the score << index bits) | ~index,
+// so "ranks before" (higher score, then lower index) is one unsigned compare and an empty slot is
+// 0: every real member's key is > 0, because the order key of a non-NaN value never is (the
+// smallest, that of -inf, is 0x007f'ffff for fp32; ~ of the largest, +inf, is as large).
+// 64-bit keys for float/half/bf16 scores (compared as fp32) and indices < 2^32; 128-bit keys for
+// fp64 scores or a larger batch (CPU only).
+
+FASTRL_HOST_DEVICE uint32_t bits_of(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof(b));
+  return b;
+#endif
+}
+FASTRL_HOST_DEVICE uint64_t bits_of(double x) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(x));
+#else
+  uint64_t b;
+  std::memcpy(&b, &x, sizeof(b));
+  return b;
+#endif
+}
+
+// Order-preserving map of a non-NaN float to an unsigned integer of its width (-0 == +0); with
+// largest == false the order is reversed.
+template <typename Float>
+FASTRL_HOST_DEVICE auto score_order(Float x, bool largest) -> decltype(bits_of(x)) {
+  using Bits = decltype(bits_of(x));
+  constexpr Bits sign = Bits{1} << (8 * sizeof(Bits) - 1);
+  Bits b = x == Float{0} ? Bits{0} : bits_of(x);
+  b = (b & sign) ? static_cast<Bits>(~b) : static_cast<Bits>(b | sign);
+  return largest ? b : static_cast<Bits>(~b);
+}
+
+// Key (uint64_t or unsigned __int128) of sample i with score x (float, or double for 128 bits).
+template <typename Key, typename Float>
+FASTRL_HOST_DEVICE Key member_key(Float x, int64_t i, bool largest) {
+  if constexpr (sizeof(Key) == 8) {
+    const uint64_t order = score_order(static_cast<float>(x), largest);
+    return (order << 32) | (~static_cast<uint64_t>(i) & 0xffffffffu);
+  } else {
+    const Key order = score_order(static_cast<double>(x), largest);
+    return (order << 64) | ~static_cast<uint64_t>(i);
+  }
+}
+
+// The sample index of a key, -1 for an empty slot.
+template <typename Key>
+FASTRL_HOST_DEVICE int64_t member_index(Key key) {
+  if (key == 0) return -1;
+  if constexpr (sizeof(Key) == 8) {
+    return static_cast<int64_t>(~key & 0xffffffffu);
+  } else {
+    return static_cast<int64_t>(~static_cast<uint64_t>(key));
+  }
+}
+
+// The lock-free top-k insert of the CUDA kernel: a group's k slots of 64-bit keys, best first,
+// zeroed (empty) before the first offer. Every member offers its key down the slots with an atomic
+// max, carrying on the smaller of the slot's old value and its own:
+//   old = atomic_max(&slot[j], x);  x = min(old, x);  stop once x == 0 (it filled an empty slot)
+// Correct under any interleaving of concurrent offers: one atomic max keeps the larger of {old, x}
+// and passes the smaller on, so what leaves slot j is everything offered to it except what it
+// holds, which is the largest of those; by induction, once every offer is done slot j holds the
+// (j+1)-th largest key offered to the group. Keys are unique (the index bits), so the slots end as
+// the group's sorted top k whatever the order of the atomics: deterministic, and bitwise the CPU
+// lists. atomic_max(Slot*, uint64_t) returns the slot's old value.
+template <typename Slot, typename AtomicMax>
+FASTRL_HOST_DEVICE void cascade_offer(Slot* slots, int64_t k, uint64_t x, AtomicMax atomic_max) {
+  for (int64_t j = 0; j < k && x != 0; ++j) {
+    const uint64_t old = atomic_max(slots + j, x);
+    x = old < x ? old : x;
+  }
 }
 
 // Expected best of k draws from a group of n values given best first — rank r (1-based) at

@@ -123,9 +123,13 @@ def best_of_n(scores: torch.Tensor, group_ids: torch.Tensor, k: int = 1, *, larg
     top-k list per group, then the lists are merged per group; a list entry packs the score's order
     and the sample index into one integer, so an offer has no branch (extra memory
     ``threads * G * cap * 8`` bytes, 16 for fp64 scores; ``cap`` = k rounded up to 1, 2, 4, 8 or 16;
-    capped at 64 MiB by using fewer threads). CUDA: a radix sort of the group ids (32-bit
-    keys), then one thread per group over its segment (``~24 B + 8 G k`` bytes of workspace).
-    The result is bitwise the same on both and for any thread count. Out-of-range ids raise on the
+    capped at 64 MiB by using fewer threads). CUDA, float32/16 scores: the output is zeroed,
+    each sample pushes its key down its group's ``k`` slots (in the output) with 64-bit
+    ``atomicMax`` -- a slot keeps the larger key and passes the smaller on, which leaves the sorted
+    top k whatever the order of the atomics --, then one pass decodes the keys; no workspace.
+    float64 scores (keys of 96 bits): a radix sort of the group ids (32-bit keys), then one thread
+    per group over its segment (``~24 B + 8 G k`` bytes of workspace). The result is bitwise the
+    same on both and for any thread count. Out-of-range ids raise on the
     CPU; on CUDA (no host sync) such samples are ignored.
 
     Args:
