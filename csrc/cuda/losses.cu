@@ -96,13 +96,12 @@ __device__ losses::RowCtx<typename LossAcc<T>::type> block_row_ctx(const LossPtr
   return ctx;
 }
 
+// Row b: each token's derivatives, and the row's statistics (written by thread 0).
 template <typename T, typename M, typename A>
-__global__ void __launch_bounds__(kLossBlock)
-    rows_kernel(LossPtrs<T> in, const M* mask, const int64_t* cu, int64_t row_len, losses::Params p,
-                double* stats, A* dpol, A* daux) {
+__device__ void loss_row(const LossPtrs<T>& in, const M* mask, const int64_t* cu, int64_t row_len,
+                         const losses::Params& p, int64_t b, double* stats, A* dpol, A* daux) {
   using Reduce = cub::BlockReduce<losses::Stats, kLossBlock>;
   __shared__ typename Reduce::TempStorage tmp;
-  const int64_t b = blockIdx.x;
   int64_t begin, end;
   row_range(cu, row_len, b, &begin, &end);
   const losses::RowCtx<A> ctx = block_row_ctx(in, mask, p, b, begin, end);
@@ -125,11 +124,11 @@ __global__ void __launch_bounds__(kLossBlock)
   }
 }
 
-// The finish: one block; thread k walks rows k, k + kLossBlock, ... (the counts pass, then the
-// weighted sums), cub reductions in a fixed tree; thread 0 writes the loss and the metrics.
-__global__ void __launch_bounds__(kLossBlock)
-    finish_kernel(double* stats, int64_t num_rows, losses::FinishParams f, const double* counts, void* loss,
-                  bool loss_double, float* metrics) {
+// The finish, by one block: thread k walks rows k, k + kLossBlock, ... (the counts pass, then the
+// weighted sums), cub reductions in a fixed tree; thread 0 writes the loss and the metrics. The
+// same operations whichever block runs it, so the result is bitwise reproducible.
+__device__ void loss_finish(double* stats, int64_t num_rows, const losses::FinishParams& f,
+                            const double* counts, void* loss, bool loss_double, float* metrics) {
   using CountsReduce = cub::BlockReduce<losses::Counts, kLossBlock>;
   using TotalsReduce = cub::BlockReduce<losses::Totals, kLossBlock>;
   __shared__ union {
@@ -160,6 +159,29 @@ __global__ void __launch_bounds__(kLossBlock)
   }
 }
 
+// The forward in one launch: block b runs row b, then the last block to finish its row runs the
+// finish. Each block's thread 0 fences its row's statistics before it takes a ticket, so the block
+// that draws the last ticket sees every row (the threadFenceReduction pattern); *done must be 0 at
+// launch. One block when there is no row (a zero loss and metrics).
+template <typename T, typename M, typename A>
+__global__ void __launch_bounds__(kLossBlock)
+    loss_kernel(LossPtrs<T> in, const M* mask, const int64_t* cu, int64_t num_rows, int64_t row_len,
+                losses::Params p, losses::FinishParams f, const double* counts, double* stats, A* dpol,
+                A* daux, void* loss, bool loss_double, float* metrics, unsigned* done) {
+  if (static_cast<int64_t>(blockIdx.x) < num_rows) {
+    loss_row(in, mask, cu, row_len, p, static_cast<int64_t>(blockIdx.x), stats, dpol, daux);
+  }
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    __threadfence();  // this row's statistics, before the ticket
+    last = atomicAdd(done, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // every row's statistics, after the ticket
+  loss_finish(stats, num_rows, f, counts, loss, loss_double, metrics);
+}
+
 template <typename M, typename A>
 __global__ void __launch_bounds__(kLossBlock)
     rows_grad_kernel(const M* mask, const int64_t* cu, int64_t row_len, const void* grad, bool grad_double,
@@ -183,21 +205,16 @@ __global__ void __launch_bounds__(kLossBlock)
 }  // namespace
 
 template <typename T, typename M, typename A>
-cudaError_t launch_policy_loss_rows(LossPtrs<T> in, const M* mask, const int64_t* cu_seqlens, int64_t num_rows,
-                                    int64_t row_len, const losses::Params& p, double* stats, A* dpol, A* daux,
-                                    cudaStream_t stream) {
+cudaError_t launch_policy_loss(LossPtrs<T> in, const M* mask, const int64_t* cu_seqlens, int64_t num_rows,
+                               int64_t row_len, const losses::Params& p, const losses::FinishParams& f,
+                               const double* counts, double* stats, A* dpol, A* daux, void* loss, bool loss_double,
+                               float* metrics, unsigned* done, cudaStream_t stream) {
   if (num_rows < 0 || num_rows > 0x7fffffff || row_len < 0) return cudaErrorInvalidValue;
-  if (num_rows == 0) return cudaSuccess;
-  rows_kernel<T, M, A><<<static_cast<unsigned>(num_rows), kLossBlock, 0, stream>>>(in, mask, cu_seqlens, row_len,
-                                                                                  p, stats, dpol, daux);
-  return cudaGetLastError();
-}
-
-cudaError_t launch_policy_loss_finish(double* stats, int64_t num_rows, const losses::FinishParams& f,
-                                      const double* counts, void* loss, bool loss_double, float* metrics,
-                                      cudaStream_t stream) {
-  if (num_rows < 0) return cudaErrorInvalidValue;
-  finish_kernel<<<1, kLossBlock, 0, stream>>>(stats, num_rows, f, counts, loss, loss_double, metrics);
+  const cudaError_t err = cudaMemsetAsync(done, 0, sizeof(unsigned), stream);
+  if (err != cudaSuccess) return err;
+  const unsigned blocks = num_rows > 0 ? static_cast<unsigned>(num_rows) : 1u;
+  loss_kernel<T, M, A><<<blocks, kLossBlock, 0, stream>>>(in, mask, cu_seqlens, num_rows, row_len, p, f, counts,
+                                                          stats, dpol, daux, loss, loss_double, metrics, done);
   return cudaGetLastError();
 }
 
@@ -214,9 +231,10 @@ cudaError_t launch_policy_loss_rows_grad(const M* mask, const int64_t* cu_seqlen
 }
 
 #define FASTRL_INSTANTIATE_LOSS(T, M)                                                                        \
-  template cudaError_t launch_policy_loss_rows<T, M, LossAcc<T>::type>(                                       \
-      LossPtrs<T>, const M*, const int64_t*, int64_t, int64_t, const losses::Params&, double*,               \
-      LossAcc<T>::type*, LossAcc<T>::type*, cudaStream_t);
+  template cudaError_t launch_policy_loss<T, M, LossAcc<T>::type>(                                            \
+      LossPtrs<T>, const M*, const int64_t*, int64_t, int64_t, const losses::Params&,                        \
+      const losses::FinishParams&, const double*, double*, LossAcc<T>::type*, LossAcc<T>::type*, void*, bool, \
+      float*, unsigned*, cudaStream_t);
 #define FASTRL_INSTANTIATE_LOSS_MASKS(T) \
   FASTRL_INSTANTIATE_LOSS(T, bool)       \
   FASTRL_INSTANTIATE_LOSS(T, uint8_t)    \

@@ -386,27 +386,28 @@ cuda::LossPtrs<typename CudaScalar<scalar_t>::type> cuda_ptrs(const LossTensors&
 }
 
 // Mask values and cu_seqlens are not checked on CUDA (no host sync): a nonzero mask counts as 1.
-// Two launches: the rows, then the finish (one block).
+// One launch (rows, then the finish in the last block), after a 4-byte memset of its ticket counter.
 ForwardResult policy_loss_rows_cuda(FASTRL_LOSS_SIGNATURE) {
   FASTRL_LOSS_PREPARE
   const c10::cuda::CUDAGuard guard(t.logp.device());
   ForwardOutputs o = forward_outputs(t, logp);
+  at::Tensor ticket = at::empty({1}, t.logp.options().dtype(at::kInt));
+  unsigned* done = reinterpret_cast<unsigned*>(ticket.data_ptr<int32_t>());
   const cudaStream_t stream = stream_of(t.logp);
   cudaError_t err = cudaSuccess;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.logp.scalar_type(), "fastrl::policy_loss_rows", [&] {
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
     FASTRL_DISPATCH_MASK(t.mask.scalar_type(), [&] {
-      err = cuda::launch_policy_loss_rows(cuda_ptrs<scalar_t>(t), t.mask.data_ptr<mask_t>(), t.rows.cu_seqlens,
-                                          t.rows.num_rows, t.rows.row_len, p, o.rows.data_ptr<double>(),
-                                          o.dpol.data_ptr<acc_t>(),
-                                          t.ref.defined() ? o.daux.data_ptr<acc_t>() : nullptr, stream);
+      err = cuda::launch_policy_loss(cuda_ptrs<scalar_t>(t), t.mask.data_ptr<mask_t>(), t.rows.cu_seqlens,
+                                     t.rows.num_rows, t.rows.row_len, p, f,
+                                     count_values.defined() ? count_values.data_ptr<double>() : nullptr,
+                                     o.rows.data_ptr<double>(), o.dpol.data_ptr<acc_t>(),
+                                     t.ref.defined() ? o.daux.data_ptr<acc_t>() : nullptr, o.loss.data_ptr(),
+                                     o.loss.scalar_type() == at::kDouble, o.metrics.data_ptr<float>(), done,
+                                     stream);
     });
   });
   C10_CUDA_CHECK(err);
-  C10_CUDA_CHECK(cuda::launch_policy_loss_finish(o.rows.data_ptr<double>(), t.rows.num_rows, f,
-                                                 count_values.defined() ? count_values.data_ptr<double>() : nullptr,
-                                                 o.loss.data_ptr(), o.loss.scalar_type() == at::kDouble,
-                                                 o.metrics.data_ptr<float>(), stream));
   return {o.loss, o.metrics, o.rows, o.dpol, o.daux};
 }
 

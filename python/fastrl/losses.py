@@ -4,11 +4,11 @@
 the chosen ``kind`` (verl 0.9.1 / trl 1.16.0 semantics), the KL penalty against a reference policy
 and the entropy bonus, sums them per row in fp64 together with every metric, and aggregates the
 rows into the scalar loss and the metrics with the chosen ``agg`` mode in one small reduction, all
-in one op call (on CUDA: a row kernel and a one-block finish kernel). The backward is closed form:
-the forward pass also writes each token's derivatives (one fp32 per token, two with a KL term:
-fp64 for fp64 inputs) and the backward (one op call, one kernel) scales them by the rows' weights
-times the loss's incoming gradient in one streaming pass, writing ``d loss / d logp`` and
-``d loss / d entropy`` in the inputs' dtypes. No host syncs: metrics are device tensors.
+in one op call (on CUDA one kernel: a block per row; the last block to retire runs the finish).
+The backward is closed form: the forward pass also writes each token's derivatives (one fp32 per
+token, two with a KL term: fp64 for fp64 inputs) and the backward (one op call, one kernel)
+scales them by the rows' weights times the loss's incoming gradient in one streaming pass, writing
+``d loss / d logp`` and ``d loss / d entropy`` in the inputs' dtypes. No host syncs: metrics are device tensors.
 
 Layouts: padded ``[B, T]`` with ``mask``, or packed ``[N]`` with ``cu_seqlens: int64[B+1]``.
 Advantages per token (``logp``'s shape) or per sequence (``[B]``, broadcast inside the kernel).
