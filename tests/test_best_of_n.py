@@ -837,7 +837,8 @@ def test_select_pairs_with_infinities():
 @pytest.mark.parametrize("k", [1, 3, 16, 21])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_best_of_n_cuda_is_bitwise_equal_to_cpu(k, dtype):
-    """float32/16: the atomicMax cascade; float64: the sort path."""
+    """float32/16: the atomicMax cascade of packed keys; float64: the two cascades (scores, then
+    the indices of tied scores)."""
     gen = torch.Generator().manual_seed(12)
     scores, ids = ragged(gen, 3000, 16, levels=5, nan_frac=0.05)
     scores[::7] = torch.randn(scores[::7].shape, generator=gen, dtype=torch.float64)
@@ -861,13 +862,15 @@ def test_best_of_n_cuda_is_bitwise_equal_to_cpu(k, dtype):
 @pytest.mark.cuda
 @pytest.mark.skipif(not (torch.cuda.is_available() and fastrl._extension.cuda_built()), reason="needs a CUDA GPU and the CUDA build")
 @pytest.mark.parametrize("k", [1, 4, 16])
-def test_best_of_n_cuda_contended_groups(k):
-    """A few huge groups (every atomic of a group on the same k slots) and many ties: still the
-    sorted top k, the same bits as the CPU, run after run."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_best_of_n_cuda_contended_groups(k, dtype):
+    """A few huge groups (every atomic of a group on the same k slots) and many ties (float64:
+    thousands of samples tied on each slot of the cut): still the sorted top k, the same bits as
+    the CPU, run after run."""
     gen = torch.Generator().manual_seed(13)
     n = 300_000
     ids = torch.randint(0, 3, (n,), generator=gen)
-    scores = (torch.randint(0, 50, (n,), generator=gen).float() - 25.0) / 4
+    scores = ((torch.randint(0, 50, (n,), generator=gen).float() - 25.0) / 4).to(dtype)
     cpu = best_of_n(scores, ids, k, num_groups=4)
     for _ in range(3):
         assert torch.equal(best_of_n(scores.cuda(), ids.cuda(), k, num_groups=4).cpu(), cpu)

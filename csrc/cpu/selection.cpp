@@ -28,7 +28,6 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <cstring>
 #include <type_traits>
 #include <cmath>
 #include <functional>

@@ -1,13 +1,14 @@
 // CUDA kernels of the best-of-N / selection family (see cuda/selection.cuh for the contract).
 //
-// best_of_n (16/32-bit scores): no sort. Each sample offers its packed key (fastrl/selection.h)
+// best_of_n: no sort. 16/32-bit scores: each sample offers its packed key (fastrl/selection.h)
 // to its group's k slots with the atomic-max cascade, the slots living in the output itself, then
-// one pass decodes them in place. fp64 scores (and batches past 2^32 samples), best_of_n's
-// 96-bit-key case, and expected_best_of_k, all_pairs and maj_at_k start from a cub radix sort of
-// the samples by group id (32-bit keys, only the bits the ids need; LSD, so stable), then run one
-// thread per group over its contiguous segment, which it finds by binary search: the bounded
-// top-k insert, the order-statistic sums (values first sorted by value, so each segment comes out
-// ascending), the pairs, the maj@k DP.
+// one pass decodes them in place. fp64 scores (and batches past 2^32 samples), whose keys would
+// not fit one atomic: the same cascade twice, score keys into a workspace cut, then index keys
+// into the slots of the output where each score ties (selection::tie_slots).
+// expected_best_of_k, all_pairs and maj_at_k start from a cub radix sort of the samples by group
+// id (32-bit keys, only the bits the ids need; LSD, so stable), then run one thread per group over
+// its contiguous segment, which it finds by binary search: the order-statistic sums (values first
+// sorted by value, so each segment comes out ascending), the pairs, the maj@k DP.
 #include <cuda_runtime.h>
 
 #include <cub/device/device_radix_sort.cuh>
@@ -62,49 +63,46 @@ struct SlotMax {
   }
 };
 
+// What a best_of_n cascade kernel offers: the packed key (one pass), the score key (pass 1 of
+// two) or the index key to the tie slots (pass 2, `cut` the final pass-1 slots).
+enum class Offer { kPacked, kScore, kIndex };
+
 // One thread per sample: its key down its group's k slots (lists[num_groups * k], zeroed).
-template <typename T>
+template <Offer kOffer, typename T>
 __global__ void __launch_bounds__(kThreads)
     cascade_kernel(const T* __restrict__ scores, const int64_t* __restrict__ group_ids, int64_t n,
-                   int64_t num_groups, int64_t k, bool largest, unsigned long long* lists) {
+                   int64_t num_groups, int64_t k, bool largest,
+                   const unsigned long long* __restrict__ cut, unsigned long long* lists) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t g = group_ids[i];
     const double x = as_double(scores[i]);  // exact for float/half/bf16
     if (g < 0 || g >= num_groups || x != x) continue;  // out of range: ignored; NaN: never selected
-    selection::cascade_offer(lists + g * k, k,
-                             selection::member_key<uint64_t>(static_cast<float>(x), i, largest),
-                             SlotMax());
+    unsigned long long* slots = lists + g * k;
+    if (kOffer == Offer::kPacked) {
+      selection::cascade_offer(slots, k,
+                               selection::member_key<uint64_t>(static_cast<float>(x), i, largest),
+                               SlotMax());
+    } else if (kOffer == Offer::kScore) {
+      selection::cascade_offer(slots, k, selection::score_key(x, largest), SlotMax());
+    } else {
+      int64_t first = 0, count = 0;
+      const uint64_t* group_cut = reinterpret_cast<const uint64_t*>(cut + g * k);
+      if (selection::tie_slots(group_cut, k, selection::score_key(x, largest), &first, &count)) {
+        selection::cascade_offer(slots + first, count, selection::index_key(i), SlotMax());
+      }
+    }
   }
 }
 
-// The keys of the lists to sample indices (-1 for an empty slot), in place.
-__global__ void __launch_bounds__(kThreads) decode_kernel(int64_t* lists, int64_t total) {
+// The keys of the lists to sample indices (-1 for an empty slot), in place: packed keys, or index
+// keys (the two-pass path).
+__global__ void __launch_bounds__(kThreads)
+    decode_kernel(int64_t* lists, int64_t total, bool packed) {
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < total;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    lists[j] = selection::member_index(static_cast<uint64_t>(lists[j]));
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    topk_kernel(const T* __restrict__ scores, const uint32_t* __restrict__ keys,
-                const int64_t* __restrict__ members, int64_t num_samples, int64_t num_groups,
-                int64_t k, bool largest, double* __restrict__ keys_ws, int64_t* __restrict__ out) {
-  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < num_groups;
-       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t begin = segment_start(keys, num_samples, static_cast<uint32_t>(g));
-    const int64_t end = segment_start(keys, num_samples, static_cast<uint32_t>(g + 1));
-    double* key = keys_ws + g * k;
-    int64_t* idx = out + g * k;  // the list's indices live in the output row
-    selection::topk_clear(key, idx, k);
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t i = members[p];
-      const double x = as_double(scores[i]);
-      if (x != x) continue;  // NaN: never selected
-      selection::topk_offer(key, idx, k, selection::topk_key(x, largest), i);
-    }
-    selection::topk_write(idx, k, idx);
+    const uint64_t key = static_cast<uint64_t>(lists[j]);
+    lists[j] = packed ? selection::member_index(key) : selection::index_of(key);
   }
 }
 
@@ -212,25 +210,19 @@ cudaError_t sort_by_group(const int64_t* group_ids, int64_t n, int64_t num_group
                                          0, bits, stream);
 }
 
-// best_of_n's workspace on its sort path: sort keys in/out (uint32), member indices in/out
-// (int64), the top-k values (fp64, num_groups * k), cub's temporary storage.
+// best_of_n's workspace: none with packed keys; the pass-1 cut (num_groups * k keys) with two.
 struct TopkPlan {
-  Parts<6> parts;
-  int sort_bits;
+  Parts<1> parts;
 };
 
 cudaError_t plan(int64_t num_samples, int64_t num_groups, int64_t k, size_t score_bytes,
                  TopkPlan* plan) {
   if (num_samples < 0 || num_groups < 0 || num_groups > kMaxSelectionGroups || k < 1)
     return cudaErrorInvalidValue;
-  if (!best_of_n_sorts(score_bytes, num_samples)) return cudaSuccess;  // no workspace
-  const size_t n = static_cast<size_t>(num_samples);
-  size_t* sizes = plan->parts.sizes;
-  sizes[0] = sizes[1] = n * sizeof(uint32_t);
-  sizes[2] = sizes[3] = n * sizeof(int64_t);
-  sizes[4] = static_cast<size_t>(num_groups) * static_cast<size_t>(k) * sizeof(double);
-  plan->sort_bits = group_key_bits(num_groups);
-  return sort_temp_bytes<uint32_t, int64_t>(num_samples, plan->sort_bits, &sizes[5]);
+  if (best_of_n_two_pass(score_bytes, num_samples)) {
+    plan->parts.sizes[0] = static_cast<size_t>(num_groups) * static_cast<size_t>(k) * sizeof(uint64_t);
+  }
+  return cudaSuccess;
 }
 
 // expected_best_of_k's workspace: values (fp64) and group keys (uint32), two buffers each, and
@@ -479,7 +471,8 @@ cudaError_t plan(int64_t num_samples, int64_t num_groups, int64_t k_max, MajPlan
 size_t best_of_n_workspace_bytes(int64_t num_samples, int64_t num_groups, int64_t k,
                                  size_t score_bytes) {
   TopkPlan p;
-  return plan(num_samples, num_groups, k, score_bytes, &p) == cudaSuccess ? p.parts.total() : 0;
+  if (plan(num_samples, num_groups, k, score_bytes, &p) != cudaSuccess) return 0;
+  return p.parts.sizes[0] == 0 ? 0 : p.parts.total();
 }
 
 template <typename T>
@@ -490,32 +483,25 @@ cudaError_t launch_best_of_n(const T* scores, const int64_t* group_ids, int64_t 
   cudaError_t err = plan(num_samples, num_groups, k, sizeof(T), &p);
   if (err != cudaSuccess) return err;
   if (num_groups == 0) return cudaSuccess;
-  if (!best_of_n_sorts(sizeof(T), num_samples)) {
-    const int64_t total = num_groups * k;
-    err = cudaMemsetAsync(out, 0, static_cast<size_t>(total) * sizeof(int64_t), stream);
+  const int64_t total = num_groups * k;
+  err = cudaMemsetAsync(out, 0, static_cast<size_t>(total) * sizeof(int64_t), stream);
+  if (err != cudaSuccess) return err;
+  auto* lists = reinterpret_cast<unsigned long long*>(out);
+  const bool two_pass = best_of_n_two_pass(sizeof(T), num_samples);
+  if (num_samples > 0 && !two_pass) {
+    cascade_kernel<Offer::kPacked, T><<<grid_for(num_samples), kThreads, 0, stream>>>(
+        scores, group_ids, num_samples, num_groups, k, largest, nullptr, lists);
+  } else if (num_samples > 0) {
+    if (workspace == nullptr || workspace_bytes < p.parts.total()) return cudaErrorInvalidValue;
+    auto* cut = static_cast<unsigned long long*>(p.parts.part(workspace, 0));
+    err = cudaMemsetAsync(cut, 0, p.parts.sizes[0], stream);
     if (err != cudaSuccess) return err;
-    if (num_samples > 0) {
-      cascade_kernel<T><<<grid_for(num_samples), kThreads, 0, stream>>>(
-          scores, group_ids, num_samples, num_groups, k, largest,
-          reinterpret_cast<unsigned long long*>(out));
-    }
-    decode_kernel<<<grid_for(total), kThreads, 0, stream>>>(out, total);
-    return cudaGetLastError();
+    cascade_kernel<Offer::kScore, T><<<grid_for(num_samples), kThreads, 0, stream>>>(
+        scores, group_ids, num_samples, num_groups, k, largest, nullptr, cut);
+    cascade_kernel<Offer::kIndex, T><<<grid_for(num_samples), kThreads, 0, stream>>>(
+        scores, group_ids, num_samples, num_groups, k, largest, cut, lists);
   }
-  if (workspace == nullptr || workspace_bytes < p.parts.total()) return cudaErrorInvalidValue;
-  auto part = [&](int j) { return p.parts.part(workspace, j); };
-  uint32_t* keys_in = static_cast<uint32_t*>(part(0));
-  uint32_t* keys = static_cast<uint32_t*>(part(1));
-  int64_t* members_in = static_cast<int64_t*>(part(2));
-  int64_t* members = static_cast<int64_t*>(part(3));
-  double* vals = static_cast<double*>(part(4));
-  if (num_samples > 0) {
-    err = sort_by_group(group_ids, num_samples, num_groups, p.sort_bits, keys_in, keys, members_in,
-                        members, part(5), p.parts.sizes[5], stream);
-    if (err != cudaSuccess) return err;
-  }
-  topk_kernel<T><<<grid_for(num_groups), kThreads, 0, stream>>>(
-      scores, keys, members, num_samples, num_groups, k, largest, vals, out);
+  decode_kernel<<<grid_for(total), kThreads, 0, stream>>>(out, total, !two_pass);
   return cudaGetLastError();
 }
 

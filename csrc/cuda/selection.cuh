@@ -20,18 +20,18 @@
 namespace fastrl {
 namespace cuda {
 
-// Largest num_groups best_of_n and expected_best_of_k take on CUDA (group ids are sorted as 32-bit keys).
+// Largest num_groups the CUDA selection ops take (their group-id sorts use 32-bit keys).
 constexpr int64_t kMaxSelectionGroups = 2147483646;
 
-// Whether launch_best_of_n takes its sort path: scores of score_bytes bytes (8: fp64) or a batch
-// past 2^32 samples, whose keys do not fit the 64 bits of one atomic.
-constexpr bool best_of_n_sorts(size_t score_bytes, int64_t num_samples) {
+// Whether launch_best_of_n takes its two-cascade path: scores of score_bytes bytes (8: fp64) or a
+// batch past 2^32 samples, whose packed keys do not fit the 64 bits of one atomic.
+constexpr bool best_of_n_two_pass(size_t score_bytes, int64_t num_samples) {
   return score_bytes > 4 || num_samples > (int64_t{1} << 32);
 }
 
 // Bytes of device workspace launch_best_of_n needs for scores of score_bytes bytes (call with the
-// launch's device current): 0 without the sort, and 0 if the size query failed (the launch then
-// returns that error).
+// launch's device current): 0 on the packed-key path, 8 * num_groups * k (plus alignment slack)
+// on the two-cascade path, and 0 for invalid sizes (the launch then returns that error).
 size_t best_of_n_workspace_bytes(int64_t num_samples, int64_t num_groups, int64_t k,
                                  size_t score_bytes);
 
@@ -40,18 +40,17 @@ size_t best_of_n_workspace_bytes(int64_t num_samples, int64_t num_groups, int64_
 // padding). Returns cudaErrorInvalidValue for bad sizes or a short workspace, else the first
 // launch error.
 //
-// Pipeline, float/half/bf16 scores (B <= 2^32): no sort and no workspace. out is zeroed, one
-// thread per sample offers its packed key (fastrl/selection.h member_key: the order key of the
-// score as fp32, then ~index) to its group's k slots of out with the atomic-max cascade
-// (selection::cascade_offer: at most k 64-bit atomicMax per sample, contended only within a
-// group), and one pass decodes the keys to indices in place. The slots end as the group's sorted
-// top k whatever the order of the atomics, so the result is deterministic. fp64 scores (or more
-// than 2^32 samples), whose keys need more than 64 bits: (1) keys = group ids (out-of-range ids
-// get the sentinel key num_groups), values = sample indices; (2) cub radix sort of the pairs over
-// the low bits only (LSD: stable, so each group's members are contiguous, in index order); (3) one
-// thread per group finds its segment by binary search and runs the bounded top-k insert over it.
-// Extra memory there: the workspace, about 24 * num_samples + 8 * num_groups * k bytes plus cub's
-// sort storage; one huge group is serial on one thread.
+// Pipeline, no sort: out is zeroed, then
+//  - float/half/bf16 scores (B <= 2^32): one thread per sample offers its packed key
+//    (fastrl/selection.h member_key: the order key of the score as fp32, then ~index) to its
+//    group's k slots of out with the atomic-max cascade (selection::cascade_offer: at most k 64-bit
+//    atomicMax per sample, contended only within a group);
+//  - fp64 scores (or more than 2^32 samples), whose packed keys would need 96 bits: two such
+//    passes, score keys into a cut of k slots per group in the workspace, then each sample that
+//    ranks within its group's cut offers ~index to the slots where its score ties
+//    (selection::tie_slots), so equal scores are ordered by index;
+// then one pass decodes the keys to indices in place. The slots end as the group's sorted top k
+// whatever the order of the atomics, so the result is deterministic.
 template <typename T>
 cudaError_t launch_best_of_n(const T* scores, const int64_t* group_ids, int64_t num_samples,
                              int64_t num_groups, int64_t k, bool largest, int64_t* out,
@@ -81,9 +80,9 @@ size_t all_pairs_workspace_bytes(int64_t num_samples, int64_t num_groups);
 
 // The pairs of fastrl::cpu::all_pairs (same pairs, same order, -1 after the last one or past
 // max_pairs) into chosen/rejected[max_pairs], with no host sync; samples with an out-of-range
-// group id are ignored. Pipeline: scores to fp64 and a radix sort of the group ids (as
-// best_of_n), one thread per group counts its pairs (O(n_g^2)), a cub exclusive scan places them,
-// one thread per group writes its own. Extra memory: the workspace, about 32 * num_samples +
+// group id are ignored. Pipeline: scores to fp64 and a radix sort of the group ids, one thread
+// per group counts its pairs (O(n_g^2)), a cub exclusive scan places them, one thread per group
+// writes its own. Extra memory: the workspace, about 32 * num_samples +
 // 16 * num_groups bytes plus cub's storage.
 template <typename T>
 cudaError_t launch_all_pairs(const T* scores, const int64_t* group_ids, int64_t num_samples,

@@ -1,10 +1,11 @@
-// Best-of-N selection math shared by the CPU and CUDA kernels: a bounded top-k insert and the
-// exact expected best of k draws (best@k / worst@k).
+// Best-of-N selection math shared by the CPU and CUDA kernels: best_of_n's top-k keys and the
+// atomic cascade that keeps them, and the exact expected best of k draws (best@k / worst@k),
+// preference pairs and maj@k.
 //
 // The top-k order is total — a higher score first (lower with largest == false), equal scores by
 // the lower sample index — so the selected set and its order do not depend on the order in which
 // members are offered, nor on how partial lists are merged: the CPU kernel (sample chunks merged
-// per group) and the CUDA kernel (sorted segments) agree bitwise. NaN scores are never offered
+// per group) and the CUDA kernel (atomic cascades) agree bitwise. NaN scores are never offered
 // (the kernels skip them); +-inf are ordinary values.
 #pragma once
 
@@ -15,46 +16,6 @@
 
 namespace fastrl {
 namespace selection {
-
-// A group's top-k list: k slots of (key, sample index), best first. key = x for the largest
-// scores, -x for the smallest, so "better" is always "greater key, then lower index". Empty slots
-// hold the sentinel (-inf, kNoSample), which every real member outranks (a real -inf key has a
-// lower index), so the insert needs no fill count.
-constexpr int64_t kNoSample = INT64_MAX;
-
-FASTRL_HOST_DEVICE double topk_key(double x, bool largest) { return largest ? x : -x; }
-
-FASTRL_HOST_DEVICE bool ranks_before(double a, int64_t ia, double b, int64_t ib) {
-  return (a > b) | ((a == b) & (ia < ib));
-}
-
-FASTRL_HOST_DEVICE void topk_clear(double* key, int64_t* idx, int64_t k) {
-  for (int64_t j = 0; j < k; ++j) {
-    key[j] = -INFINITY;
-    idx[j] = kNoSample;
-  }
-}
-
-// Offers sample i with key `x` (not NaN): one comparison rejects a member that ranks below the
-// list (the common case once a group's list is full), else an insertion shift. O(k) worst case.
-// (Measured on random order, k = 1..16: faster than a select-only, branch-free update, which
-// stores to the list for every member.)
-FASTRL_HOST_DEVICE void topk_offer(double* key, int64_t* idx, int64_t k, double x, int64_t i) {
-  if (!ranks_before(x, i, key[k - 1], idx[k - 1])) return;
-  int64_t pos = k - 1;
-  while (pos > 0 && ranks_before(x, i, key[pos - 1], idx[pos - 1])) {
-    key[pos] = key[pos - 1];
-    idx[pos] = idx[pos - 1];
-    --pos;
-  }
-  key[pos] = x;
-  idx[pos] = i;
-}
-
-// The sample indices of a list, -1 for empty slots (a group with fewer than k non-NaN members).
-FASTRL_HOST_DEVICE void topk_write(const int64_t* idx, int64_t k, int64_t* out) {
-  for (int64_t j = 0; j < k; ++j) out[j] = idx[j] == kNoSample ? -1 : idx[j];
-}
 
 // ---------------------------------------------------------------------------------- packed keys
 //
@@ -135,6 +96,38 @@ FASTRL_HOST_DEVICE void cascade_offer(Slot* slots, int64_t k, uint64_t x, Atomic
     const uint64_t old = atomic_max(slots + j, x);
     x = old < x ? old : x;
   }
+}
+
+// The two-cascade top-k of the CUDA kernel for fp64 scores and batches past 2^32 samples, whose
+// packed keys would not fit one 64-bit atomic. Both passes run cascade_offer, which is also right
+// for repeated keys (one copy stays, the other passes on: slot j ends with the (j+1)-th largest of
+// the multiset offered).
+//   pass 1: every member offers score_key (score and order only) to its group's k "cut" slots,
+//           which end as the group's k best score keys with repeats, best first;
+//   pass 2: a member whose score key s ranks within the cut (tie_slots: the cut holds s in slots
+//           [first, first + count)) offers index_key(i) to those slots of its group's list. The
+//           members tied at s fill them, the lowest indices first, the others fall off the end.
+// The lists end as the packed-key path's, bitwise: the sorted top k, ties by the lower index.
+FASTRL_HOST_DEVICE uint64_t score_key(double x, bool largest) { return score_order(x, largest); }
+FASTRL_HOST_DEVICE uint64_t index_key(int64_t i) { return ~static_cast<uint64_t>(i); }  // > 0
+FASTRL_HOST_DEVICE int64_t index_of(uint64_t key) {
+  return key == 0 ? -1 : static_cast<int64_t>(~key);
+}
+
+// Where score key s lands in a group's final cut[k]: false if below it (a full cut whose last key
+// is greater), else the slots holding s (a group with fewer than k members has empty slots, 0,
+// at the end, so every one of its members lands). count >= 1 when s was offered to the cut.
+FASTRL_HOST_DEVICE bool tie_slots(const uint64_t* cut, int64_t k, uint64_t s, int64_t* first,
+                                  int64_t* count) {
+  if (cut[k - 1] > s) return false;
+  int64_t above = 0, equal = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    above += cut[j] > s;
+    equal += cut[j] == s;
+  }
+  *first = above;
+  *count = equal;
+  return equal > 0;
 }
 
 // Expected best of k draws from a group of n values given best first — rank r (1-based) at

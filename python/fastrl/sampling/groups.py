@@ -127,8 +127,9 @@ def best_of_n(scores: torch.Tensor, group_ids: torch.Tensor, k: int = 1, *, larg
     each sample pushes its key down its group's ``k`` slots (in the output) with 64-bit
     ``atomicMax`` -- a slot keeps the larger key and passes the smaller on, which leaves the sorted
     top k whatever the order of the atomics --, then one pass decodes the keys; no workspace.
-    float64 scores (keys of 96 bits): a radix sort of the group ids (32-bit keys), then one thread
-    per group over its segment (``~24 B + 8 G k`` bytes of workspace). The result is bitwise the
+    float64 scores (keys of 96 bits): the same cascade twice, score keys into a ``G x k`` cut
+    (``8 G k`` bytes of workspace), then sample indices into the slots where each score ties, so
+    ties still go to the lower index. The result is bitwise the
     same on both and for any thread count. Out-of-range ids raise on the
     CPU; on CUDA (no host sync) such samples are ignored.
 
