@@ -21,6 +21,7 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include "cuda/advantages.cuh"
+#include "cuda/scalars.cuh"
 
 namespace fastrl {
 namespace cuda {
@@ -36,15 +37,6 @@ constexpr int kWarpsPerBlock = kBlock / kWarp;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kMaxBlocks = 1 << 16;  // grid-stride loops beyond that
 constexpr size_t kAlign = 256;
-
-__device__ __forceinline__ double to_double(float x) { return static_cast<double>(x); }
-__device__ __forceinline__ double to_double(double x) { return x; }
-__device__ __forceinline__ double to_double(__half x) {
-  return static_cast<double>(__half2float(x));
-}
-__device__ __forceinline__ double to_double(__nv_bfloat16 x) {
-  return static_cast<double>(__bfloat162float(x));
-}
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 

@@ -17,6 +17,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "cuda/credit.cuh"
+#include "cuda/scalars.cuh"
 
 namespace fastrl {
 namespace cuda {
@@ -28,20 +29,6 @@ using credit::ReturnsMode;
 constexpr int kBlock = 256;
 constexpr int kItems = kScanTile / kBlock;
 constexpr int64_t kMaxBlocks = 1 << 16;  // grid-stride loops beyond that
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename M>
-__device__ __forceinline__ bool is_valid(M m) {
-  return m != M(0);
-}
-template <>
-__device__ __forceinline__ bool is_valid<bool>(bool m) {
-  return m;
-}
 
 // Row b's token range: padded [b * row_len, (b+1) * row_len), or packed [cu_seqlens[b],
 // cu_seqlens[b+1]) clamped to [0, num_tokens] (unchecked on the device; a decreasing pair is empty).
@@ -160,8 +147,8 @@ __global__ void __launch_bounds__(kBlock)
       const int len = static_cast<int>(min(static_cast<int64_t>(kScanTile), tile_end - begin));
       for (int k = tid; k < len; k += kBlock) {  // reversed, coalesced
         const int64_t pos = tile_end - 1 - k;
-        s_r[k] = to_acc(rewards[pos]);
-        if (kGae) s_v[k] = to_acc(values[pos]);
+        s_r[k] = widen(rewards[pos]);
+        if (kGae) s_v[k] = widen(values[pos]);
         s_m[k] = (is_valid(mask[pos]) ? 1 : 0) | (dones != nullptr && dones[pos] ? 2 : 0);
       }
       __syncthreads();
@@ -258,24 +245,7 @@ __global__ void __launch_bounds__(kBlock)
 // An input value in the arithmetic type A (OpenRLHF: double inputs computed in float).
 template <typename A, typename T>
 __device__ __forceinline__ A load_as(T x) {
-  return static_cast<A>(to_acc(x));
-}
-
-template <typename O>
-__device__ __forceinline__ O store_as(float x) {
-  return static_cast<O>(x);
-}
-template <>
-__device__ __forceinline__ __half store_as<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <typename O>
-__device__ __forceinline__ O store_as(double x) {
-  return static_cast<O>(x);
+  return static_cast<A>(widen(x));
 }
 
 template <credit::KlKind K, credit::KlConvention C, typename T, typename A, typename O>
@@ -329,9 +299,9 @@ __global__ void __launch_bounds__(kBlock)
     if (tid == 0) s_last = last;
     __syncthreads();
     last = s_last;
-    const A score = to_acc(scores[b]);
+    const A score = widen(scores[b]);
     for (int64_t i = begin + tid; i < end; i += kBlock) {
-      const A k = kl != nullptr ? to_acc(kl[i]) : A(0);
+      const A k = kl != nullptr ? widen(kl[i]) : A(0);
       out[i] = credit::token_reward(is_valid(mask[i]), i == last, score, kl_coef, k);
     }
     __syncthreads();  // temp and s_last are reused by the next row
@@ -366,7 +336,7 @@ __device__ RowSummary row_summary(const T* __restrict__ x, const M* __restrict__
   RowSummary part{0.0, 0.0, -1};
   for (int64_t i = begin + threadIdx.x; i < end; i += kBlock) {
     if (is_valid_at(mask, i)) {
-      part.sum += static_cast<double>(to_acc(x[i]));
+      part.sum += static_cast<double>(widen(x[i]));
       part.count += 1.0;
       part.last = i;
     }
@@ -396,7 +366,7 @@ __global__ void __launch_bounds__(kBlock)
     const RowSummary s = row_summary<T, M, Reduce>(x, mask, begin, end, temp, shared);
     if (!kGrad) {
       if (threadIdx.x == 0) {
-        const double last = s.last >= 0 ? static_cast<double>(to_acc(x[s.last])) : 0.0;
+        const double last = s.last >= 0 ? static_cast<double>(widen(x[s.last])) : 0.0;
         out[b] = static_cast<A>(credit::segment_value(op, s.sum, s.count, last));
       }
       continue;
@@ -420,7 +390,7 @@ __global__ void implicit_token_kernel(const T* __restrict__ logp, const T* __res
                                       typename CreditAcc<T>::type* __restrict__ out) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
-    out[i] = is_valid_at(mask, i) ? credit::implicit_reward(to_acc(logp[i]), to_acc(ref[i]), beta)
+    out[i] = is_valid_at(mask, i) ? credit::implicit_reward(widen(logp[i]), widen(ref[i]), beta)
                                   : typename CreditAcc<T>::type(0);
   }
 }
@@ -450,7 +420,7 @@ __global__ void __launch_bounds__(kBlock)
       int64_t last = -1;
       for (int64_t i = s; i < end; ++i) {
         if (is_valid_at(mask, i)) {
-          sum += static_cast<double>(credit::implicit_reward(to_acc(logp[i]), to_acc(ref[i]), beta));
+          sum += static_cast<double>(credit::implicit_reward(widen(logp[i]), widen(ref[i]), beta));
           last = i;
         }
         if (step_ends[i]) break;
@@ -481,7 +451,7 @@ __global__ void __launch_bounds__(kBlock)
 #pragma unroll
     for (int j = 0; j < kMomentItems; ++j) {
       const int64_t i = first + int64_t{j} * kBlock;
-      v[j] = i < n ? to_acc(x[i]) : A(0);
+      v[j] = i < n ? widen(x[i]) : A(0);
       valid[j] = i < n && is_valid(mask[i]);
     }
     const credit::Moments chunk = Reduce(temp).Reduce(items_moments(v, valid), MergeMoments());
@@ -534,7 +504,7 @@ __global__ void whiten_kernel(const T* x, const M* __restrict__ mask, int64_t n,
 #pragma unroll
     for (int j = 0; j < kWhitenItems; ++j) {
       const int64_t i = first + int64_t{j} * blockDim.x;
-      v[j] = i < n ? to_acc(x[i]) : A(0);
+      v[j] = i < n ? widen(x[i]) : A(0);
       mv[j] = mask != nullptr && i < n ? static_cast<A>(mask[i]) : A(1);
     }
 #pragma unroll

@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/logprobs.cuh"
+#include "cuda/scalars.cuh"
 
 namespace fastrl {
 namespace cuda {
@@ -22,22 +23,6 @@ constexpr int kWarp = 32;
 constexpr int kWarps = kThreads / kWarp;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // grid-stride over rows beyond that
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(double x) { return static_cast<float>(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ double from_float<double>(float x) { return static_cast<double>(x); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // 16 bytes of T, loaded and stored as one vector.
 template <typename T>
@@ -210,12 +195,12 @@ __global__ void __launch_bounds__(kThreads)
         const Pack<T> in = *reinterpret_cast<const Pack<T>*>(row + base);
         Pack<T> res;
 #pragma unroll
-        for (int k = 0; k < P; ++k) res.v[k] = from_float<T>(grad_at(base + k, to_float(in.v[k])));
+        for (int k = 0; k < P; ++k) res.v[k] = store_as<T>(grad_at(base + k, to_float(in.v[k])));
         *reinterpret_cast<Pack<T>*>(out + base) = res;
       }
     }
     for (int64_t j = vec_end + threadIdx.x; j < vocab; j += kThreads) {
-      out[j] = from_float<T>(grad_at(j, to_float(row[j])));
+      out[j] = store_as<T>(grad_at(j, to_float(row[j])));
     }
   }
 }

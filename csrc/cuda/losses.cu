@@ -5,6 +5,7 @@
 
 #include "cuda/credit.cuh"  // CreditAcc
 #include "cuda/losses.cuh"
+#include "cuda/scalars.cuh"
 
 namespace fastrl {
 namespace cuda {
@@ -12,16 +13,6 @@ namespace {
 
 template <typename T>
 using LossAcc = CreditAcc<T>;  // float, double for double
-
-__device__ __forceinline__ float load(float x) { return x; }
-__device__ __forceinline__ double load(double x) { return x; }
-__device__ __forceinline__ float load(__half x) { return __half2float(x); }
-__device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename M>
-__device__ __forceinline__ bool is_valid(M m) {
-  return m != M(0);
-}
 
 struct SumsOp {
   __device__ losses::RowSums operator()(const losses::RowSums& a, const losses::RowSums& b) const {
@@ -54,12 +45,12 @@ template <typename T>
 __device__ __forceinline__ Token<typename LossAcc<T>::type> load_token(const LossPtrs<T>& in, int64_t b, int64_t i) {
   using A = typename LossAcc<T>::type;
   Token<A> t;
-  t.lp = load(in.logp[i]);
-  t.x = t.lp - static_cast<A>(load(in.old_logp[i]));
-  t.adv = load(in.adv_per_row ? in.adv[b] : in.adv[i]);
-  t.ref = in.ref ? static_cast<A>(load(in.ref[i])) : A(0);
-  t.ent = in.entropy ? static_cast<A>(load(in.entropy[i])) : A(0);
-  t.is_w = in.is_w ? static_cast<A>(load(in.is_w[i])) : A(0);
+  t.lp = widen(in.logp[i]);
+  t.x = t.lp - static_cast<A>(widen(in.old_logp[i]));
+  t.adv = widen(in.adv_per_row ? in.adv[b] : in.adv[i]);
+  t.ref = in.ref ? static_cast<A>(widen(in.ref[i])) : A(0);
+  t.ent = in.entropy ? static_cast<A>(widen(in.entropy[i])) : A(0);
+  t.is_w = in.is_w ? static_cast<A>(widen(in.is_w[i])) : A(0);
   return t;
 }
 

@@ -12,6 +12,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "cuda/quantile.cuh"
+#include "cuda/scalars.cuh"
 
 namespace fastrl {
 namespace cuda {
@@ -41,20 +42,6 @@ struct State {
 static_assert(sizeof(State<unsigned long long, double>) <= kStateBytes, "state too large");
 static_assert(kStateBytes + 8 * kBins * sizeof(u64) <= kQuantileWorkspaceBytes,
               "workspace too small");
-
-__device__ __forceinline__ float to_value(float x) { return x; }
-__device__ __forceinline__ double to_value(double x) { return x; }
-__device__ __forceinline__ float to_value(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_value(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename M>
-__device__ __forceinline__ bool is_valid(M m) {
-  return m != M(0);
-}
-template <>
-__device__ __forceinline__ bool is_valid<bool>(bool m) {
-  return m;
-}
 
 // torch.lerp as torch's CUDA kernel computes it: ATen/native/Lerp.h's two branches compiled by
 // nvcc, which contracts each multiply-add into one FMA (torch.quantile interpolates with it).
@@ -112,7 +99,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t i = base + j * 32 + lane;
       bin[j] = -1;
       if (i < n && is_valid(mask[i])) {
-        const V v = to_value(x[i]);
+        const V v = widen(x[i]);
         nan |= v != v;
         const K key = quantile::key_of(v);
         if (quantile::is_candidate(key, prefix, shift)) bin[j] = quantile::digit_of(key, shift);
@@ -191,7 +178,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
     if (is_valid(mask[i])) {
-      const K key = quantile::key_of(to_value(x[i]));
+      const K key = quantile::key_of(widen(x[i]));
       const K inv = static_cast<K>(~key);
       if (key > lo_key && inv > best) best = inv;
     }
@@ -218,7 +205,7 @@ __global__ void __launch_bounds__(kThreads)
   const V t = t_shared;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
-    keep[i] = is_valid(mask[i]) && to_value(x[i]) >= t;
+    keep[i] = is_valid(mask[i]) && widen(x[i]) >= t;
   }
 }
 

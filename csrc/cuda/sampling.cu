@@ -25,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/sampling.cuh"
+#include "cuda/scalars.cuh"
 
 namespace fastrl {
 namespace cuda {
@@ -52,11 +53,6 @@ __device__ __forceinline__ uint32_t digit(uint32_t key, int level) {
 __device__ __forceinline__ bool in_prefix(uint32_t key, uint32_t prefix, int level) {
   return level == 0 || (key >> level_shift(level - 1)) == (prefix >> level_shift(level - 1));
 }
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(double x) { return static_cast<float>(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 

@@ -15,6 +15,7 @@
 #include <cub/device/device_scan.cuh>
 
 #include "cuda/selection.cuh"
+#include "cuda/scalars.cuh"
 
 namespace fastrl {
 namespace cuda {
@@ -23,11 +24,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kGridCap = 1 << 16;  // grid-stride loops beyond that
 constexpr size_t kChunk = 256;         // alignment of every workspace part
-
-__device__ __forceinline__ double as_double(float x) { return x; }
-__device__ __forceinline__ double as_double(double x) { return x; }
-__device__ __forceinline__ double as_double(__half x) { return __half2float(x); }
-__device__ __forceinline__ double as_double(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 __global__ void __launch_bounds__(kThreads)
     sort_keys_kernel(const int64_t* __restrict__ group_ids, int64_t n, int64_t num_groups,
@@ -76,7 +72,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t g = group_ids[i];
-    const double x = as_double(scores[i]);  // exact for float/half/bf16
+    const double x = to_double(scores[i]);  // exact for float/half/bf16
     if (g < 0 || g >= num_groups || x != x) continue;  // out of range: ignored; NaN: never selected
     unsigned long long* slots = lists + g * k;
     if (kOffer == Offer::kPacked) {
@@ -111,7 +107,7 @@ __global__ void __launch_bounds__(kThreads)
     to_double_kernel(const T* __restrict__ scores, int64_t n, double* __restrict__ vals) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    vals[i] = as_double(scores[i]);
+    vals[i] = to_double(scores[i]);
   }
 }
 
