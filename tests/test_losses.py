@@ -281,7 +281,8 @@ def test_bad_shapes_and_values():
     with pytest.raises(RuntimeError, match="`logp` must be a floating tensor"):
         losses.policy_loss(mask, old, adv, mask)
     cu = torch.tensor([0, 3, 2, 10])
-    with pytest.raises(RuntimeError, match="`cu_seqlens` must start at 0, be non-decreasing"):
+    with pytest.raises(RuntimeError, match=r"`cu_seqlens` must be non-decreasing, got cu_seqlens\[1\] = 3 > "
+                                           r"cu_seqlens\[2\] = 2"):
         losses.policy_loss(lp.flatten(), old.flatten(), adv.flatten(), mask.flatten(), cu_seqlens=cu)
     with pytest.raises(ValueError, match="needs `max_length`"):
         losses.policy_loss(lp.flatten(), old.flatten(), adv.flatten(), mask.flatten(),
@@ -400,8 +401,11 @@ def test_cov_kinds_bad_input():
             losses.policy_loss(*flat[:3], flat[3][:9], kind=kind, cu_seqlens=cu)
         with pytest.raises(ValueError, match=r"`cu_seqlens` must be int64 \[B \+ 1\] row offsets, got torch.int32"):
             losses.policy_loss(*flat, kind=kind, cu_seqlens=cu.int())
-        for bad in (torch.tensor([0, 3, 2, 10]), torch.tensor([0, 4, 9]), torch.tensor([0])):  # the op's checks
-            with pytest.raises(RuntimeError, match="`cu_seqlens` must start at 0, be non-decreasing and end at"):
+        for bad, why in ((torch.tensor([0, 3, 2, 10]), "be non-decreasing"),  # the op's checks
+                         (torch.tensor([0, 4, 9]), "end at the number of tokens N = 10"),
+                         (torch.tensor([0]), "end at the number of tokens N = 10"),
+                         (torch.tensor([2, 4, 10]), "start at 0")):
+            with pytest.raises(RuntimeError, match=f"`cu_seqlens` must {why}"):
                 losses.policy_loss(*flat[:2], torch.randn(len(bad) - 1, dtype=flat[0].dtype), flat[3], kind=kind,
                                    cu_seqlens=bad)
 

@@ -53,6 +53,30 @@ inline void check_grouped_scores(const at::Tensor& scores, const at::Tensor& gro
   check_num_groups(num_groups, scores.numel());
 }
 
+// Row offsets of a packed layout for `tokens` [N] (named `name`): cu_seqlens int64 [B + 1],
+// contiguous, on tokens' device; on the CPU also from 0, non-decreasing and ending at N (on CUDA
+// trusted: checking would need a host sync). Returns B.
+inline int64_t check_cu_seqlens(const at::Tensor& cu, const at::Tensor& tokens, const char* name) {
+  check_dim(tokens, name, 1);
+  check_dim(cu, "cu_seqlens", 1);
+  check_dtype(cu, "cu_seqlens", at::kLong);
+  check_same_device(cu, "cu_seqlens", tokens, name);
+  TORCH_CHECK(cu.size(0) >= 1, "fastrl: `cu_seqlens` must hold B + 1 >= 1 offsets, got 0");
+  TORCH_CHECK(cu.is_contiguous(), "fastrl: `cu_seqlens` must be contiguous");
+  const int64_t num_rows = cu.size(0) - 1, n = tokens.size(0);
+  if (cu.device().is_cpu()) {
+    const int64_t* c = cu.data_ptr<int64_t>();
+    TORCH_CHECK(c[0] == 0, "fastrl: `cu_seqlens` must start at 0, got cu_seqlens[0] = ", c[0]);
+    for (int64_t b = 0; b < num_rows; ++b) {
+      TORCH_CHECK(c[b + 1] >= c[b], "fastrl: `cu_seqlens` must be non-decreasing, got cu_seqlens[",
+                  b, "] = ", c[b], " > cu_seqlens[", b + 1, "] = ", c[b + 1]);
+    }
+    TORCH_CHECK(c[num_rows] == n, "fastrl: `cu_seqlens` must end at the number of tokens N = ", n,
+                " (`", name, "` has ", n, "), got cu_seqlens[-1] = ", c[num_rows]);
+  }
+  return num_rows;
+}
+
 // Masks may be bool, uint8, int32, int64, float32 or float64 (what trainers pass); kernels are
 // templated on the mask type, so no converted copy is made.
 inline void check_mask_dtype(const at::Tensor& mask) {

@@ -63,33 +63,15 @@ credit::GaeMode parse_gae_mode(c10::string_view mode) {
 at::ScalarType acc_dtype(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Validated token layout. Padded: tokens [B, T] (mask the same shape), rows = B. Packed: tokens
-// [N], cu_seqlens int64 [B+1] from 0, non-decreasing, ending at N (checked on the CPU; on CUDA
-// trusted, see cuda/credit.cuh).
+// [N] and cu_seqlens (check_cu_seqlens).
 cpu::Rows token_rows(const at::Tensor& tokens, const char* name,
                      const c10::optional<at::Tensor>& cu_seqlens) {
   if (!cu_seqlens.has_value()) {
     check_dim(tokens, name, 2);
     return cpu::Rows{nullptr, tokens.size(0), tokens.size(1)};
   }
-  const at::Tensor& cu = *cu_seqlens;
-  check_dim(tokens, name, 1);
-  check_dim(cu, "cu_seqlens", 1);
-  check_dtype(cu, "cu_seqlens", at::kLong);
-  check_same_device(cu, "cu_seqlens", tokens, name);
-  TORCH_CHECK(cu.size(0) >= 1, "fastrl: `cu_seqlens` must hold B + 1 >= 1 offsets, got 0");
-  TORCH_CHECK(cu.is_contiguous(), "fastrl: `cu_seqlens` must be contiguous");
-  const int64_t num_rows = cu.size(0) - 1, n = tokens.size(0);
-  if (cu.device().is_cpu()) {
-    const int64_t* c = cu.data_ptr<int64_t>();
-    TORCH_CHECK(c[0] == 0, "fastrl: `cu_seqlens` must start at 0, got cu_seqlens[0] = ", c[0]);
-    for (int64_t b = 0; b < num_rows; ++b) {
-      TORCH_CHECK(c[b + 1] >= c[b], "fastrl: `cu_seqlens` must be non-decreasing, got cu_seqlens[",
-                  b, "] = ", c[b], " > cu_seqlens[", b + 1, "] = ", c[b + 1]);
-    }
-    TORCH_CHECK(c[num_rows] == n, "fastrl: `cu_seqlens` must end at the number of tokens N = ", n,
-                " (`", name, "` has ", n, "), got cu_seqlens[-1] = ", c[num_rows]);
-  }
-  return cpu::Rows{cu.data_ptr<int64_t>(), num_rows, 0};
+  const int64_t num_rows = check_cu_seqlens(*cu_seqlens, tokens, name);
+  return cpu::Rows{cu_seqlens->data_ptr<int64_t>(), num_rows, 0};
 }
 
 // out[b, t] = values[b] * mask[b, t] (padded) or out[i] = values[row of i] * mask[i] (packed),

@@ -137,22 +137,8 @@ LossTensors prepare(const at::Tensor& logp, const at::Tensor& old_logp, const at
   LossTensors t;
   check_floating(logp, "logp");
   if (cu_seqlens.has_value()) {
-    const at::Tensor& cu = *cu_seqlens;
-    check_dim(logp, "logp", 1);
-    check_dim(cu, "cu_seqlens", 1);
-    check_dtype(cu, "cu_seqlens", at::kLong);
-    check_same_device(cu, "cu_seqlens", logp, "logp");
-    TORCH_CHECK(cu.size(0) >= 1 && cu.is_contiguous(),
-                "fastrl: `cu_seqlens` must be a contiguous int64 tensor of B + 1 >= 1 offsets");
-    const int64_t num_rows = cu.size(0) - 1, n = logp.size(0);
-    if (cu.device().is_cpu()) {  // on CUDA trusted (checking needs a host sync)
-      const int64_t* c = cu.data_ptr<int64_t>();
-      bool ok = c[0] == 0 && c[num_rows] == n;
-      for (int64_t b = 0; ok && b < num_rows; ++b) ok = c[b + 1] >= c[b];
-      TORCH_CHECK(ok, "fastrl: `cu_seqlens` must start at 0, be non-decreasing and end at the number of "
-                  "tokens N = ", n, "; got ", cu);
-    }
-    t.rows = cpu::Rows{cu.data_ptr<int64_t>(), num_rows, 0};
+    const int64_t num_rows = check_cu_seqlens(*cu_seqlens, logp, "logp");
+    t.rows = cpu::Rows{cu_seqlens->data_ptr<int64_t>(), num_rows, 0};
   } else {
     check_dim(logp, "logp", 2);
     t.rows = cpu::Rows{nullptr, logp.size(0), logp.size(1)};
