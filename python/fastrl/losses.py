@@ -8,7 +8,8 @@ in one op call (on CUDA one kernel: a block per row; the last block to retire ru
 The backward is closed form: the forward pass also writes each token's derivatives (one fp32 per
 token, two with a KL term: fp64 for fp64 inputs) and the backward (one op call, one kernel)
 scales them by the rows' weights times the loss's incoming gradient in one streaming pass, writing
-``d loss / d logp`` and ``d loss / d entropy`` in the inputs' dtypes. No host syncs: metrics are device tensors.
+``d loss / d logp`` and ``d loss / d entropy`` in the inputs' dtypes. No host syncs: metrics are
+device tensors.
 
 Layouts: padded ``[B, T]`` with ``mask``, or packed ``[N]`` with ``cu_seqlens: int64[B+1]``.
 Advantages per token (``logp``'s shape) or per sequence (``[B]``, broadcast inside the kernel).

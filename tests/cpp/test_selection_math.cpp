@@ -33,8 +33,9 @@ std::vector<float> random_scores(std::mt19937_64& rng, int n) {
 }
 
 // Brute force: indices sorted best first (higher score, then lower index; reversed scores for
-// largest == false), the first k, -1 padded.
-std::vector<int64_t> brute_topk(const std::vector<float>& x, int64_t k, bool largest) {
+// largest == false), the first k, -1 padded. Float: float or double scores.
+template <typename Float>
+std::vector<int64_t> brute_topk(const std::vector<Float>& x, int64_t k, bool largest) {
   std::vector<int64_t> idx(x.size());
   for (size_t i = 0; i < x.size(); ++i) idx[i] = static_cast<int64_t>(i);
   std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) {
@@ -147,13 +148,8 @@ void test_two_cascades() {
       }
     }
     run_interleaved(offers, rng);
-    // brute force in fp64
-    std::vector<int64_t> idx(n);
-    for (int i = 0; i < n; ++i) idx[i] = i;
-    std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) {
-      return largest ? x[a] > x[b] : x[a] < x[b];
-    });
-    for (int64_t j = 0; j < k; ++j) CHECK(index_of(list[j]) == (j < n ? idx[j] : -1));
+    const std::vector<int64_t> want = brute_topk(x, k, largest);  // in fp64
+    for (int64_t j = 0; j < k; ++j) CHECK(index_of(list[j]) == want[j]);
   }
   CHECK(index_of(index_key((int64_t{1} << 40) + 3)) == (int64_t{1} << 40) + 3);
   CHECK(index_of(0) == -1);
